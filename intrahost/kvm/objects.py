@@ -1,0 +1,512 @@
+"""One class per KVM kernel object: :class:`Kvm` (/dev/kvm), :class:`Vm` and :class:`Vcpu`.
+
+Each owns its file descriptor, closes it on ``close()`` or at the end of a ``with`` block, and
+offers typed methods for the ioctls that are legal on it. Every failed ioctl raises
+:class:`KvmError` with the errno, the ioctl's name and the object.
+
+Arguments are passed to libc's ``ioctl`` through ctypes: integers as ``unsigned long`` and
+structs by reference, so the kernel reads and writes them in place. (``fcntl.ioctl`` takes
+only a C ``int`` and copies immutable buffers into a 1 KiB scratch area, too small for
+``kvm_xsave``.) ctypes releases the GIL for the call, so vCPU threads run in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from intrahost.errors import IntrahostError
+from intrahost.kvm import constants as K
+from intrahost.kvm import uapi
+from intrahost.kvm.constants import Cap, ExitReason
+
+DEV_KVM = "/dev/kvm"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl = _libc.ioctl
+_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc_ioctl.restype = ctypes.c_int
+
+
+class KvmError(IntrahostError):
+    """An ioctl on a KVM object failed."""
+
+    def __init__(self, err: int, ioctl: str, obj: str, detail: str = "") -> None:
+        self.errno = err
+        self.ioctl = ioctl
+        self.obj = obj
+        name = errno.errorcode.get(err, str(err))
+        text = f"{ioctl} on {obj} failed: {os.strerror(err)} ({name})"
+        super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class KvmUnavailableError(IntrahostError):
+    """/dev/kvm cannot be opened or speaks an unexpected API version."""
+
+
+class _FdObject:
+    """An owned file descriptor with checked ioctls."""
+
+    _kind = "fd"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def __repr__(self) -> str:
+        return f"{self._kind}(fd={self._fd})"
+
+    def _check(self, name: str) -> None:
+        """Raise before an ioctl that must not be issued (closed fd, dead VM, ...)."""
+        if self._fd < 0:
+            raise KvmError(errno.EBADF, name, repr(self))
+
+    def _ioctl(self, request: int, name: str, arg: Any = 0) -> int:
+        self._check(name)
+        ret = _libc_ioctl(self._fd, request, arg if isinstance(arg, int) else ctypes.byref(arg))
+        if ret < 0:
+            raise KvmError(ctypes.get_errno(), name, repr(self))
+        return int(ret)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Kvm(_FdObject):
+    """The /dev/kvm system fd."""
+
+    _kind = "Kvm"
+
+    def __init__(self, path: str = DEV_KVM) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailableError(
+                f"{path} does not exist: this host has no KVM (enable virtualization and load "
+                "the kvm module)"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailableError(
+                f"no permission to open {path}: run as root or add your user to the 'kvm' group"
+            ) from None
+        super().__init__(fd)
+        version = self.get_api_version()
+        if version != K.KVM_API_VERSION:
+            self.close()
+            raise KvmUnavailableError(
+                f"{path} speaks KVM API version {version}; intrahost needs {K.KVM_API_VERSION}"
+            )
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Kvm:
+        """Wrap an already open /dev/kvm fd (used by tests, e.g. with a closed fd)."""
+        obj = cls.__new__(cls)
+        _FdObject.__init__(obj, fd)
+        return obj
+
+    def get_api_version(self) -> int:
+        return self._ioctl(K.KVM_GET_API_VERSION, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: Cap | int) -> int:
+        return self._ioctl(K.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int(cap))
+
+    def get_vcpu_mmap_size(self) -> int:
+        return self._ioctl(K.KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def create_vm(self, vm_type: int = K.KVM_X86_DEFAULT_VM) -> Vm:
+        fd = self._ioctl(K.KVM_CREATE_VM, "KVM_CREATE_VM", vm_type)
+        return Vm(fd, self)
+
+    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        n = K.MAX_CPUID_ENTRIES
+        buf = uapi.flex(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, n)()
+        buf.hdr.nent = n
+        self._ioctl(K.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID", buf)
+        return [uapi.kvm_cpuid_entry2.from_bytes(bytes(e)) for e in buf.entries[: buf.hdr.nent]]
+
+    def get_msr_index_list(self) -> list[int]:
+        n = K.MAX_MSR_ENTRIES
+        buf = uapi.flex(uapi.kvm_msr_list, ctypes.c_uint32, n)()
+        buf.hdr.nmsrs = n
+        self._ioctl(K.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST", buf)
+        return list(buf.entries[: buf.hdr.nmsrs])
+
+
+class Vm(_FdObject):
+    """A KVM VM fd."""
+
+    _kind = "Vm"
+
+    def __init__(self, fd: int, kvm: Kvm | None = None) -> None:
+        super().__init__(fd)
+        self.kvm = kvm
+        #: Called before every ioctl on this VM and its vCPUs. A platform that can kill the
+        #: VM from outside (the SEV model, after the encryption context moved away) installs
+        #: a guard that raises KvmError(EIO), as the kernel answers for a dead VM.
+        self.guard: Callable[[str, str], None] | None = None
+
+    def _check(self, name: str) -> None:
+        super()._check(name)
+        if self.guard is not None:
+            self.guard(name, repr(self))
+
+    def check_extension(self, cap: Cap | int) -> int:
+        return self._ioctl(K.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int(cap))
+
+    def create_vcpu(self, vcpu_id: int, mmap_size: int | None = None) -> Vcpu:
+        fd = self._ioctl(K.KVM_CREATE_VCPU, "KVM_CREATE_VCPU", vcpu_id)
+        if mmap_size is None:
+            mmap_size = self.kvm.get_vcpu_mmap_size() if self.kvm is not None else 3 * 4096
+        try:
+            return Vcpu(fd, self, vcpu_id, mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def set_tss_addr(self, addr: int) -> None:
+        self._ioctl(K.KVM_SET_TSS_ADDR, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        self._ioctl(K.KVM_SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR", ctypes.c_uint64(addr))
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int, flags: int = 0
+    ) -> None:
+        region = uapi.kvm_userspace_memory_region(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=memory_size,
+            userspace_addr=userspace_addr,
+        )
+        self._ioctl(K.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def create_irqchip(self) -> None:
+        self._ioctl(K.KVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, flags: int = K.KVM_PIT_SPEAKER_DUMMY) -> None:
+        self._ioctl(K.KVM_CREATE_PIT2, "KVM_CREATE_PIT2", uapi.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        arg = uapi.kvm_irq_level(level=level)
+        arg.irq = irq
+        self._ioctl(K.KVM_IRQ_LINE, "KVM_IRQ_LINE", arg)
+
+    def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
+        chip = uapi.kvm_irqchip(chip_id=chip_id)
+        self._ioctl(K.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", chip)
+        return chip
+
+    def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
+        self._ioctl(K.KVM_SET_IRQCHIP, "KVM_SET_IRQCHIP", _copy(chip))
+
+    def get_pit2(self) -> uapi.kvm_pit_state2:
+        state = uapi.kvm_pit_state2()
+        self._ioctl(K.KVM_GET_PIT2, "KVM_GET_PIT2", state)
+        return state
+
+    def set_pit2(self, state: uapi.kvm_pit_state2) -> None:
+        self._ioctl(K.KVM_SET_PIT2, "KVM_SET_PIT2", _copy(state))
+
+    def get_clock(self) -> uapi.kvm_clock_data:
+        data = uapi.kvm_clock_data()
+        self._ioctl(K.KVM_GET_CLOCK, "KVM_GET_CLOCK", data)
+        return data
+
+    def set_clock(self, data: uapi.kvm_clock_data) -> None:
+        self._ioctl(K.KVM_SET_CLOCK, "KVM_SET_CLOCK", _copy(data))
+
+    def get_tsc_khz(self) -> int:
+        return self._ioctl(K.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+
+    def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> int:
+        arg = uapi.kvm_enable_cap(cap=int(cap), flags=flags)
+        for i, value in enumerate(args):
+            arg.args[i] = value
+        return self._ioctl(K.KVM_ENABLE_CAP, "KVM_ENABLE_CAP", arg)
+
+    def memory_encrypt_op(self, cmd: uapi.kvm_sev_cmd | None) -> int:
+        """KVM_MEMORY_ENCRYPT_OP; ``cmd.error`` holds the firmware status afterwards."""
+        if cmd is None:
+            return self._ioctl(K.KVM_MEMORY_ENCRYPT_OP, "KVM_MEMORY_ENCRYPT_OP", 0)
+        return self._ioctl(K.KVM_MEMORY_ENCRYPT_OP, "KVM_MEMORY_ENCRYPT_OP", ctypes.addressof(cmd))
+
+    def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
+        region = uapi.kvm_enc_region(addr=addr, size=size)
+        self._ioctl(K.KVM_MEMORY_ENCRYPT_REG_REGION, "KVM_MEMORY_ENCRYPT_REG_REGION", region)
+
+    def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
+        region = uapi.kvm_enc_region(addr=addr, size=size)
+        self._ioctl(K.KVM_MEMORY_ENCRYPT_UNREG_REGION, "KVM_MEMORY_ENCRYPT_UNREG_REGION", region)
+
+
+class Vcpu(_FdObject):
+    """A KVM vCPU fd with its mapped ``kvm_run`` page."""
+
+    _kind = "Vcpu"
+
+    def __init__(self, fd: int, vm: Vm | None, vcpu_id: int, mmap_size: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        #: Set once the vCPU's register state belongs to the platform (SEV-ES after
+        #: LAUNCH_UPDATE_VMSA): register getters and setters then fail with EINVAL, as on
+        #: kernels whose VM has protected state.
+        self.protected = False
+        self._map: mmap.mmap | None = None
+        self._run: uapi.kvm_run | None = None
+        if mmap_size:
+            self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._run = uapi.kvm_run.from_buffer(self._map)
+
+    def __repr__(self) -> str:
+        return f"Vcpu(id={self.vcpu_id}, fd={self._fd})"
+
+    def _check(self, name: str) -> None:
+        super()._check(name)
+        if self.vm is not None and self.vm.guard is not None:
+            self.vm.guard(name, repr(self))
+
+    def _check_unprotected(self, name: str) -> None:
+        if self.protected:
+            raise KvmError(errno.EINVAL, name, repr(self), "the vCPU's register state is protected")
+
+    @property
+    def kvm_run(self) -> uapi.kvm_run:
+        if self._run is None:
+            raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
+        return self._run
+
+    @property
+    def run_buffer(self) -> mmap.mmap:
+        """The raw kvm_run mapping (I/O exit data lives at ``io.data_offset``)."""
+        if self._map is None:
+            raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
+        return self._map
+
+    def close(self) -> None:
+        self._run = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        super().close()
+
+    # --- running ---------------------------------------------------------------------------
+
+    def run(self) -> ExitReason | int:
+        """KVM_RUN once; returns the exit reason (``ExitReason.INTR`` when a signal or
+        ``immediate_exit`` interrupted it)."""
+        try:
+            self._ioctl(K.KVM_RUN, "KVM_RUN")
+        except KvmError as e:
+            if e.errno == errno.EINTR:
+                return ExitReason.INTR
+            raise
+        reason = self.kvm_run.exit_reason
+        try:
+            return ExitReason(reason)
+        except ValueError:
+            return reason
+
+    # --- register state ----------------------------------------------------------------------
+
+    def get_regs(self) -> uapi.kvm_regs:
+        self._check_unprotected("KVM_GET_REGS")
+        regs = uapi.kvm_regs()
+        self._ioctl(K.KVM_GET_REGS, "KVM_GET_REGS", regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self._check_unprotected("KVM_SET_REGS")
+        self._ioctl(K.KVM_SET_REGS, "KVM_SET_REGS", _copy(regs))
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        self._check_unprotected("KVM_GET_SREGS")
+        sregs = uapi.kvm_sregs()
+        self._ioctl(K.KVM_GET_SREGS, "KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        self._check_unprotected("KVM_SET_SREGS")
+        self._ioctl(K.KVM_SET_SREGS, "KVM_SET_SREGS", _copy(sregs))
+
+    def get_sregs2(self) -> uapi.kvm_sregs2:
+        self._check_unprotected("KVM_GET_SREGS2")
+        sregs = uapi.kvm_sregs2()
+        self._ioctl(K.KVM_GET_SREGS2, "KVM_GET_SREGS2", sregs)
+        return sregs
+
+    def set_sregs2(self, sregs: uapi.kvm_sregs2) -> None:
+        self._check_unprotected("KVM_SET_SREGS2")
+        self._ioctl(K.KVM_SET_SREGS2, "KVM_SET_SREGS2", _copy(sregs))
+
+    def get_fpu(self) -> uapi.kvm_fpu:
+        self._check_unprotected("KVM_GET_FPU")
+        fpu = uapi.kvm_fpu()
+        self._ioctl(K.KVM_GET_FPU, "KVM_GET_FPU", fpu)
+        return fpu
+
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        self._check_unprotected("KVM_SET_FPU")
+        self._ioctl(K.KVM_SET_FPU, "KVM_SET_FPU", _copy(fpu))
+
+    def get_xsave(self, size: int = ctypes.sizeof(uapi.kvm_xsave)) -> bytes:
+        """The XSAVE area: KVM_GET_XSAVE2 when ``size`` exceeds 4 KiB (its size comes from
+        ``check_extension(Cap.XSAVE2)``), else KVM_GET_XSAVE."""
+        self._check_unprotected("KVM_GET_XSAVE")
+        buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(uapi.kvm_xsave)))()
+        if size > ctypes.sizeof(uapi.kvm_xsave):
+            self._ioctl(K.KVM_GET_XSAVE2, "KVM_GET_XSAVE2", buf)
+        else:
+            self._ioctl(K.KVM_GET_XSAVE, "KVM_GET_XSAVE", buf)
+        return bytes(buf)
+
+    def set_xsave(self, data: bytes) -> None:
+        self._check_unprotected("KVM_SET_XSAVE")
+        buf = (ctypes.c_uint8 * max(len(data), ctypes.sizeof(uapi.kvm_xsave))).from_buffer_copy(
+            data.ljust(ctypes.sizeof(uapi.kvm_xsave), b"\0")
+        )
+        self._ioctl(K.KVM_SET_XSAVE, "KVM_SET_XSAVE", buf)
+
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        xcrs = uapi.kvm_xcrs()
+        self._ioctl(K.KVM_GET_XCRS, "KVM_GET_XCRS", xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
+        self._ioctl(K.KVM_SET_XCRS, "KVM_SET_XCRS", _copy(xcrs))
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        self._check_unprotected("KVM_GET_DEBUGREGS")
+        dbg = uapi.kvm_debugregs()
+        self._ioctl(K.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", dbg)
+        return dbg
+
+    def set_debugregs(self, dbg: uapi.kvm_debugregs) -> None:
+        self._check_unprotected("KVM_SET_DEBUGREGS")
+        self._ioctl(K.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", _copy(dbg))
+
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        lapic = uapi.kvm_lapic_state()
+        self._ioctl(K.KVM_GET_LAPIC, "KVM_GET_LAPIC", lapic)
+        return lapic
+
+    def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
+        self._ioctl(K.KVM_SET_LAPIC, "KVM_SET_LAPIC", _copy(lapic))
+
+    def get_mp_state(self) -> int:
+        state = uapi.kvm_mp_state()
+        self._ioctl(K.KVM_GET_MP_STATE, "KVM_GET_MP_STATE", state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        self._ioctl(K.KVM_SET_MP_STATE, "KVM_SET_MP_STATE", uapi.kvm_mp_state(mp_state))
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        events = uapi.kvm_vcpu_events()
+        self._ioctl(K.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", events)
+        return events
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        self._ioctl(K.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", _copy(events))
+
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        """Read MSRs; the result holds the ones KVM read (it stops at the first failure)."""
+        buf = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(indices))()
+        buf.hdr.nmsrs = len(indices)
+        for entry, index in zip(buf.entries, indices, strict=True):
+            entry.index = index
+        n = self._ioctl(K.KVM_GET_MSRS, "KVM_GET_MSRS", buf)
+        return {e.index: e.data for e in buf.entries[:n]}
+
+    def set_msrs(self, msrs: Iterable[tuple[int, int]]) -> int:
+        """Write MSRs; returns how many KVM wrote (it stops at the first failure)."""
+        items = list(msrs)
+        buf = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(items))()
+        buf.hdr.nmsrs = len(items)
+        for entry, (index, value) in zip(buf.entries, items, strict=True):
+            entry.index, entry.data = index, value
+        return self._ioctl(K.KVM_SET_MSRS, "KVM_SET_MSRS", buf)
+
+    def set_cpuid2(self, entries: Sequence[uapi.kvm_cpuid_entry2]) -> None:
+        buf = uapi.flex(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, len(entries))()
+        buf.hdr.nent = len(entries)
+        for i, entry in enumerate(entries):
+            buf.entries[i] = entry
+        self._ioctl(K.KVM_SET_CPUID2, "KVM_SET_CPUID2", buf)
+
+    def get_cpuid2(self) -> list[uapi.kvm_cpuid_entry2]:
+        n = K.MAX_CPUID_ENTRIES
+        buf = uapi.flex(uapi.kvm_cpuid2, uapi.kvm_cpuid_entry2, n)()
+        buf.hdr.nent = n
+        self._ioctl(K.KVM_GET_CPUID2, "KVM_GET_CPUID2", buf)
+        return [uapi.kvm_cpuid_entry2.from_bytes(bytes(e)) for e in buf.entries[: buf.hdr.nent]]
+
+    def get_tsc_khz(self) -> int:
+        return self._ioctl(K.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        self._ioctl(K.KVM_SET_TSC_KHZ, "KVM_SET_TSC_KHZ", khz)
+
+    def kvmclock_ctrl(self) -> None:
+        self._ioctl(K.KVM_KVMCLOCK_CTRL, "KVM_KVMCLOCK_CTRL")
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        try:
+            arg = uapi.kvm_device_attr(group=group, attr=attr)
+            self._ioctl(K.KVM_HAS_DEVICE_ATTR, "KVM_HAS_DEVICE_ATTR", arg)
+        except KvmError as e:
+            if e.errno in (errno.ENXIO, errno.ENOTTY, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    def get_device_attr_u64(self, group: int, attr: int) -> int:
+        value = ctypes.c_uint64()
+        arg = uapi.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(value))
+        self._ioctl(K.KVM_GET_DEVICE_ATTR, "KVM_GET_DEVICE_ATTR", arg)
+        return value.value
+
+    def set_device_attr_u64(self, group: int, attr: int, value: int) -> None:
+        data = ctypes.c_uint64(value)
+        arg = uapi.kvm_device_attr(group=group, attr=attr, addr=ctypes.addressof(data))
+        self._ioctl(K.KVM_SET_DEVICE_ATTR, "KVM_SET_DEVICE_ATTR", arg)
+
+    def get_tsc_offset(self) -> int:
+        """The vCPU's TSC offset (guest TSC = host TSC + offset), KVM_VCPU_TSC_OFFSET."""
+        return self.get_device_attr_u64(K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET)
+
+    def set_tsc_offset(self, offset: int) -> None:
+        self.set_device_attr_u64(
+            K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, offset & 0xFFFF_FFFF_FFFF_FFFF
+        )
+
+
+def _copy(struct: Any) -> Any:
+    """A private, writable copy of a ctypes struct to hand to the kernel."""
+    return type(struct).from_buffer_copy(bytes(struct))

@@ -319,12 +319,16 @@ class Vcpu(_FdObject):
     # --- running ---------------------------------------------------------------------------
 
     def run(self) -> ExitReason | int:
-        """KVM_RUN once; returns the exit reason (``ExitReason.INTR`` when a signal or
-        ``immediate_exit`` interrupted it)."""
+        """KVM_RUN once; returns the exit reason.
+
+        ``ExitReason.INTR`` means there is no exit to handle: a signal or ``immediate_exit``
+        interrupted the call (EINTR), or a vCPU waiting for INIT/SIPI received an event and
+        asks to be entered again (EAGAIN).
+        """
         try:
             self._ioctl(K.KVM_RUN, "KVM_RUN")
         except KvmError as e:
-            if e.errno == errno.EINTR:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
                 return ExitReason.INTR
             raise
         reason = self.kvm_run.exit_reason

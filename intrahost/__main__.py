@@ -1,0 +1,5 @@
+import sys
+
+from intrahost.cli import main
+
+sys.exit(main())

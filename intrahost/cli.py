@@ -1,0 +1,317 @@
+"""The ``intrahost`` command.
+
+    intrahost run [--memory 256M] [--vcpus N] [--guest counter|hello|PATH] [--guest-args ARGS]
+                  [--memory-path FILE] [--serial stdio|file:PATH|pty|none]
+                  [--api-socket PATH] [--incoming unix:PATH]
+    intrahost status|pause|resume|stop --api-socket PATH
+    intrahost migrate --api-socket PATH unix:DEST_PATH
+    intrahost upgrade --api-socket PATH [--exec COMMAND] [-- NEW VMM FLAGS]
+
+Every error a user can cause ends with one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from intrahost.errors import IntrahostError
+
+log = logging.getLogger("intrahost")
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "memory": "256M",
+    "vcpus": 1,
+    "guest": "counter",
+    "guest_args": "",
+    "memory_path": None,
+    "serial": "stdio",
+}
+
+
+class CliError(IntrahostError):
+    """A user error on the command line."""
+
+
+def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run a guest (or wait for one with --incoming)")
+    p.add_argument("--memory", help="guest memory size, e.g. 256M or 4G (default 256M)")
+    p.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
+    p.add_argument("--guest", help="counter, hello, or the path of a multiboot ELF or raw image")
+    p.add_argument("--guest-args", help="the guest's command line, e.g. 'progress=1048576'")
+    p.add_argument("--memory-path", help="back guest memory with this file instead of a memfd")
+    p.add_argument("--serial", help="console: stdio, file:PATH, pty or none (default stdio)")
+    p.add_argument("--api-socket", help="control socket path (QMP-shaped JSON)")
+    p.add_argument("--incoming", help="wait for a hand-off at unix:PATH instead of booting")
+    p.add_argument("--incoming-timeout", type=float, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="intrahost", description="Run KVM guests and hand them to a new VMM process."
+    )
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    for name, text in (
+        ("status", "show a VMM's status and its guest"),
+        ("pause", "pause the guest"),
+        ("resume", "resume the guest"),
+        ("stop", "stop the VMM and its guest"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--api-socket", required=True)
+    p = sub.add_parser("migrate", help="hand the guest to a VMM waiting with --incoming")
+    p.add_argument("--api-socket", required=True)
+    p.add_argument("destination", help="unix:PATH of the waiting VMM")
+    p = sub.add_parser("upgrade", help="start a new VMM and hand the guest to it")
+    p.add_argument("--api-socket", required=True)
+    p.add_argument("--exec", dest="exec_command", help="the new VMM's command (default: this one)")
+    p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="intrahost[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command in ("status", "pause", "resume", "stop"):
+            return cmd_control(args)
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        if args.command == "upgrade":
+            return cmd_upgrade(args)
+    except IntrahostError as e:
+        print(f"intrahost: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def explicit_run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The machine flags the user gave (None means: not given)."""
+    flags = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    if "memory" in flags:
+        from intrahost.vmm.memory import parse_size
+
+        flags["memory"] = parse_size(flags["memory"])
+    return flags
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from intrahost.vmm.machine import MachineConfig
+    from intrahost.vmm.memory import parse_size
+    from intrahost.vmm.runner import Vmm, listen, receive
+
+    if args.incoming:
+        from intrahost.migration.receiver import ReceiveOptions
+
+        listener = listen(args.incoming)  # refuse a live socket before anything else
+        takeover = bool(args.api_socket) and _socket_is_live(args.api_socket)
+        vmm_api = args.api_socket
+        if vmm_api and not takeover:
+            _check_api_path(vmm_api)
+        options = ReceiveOptions(overrides=explicit_run_flags(args))
+        machine = receive(args.incoming, options, args.incoming_timeout, listener)
+        vmm = Vmm(machine, vmm_api)
+        vmm.open_api(take_over=True)
+        return vmm.serve()
+
+    from intrahost.vmm.machine import Machine
+
+    values = RUN_DEFAULTS | {
+        k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None
+    }
+    config = MachineConfig(
+        memory=parse_size(values["memory"]),
+        vcpus=values["vcpus"],
+        guest=values["guest"],
+        guest_args=values["guest_args"],
+        memory_path=values["memory_path"],
+        serial=values["serial"],
+    )
+    if args.api_socket:
+        _check_api_path(args.api_socket)
+    machine = Machine.create(config)
+    vmm = Vmm(machine, args.api_socket)
+    try:
+        vmm.open_api()
+    except BaseException:
+        machine.close()
+        raise
+    machine.start()
+    return vmm.serve()
+
+
+def _socket_is_live(path: str) -> bool:
+    import socket
+
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _check_api_path(path: str) -> None:
+    if _socket_is_live(path):
+        raise CliError(f"api socket {path} is in use by a running VMM")
+
+
+# --- control -----------------------------------------------------------------------------------
+
+
+def _client(path: str) -> Any:
+    from intrahost.vmm.qmp_client import QmpClient
+
+    return QmpClient(path)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    with _client(args.api_socket) as qmp:
+        if args.command == "status":
+            status = qmp.execute("query-status")
+            info = qmp.execute("query-vm")
+            print(json.dumps({"status": status["status"], "vm": info}, indent=2))
+        elif args.command == "pause":
+            qmp.execute("stop")
+        elif args.command == "resume":
+            qmp.execute("cont")
+        elif args.command == "stop":
+            qmp.execute("quit")
+    return 0
+
+
+# --- migrate / upgrade -------------------------------------------------------------------------
+
+
+def _wait_migration(qmp: Any, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result: dict[str, Any] = qmp.execute("query-migrate")
+        if result.get("status") in ("completed", "failed"):
+            return result
+        time.sleep(0.01)
+    raise CliError("the migration did not finish in time")
+
+
+def format_breakdown(blackout: dict[str, Any]) -> str:
+    keys = ("pause_us", "export_us", "transfer_us", "import_us", "resume_us", "total_us")
+    parts = [f"{k[:-3]} {blackout[k]} µs" for k in keys if k in blackout]
+    text = "blackout: " + ", ".join(parts)
+    if blackout.get("guest_pause_us") is not None:
+        text += f"; guest-observed pause {blackout['guest_pause_us']} µs"
+    return text
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from intrahost.migration.protocol import parse_url
+
+    path = parse_url(args.destination)
+    if not os.path.exists(path):
+        raise CliError(
+            f"no VMM waits at {path}: start one with 'intrahost run --incoming unix:{path}'"
+        )
+    with _client(args.api_socket) as qmp:
+        qmp.execute("migrate", uri=args.destination)
+        result = _wait_migration(qmp)
+    if result["status"] == "failed":
+        raise CliError(f"migration failed: {result.get('error-desc')}")
+    print(format_breakdown(result["blackout"]))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    flags = list(args.new_flags)
+    if flags and flags[0] == "--":
+        flags = flags[1:]
+    command = (
+        shlex.split(args.exec_command) if args.exec_command else [sys.executable, "-m", "intrahost"]
+    )
+    tty = sys.stdout.isatty()
+
+    def phase(text: str) -> None:
+        if tty:
+            print(f"  {text}", flush=True)
+
+    with _client(args.api_socket) as qmp:
+        old_pid = qmp.execute("query-vm").get("pid")
+        workdir = tempfile.mkdtemp(prefix="intrahost-upgrade-")
+        mig = os.path.join(workdir, "migration.sock")
+        phase("starting the new VMM")
+        new = subprocess.Popen(
+            [*command, "run", "--incoming", f"unix:{mig}", "--api-socket", args.api_socket, *flags],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            from intrahost.vmm.runner import wait_for_socket
+
+            deadline = time.monotonic() + 20
+            while not os.path.exists(mig):
+                if new.poll() is not None:
+                    raise CliError(
+                        f"the new VMM exited with status {new.returncode} before the hand-off"
+                    )
+                if time.monotonic() > deadline:
+                    raise CliError("the new VMM did not start listening within 20 s")
+                time.sleep(0.005)
+            wait_for_socket(mig, 1)
+            phase("handing the guest over")
+            qmp.execute("migrate", uri=f"unix:{mig}")
+            result = _wait_migration(qmp)
+        except BaseException:
+            if new.poll() is None:
+                new.terminate()
+            raise
+        if result["status"] == "failed":
+            new.wait(10)
+            raise CliError(
+                "upgrade failed, the guest keeps running on the old VMM: "
+                f"{result.get('error-desc')}"
+            )
+    phase("waiting for the old VMM to exit")
+    if isinstance(old_pid, int):
+        _wait_pid_gone(old_pid, 10)
+    print(format_breakdown(result["blackout"]))
+    print(f"new VMM pid {new.pid} serves {args.api_socket}")
+    return 0
+
+
+def _wait_pid_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

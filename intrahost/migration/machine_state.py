@@ -1,0 +1,157 @@
+"""A whole machine's saved state as envelope components, and its import.
+
+Component names (the envelope's contract between VMM versions)::
+
+    config                      JSON  MachineConfig of the source (required)
+    vm/meta                     JSON  {clock_saved_at_ns}
+    vm/clock vm/pic_master vm/pic_slave vm/ioapic vm/pit      raw kernel structs
+    vcpu/N/meta                 JSON  {mp_state, sregs2, tsc_khz, tsc_offset, saved_at_ns, msrs}
+    vcpu/N/cpuid|regs|sregs|xsave|xcrs|debugregs|lapic|events raw kernel structs
+                                      (register parts absent for a protected vCPU)
+    device/uart device/debug    JSON  device state records
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from intrahost.migration import envelope
+from intrahost.migration.envelope import Component, State, StateFormatError
+from intrahost.migration.state import (
+    StateImportError,
+    VcpuFeatures,
+    VcpuState,
+    VmState,
+    restore_vcpu,
+    restore_vm,
+    save_vcpu,
+    save_vm,
+)
+from intrahost.vmm.devices.debugport import DebugPortState
+from intrahost.vmm.devices.uart import UartState
+from intrahost.vmm.machine import Machine, MachineConfig
+
+#: The component name prefixes this VMM understands (see envelope.decode).
+UNDERSTOOD = ("config", "vm/", "vcpu/", "device/")
+
+_VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
+_VM_RAW = ("clock", "pic_master", "pic_slave", "ioapic", "pit")
+
+
+def save_machine(machine: Machine, features: VcpuFeatures) -> bytes:
+    """Export a paused machine (every vCPU parked, the UART's drain paused)."""
+    vm_state = save_vm(machine.vm)
+    vcpu_states = [save_vcpu(v, i, features) for i, v in enumerate(machine.vcpus)]
+    components = [Component("config", envelope.json_payload(machine.config.to_dict()))]
+    components.append(
+        Component(
+            "vm/meta", envelope.json_payload({"clock_saved_at_ns": vm_state.clock_saved_at_ns})
+        )
+    )
+    components += [Component(f"vm/{name}", getattr(vm_state, name)) for name in _VM_RAW]
+    for s in vcpu_states:
+        meta = {
+            "mp_state": s.mp_state,
+            "sregs2": s.sregs2,
+            "tsc_khz": s.tsc_khz,
+            "tsc_offset": s.tsc_offset,
+            "saved_at_ns": s.saved_at_ns,
+            "msrs": [list(m) for m in s.msrs],
+        }
+        components.append(Component(f"vcpu/{s.index}/meta", envelope.json_payload(meta)))
+        for name in _VCPU_RAW:
+            value = getattr(s, name)
+            if value is not None:
+                components.append(Component(f"vcpu/{s.index}/{name}", value))
+    components.append(
+        Component("device/uart", envelope.json_payload(machine.uart.save().to_dict()))
+    )
+    components.append(
+        Component("device/debug", envelope.json_payload(machine.debug.save().to_dict()))
+    )
+    return envelope.encode(components)
+
+
+def decode_state(data: bytes) -> State:
+    return envelope.decode(data, UNDERSTOOD)
+
+
+def config_of(state: State) -> MachineConfig:
+    return MachineConfig.from_dict(state.need_json("config"))
+
+
+def _int(meta: dict[str, Any], key: str, name: str) -> int:
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StateFormatError(f"component {name!r}: {key!r} must be an integer")
+    return value
+
+
+def vcpu_state(state: State, index: int) -> VcpuState:
+    name = f"vcpu/{index}/meta"
+    meta = state.need_json(name)
+    msrs = meta.get("msrs")
+    if not isinstance(msrs, list) or not all(
+        isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m) for m in msrs
+    ):
+        raise StateFormatError(f"component {name!r}: 'msrs' must be a list of [index, value]")
+    tsc_offset = meta.get("tsc_offset")
+    if tsc_offset is not None and not isinstance(tsc_offset, int):
+        raise StateFormatError(f"component {name!r}: 'tsc_offset' must be an integer or null")
+    raw = {part: state.get(f"vcpu/{index}/{part}") for part in _VCPU_RAW}
+    for part in ("cpuid", "lapic", "events"):
+        if raw[part] is None:
+            raise StateFormatError(
+                f"the saved state lacks the required component 'vcpu/{index}/{part}'"
+            )
+    return VcpuState(
+        index=index,
+        cpuid=raw["cpuid"] or b"",
+        mp_state=_int(meta, "mp_state", name),
+        regs=raw["regs"],
+        sregs=raw["sregs"],
+        sregs2=bool(meta.get("sregs2", False)),
+        xsave=raw["xsave"],
+        xcrs=raw["xcrs"],
+        debugregs=raw["debugregs"],
+        lapic=raw["lapic"] or b"",
+        msrs=tuple((m[0], m[1]) for m in msrs),
+        events=raw["events"] or b"",
+        tsc_khz=_int(meta, "tsc_khz", name),
+        tsc_offset=tsc_offset,
+        saved_at_ns=_int(meta, "saved_at_ns", name),
+    )
+
+
+def vm_state(state: State) -> VmState:
+    meta = state.need_json("vm/meta")
+    raw = {name: state.need(f"vm/{name}") for name in _VM_RAW}
+    return VmState(clock_saved_at_ns=_int(meta, "clock_saved_at_ns", "vm/meta"), **raw)
+
+
+def restore_machine(machine: Machine, state: State, features: VcpuFeatures) -> None:
+    """Import a decoded state into a built, never-run machine.
+
+    Order: everything is decoded and validated first (a malformed state touches nothing);
+    then the VM-wide state (the clock before any vCPU can run), then each vCPU, then the
+    devices.
+    """
+    vcpus = [vcpu_state(state, i) for i in range(len(machine.vcpus))]
+    extra = [n for n in state.names("vcpu/") if int(n.split("/")[1]) >= len(machine.vcpus)]
+    if extra:
+        raise StateImportError(
+            f"the state holds {len(extra)} components of vCPUs this machine lacks"
+        )
+    vm = vm_state(state)
+    try:
+        uart = UartState.from_dict(state.need_json("device/uart"))
+        debug = DebugPortState.from_dict(state.need_json("device/debug"))
+    except StateFormatError:
+        raise
+    except Exception as e:  # the device records validate their own fields
+        raise StateFormatError(f"device state: {e}") from e
+    restore_vm(machine.vm, vm)
+    for vcpu, s in zip(machine.vcpus, vcpus, strict=True):
+        restore_vcpu(vcpu, s, features)
+    machine.uart.restore(uart)
+    machine.debug.restore(debug)

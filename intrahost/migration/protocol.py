@@ -1,0 +1,261 @@
+"""The hand-off wire protocol: framed messages on a unix stream socket, fds with SCM_RIGHTS.
+
+Every message goes from the source (the VMM that runs the guest) to the destination (the new
+VMM) and is answered by exactly one response::
+
+    request   command u16 | fd count u16 | reserved u32 | payload length u64 | payload
+    response  status  u16 | fd count u16 | reserved u32 | payload length u64 | payload
+
+Payloads are JSON objects, except STATE's, which is a saved-state envelope
+(:mod:`intrahost.migration.envelope`). An error response carries ``{"error": text}``.
+File descriptors travel in the ancillary data of the sendmsg that carries the header.
+
+The order, and what the destination does on each message, is in
+:mod:`intrahost.migration.receiver`; the source's side, with the pause and the commit point,
+is in :mod:`intrahost.migration.sender`.
+
+Ownership of the guest is decided by a *baton*: a tiny shared file (a memfd) that the source
+creates and sends with START. It holds one word: PENDING, COMMITTED or ABANDONED, changed only
+by compare-and-swap under a POSIX record lock (a per-process lock: the kernel drops it when
+the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest: that
+swap is the **commit point**. A source that loses contact swaps PENDING -> ABANDONED before
+it resumes the guest. Exactly one of the two swaps succeeds, so the guest never runs on two
+VMMs, and a source that cannot tell whether its COMMIT arrived learns it from the baton.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import fcntl
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from intrahost.errors import IntrahostError
+
+PROTOCOL_VERSION = 1
+#: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
+ACCEPTED_VERSIONS = frozenset(v for v in (PROTOCOL_VERSION, PROTOCOL_VERSION - 1) if v >= 1)
+
+FRAME = struct.Struct("<HHIQ")
+MAX_PAYLOAD = 64 << 20
+MAX_FDS = 16
+
+
+class Command(enum.IntEnum):
+    START = 1
+    MEMORY_FD = 2
+    CONFIG = 3
+    READY = 4
+    STATE = 5
+    COMMIT = 6
+    ABANDON = 7
+    #: Copy-based baseline only: a chunk of guest memory sent through the socket.
+    MEMORY_DATA = 8
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+
+
+class ProtocolError(IntrahostError):
+    """The peer broke the protocol, went away, or did not answer in time."""
+
+
+class PeerRefused(IntrahostError):
+    """The destination answered a request with an error (it says why)."""
+
+
+@dataclass
+class Message:
+    kind: int
+    payload: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+    def json(self) -> dict[str, Any]:
+        if not self.payload:
+            return {}
+        try:
+            value = json.loads(self.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"message payload is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError("message payload is not a JSON object")
+        return value
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def to_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class Channel:
+    """One end of a migration connection: framed send/receive with fds and deadlines."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(
+        self, kind: int, payload: bytes = b"", fds: Sequence[int] = (), timeout: float | None = None
+    ) -> None:
+        if len(payload) > MAX_PAYLOAD or len(fds) > MAX_FDS:
+            raise ProtocolError(f"message of {len(payload)} bytes / {len(fds)} fds is too large")
+        header = FRAME.pack(kind, len(fds), 0, len(payload))
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
+        try:
+            ancillary = []
+            if fds:
+                ancillary = [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                ]
+            sent = self.sock.sendmsg([header, payload], ancillary)
+            total = FRAME.size + len(payload)
+            if sent < total:
+                rest = (header + payload)[sent:]
+                self.sock.sendall(rest)
+        except TimeoutError:
+            raise ProtocolError("timed out sending to the peer") from None
+        except OSError as e:
+            raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """One message; its fds are owned by the caller (close them if unexpected)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        fds: list[int] = []
+        try:
+            header = self._recv_exact(FRAME.size, deadline, fds)
+            kind, nfds, _reserved, length = FRAME.unpack(header)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"peer announced a {length}-byte message (cap {MAX_PAYLOAD})")
+            if nfds != len(fds):
+                raise ProtocolError(f"peer announced {nfds} fds and sent {len(fds)}")
+            payload = self._recv_exact(length, deadline, fds) if length else b""
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return Message(kind, payload, fds)
+
+    def _recv_exact(self, n: int, deadline: float, fds: list[int]) -> bytes:
+        chunks: list[bytes] = []
+        got = 0
+        fd_space = socket.CMSG_SPACE(MAX_FDS * 4)
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError("timed out waiting for the peer")
+            self.sock.settimeout(left)
+            try:
+                data, ancdata, flags, _ = self.sock.recvmsg(min(n - got, 1 << 20), fd_space)
+            except TimeoutError:
+                raise ProtocolError("timed out waiting for the peer") from None
+            except OSError as e:
+                raise ProtocolError(f"connection lost: {e.strerror or e}") from None
+            for level, kind, blob in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
+                    fds.extend(arr)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("peer sent more fds than a message may carry")
+            if not data:
+                raise ProtocolError("the peer closed the connection")
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks)
+
+    # --- request / response (source side) ------------------------------------------------------
+
+    def request(
+        self,
+        kind: Command,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send a request and wait for its response; raise PeerRefused on an error status."""
+        self.send(kind, payload, fds)
+        reply = self.receive(timeout)
+        reply.close_fds()
+        body = reply.json()
+        if reply.kind == Status.OK:
+            return body
+        if reply.kind == Status.ERROR:
+            raise PeerRefused(str(body.get("error", "the destination refused")))
+        raise ProtocolError(f"unknown response status {reply.kind}")
+
+    # --- responses (destination side) ----------------------------------------------------------
+
+    def ok(self, body: dict[str, Any] | None = None) -> None:
+        self.send(Status.OK, to_json(body or {}))
+
+    def error(self, text: str) -> None:
+        self.send(Status.ERROR, to_json({"error": text}))
+
+
+# --- the baton ---------------------------------------------------------------------------------
+
+
+class Baton:
+    """Who owns the guest: PENDING (the source), COMMITTED (the destination), ABANDONED
+    (the hand-off failed; the source). See the module docstring."""
+
+    PENDING = 0
+    COMMITTED = 1
+    ABANDONED = 2
+    _WORD = struct.Struct("<Q")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def create(cls) -> Baton:
+        fd = os.memfd_create("intrahost-baton", os.MFD_CLOEXEC)
+        os.pwrite(fd, cls._WORD.pack(cls.PENDING), 0)
+        return cls(fd)
+
+    def read(self) -> int:
+        data = os.pread(self.fd, self._WORD.size, 0)
+        return int(self._WORD.unpack(data)[0]) if len(data) == self._WORD.size else -1
+
+    def swap(self, expected: int, new: int) -> int:
+        """Compare-and-swap; returns the value found (== expected when it swapped)."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            found = self.read()
+            if found == expected:
+                os.pwrite(self.fd, self._WORD.pack(new), 0)
+            return found
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def parse_url(url: str) -> str:
+    """``unix:PATH`` -> PATH (the only transport: fds cross only unix sockets)."""
+    scheme, sep, path = url.partition(":")
+    if not sep or scheme != "unix" or not path:
+        raise ProtocolError(
+            f"unsupported migration URL {url!r}: use unix:PATH (guest memory and, for SEV, the "
+            "VM fd cross only a unix socket)"
+        )
+    return path

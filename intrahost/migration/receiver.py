@@ -1,0 +1,296 @@
+"""The destination side of a hand-off: an explicit state machine.
+
+States and the one message each accepts (ABANDON is accepted in every state)::
+
+    ESTABLISHED --START(+baton fd)--> STARTED --MEMORY_FD(+memory fd)--> MEMORY
+    MEMORY --MEMORY_FD--> MEMORY            (one per memory fd)
+    MEMORY --CONFIG--> CONFIGURED           (validated against this VMM's own flags)
+    CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
+                                             on the source)
+    READY --STATE--> IMPORTED               (the source paused; state imported here)
+    IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED, then vCPUs released)
+
+Anything else — another message, a timeout, EOF, a malformed payload, a state that does not
+import — ends the hand-off here: the destination discards its VM (memory fds are closed,
+nothing is written to guest memory before the commit, except the import into its own VM)
+and makes sure the baton cannot later say COMMITTED, so the source resumes the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from intrahost.errors import IntrahostError
+from intrahost.kvm import Kvm
+from intrahost.migration import protocol
+from intrahost.migration.envelope import StateFormatError
+from intrahost.migration.machine_state import config_of, decode_state, restore_machine
+from intrahost.migration.protocol import (
+    ACCEPTED_VERSIONS,
+    Baton,
+    Channel,
+    Command,
+    Message,
+    ProtocolError,
+)
+from intrahost.migration.state import StateImportError, probe_features
+from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
+from intrahost.vmm.memory import GuestMemory, MemoryConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ReceiveState(enum.Enum):
+    ESTABLISHED = "established"
+    STARTED = "started"
+    MEMORY = "memory-received"
+    CONFIGURED = "configured"
+    READY = "ready"
+    IMPORTED = "imported"
+    COMMITTED = "committed"
+    ABANDONED = "abandoned"
+    FAILED = "failed"
+
+
+class HandoffRefused(IntrahostError):
+    """The destination refuses this hand-off (the reason names what differs)."""
+
+
+@dataclass
+class ReceiveOptions:
+    """What the new VMM was started with. ``overrides`` holds only the flags the user gave
+    explicitly; guest-visible ones must equal the source's."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 10.0
+    #: How long to wait between READY and STATE (the source may take a while to pause).
+    state_timeout: float = 60.0
+
+
+@dataclass
+class _Memory:
+    fd: int
+    size: int
+    path: str | None
+
+
+class Receiver:
+    """Runs one incoming hand-off on an accepted connection."""
+
+    def __init__(self, channel: Channel, options: ReceiveOptions, kvm: Kvm | None = None) -> None:
+        self.channel = channel
+        self.options = options
+        self.kvm = kvm
+        self.state = ReceiveState.ESTABLISHED
+        self.baton: Baton | None = None
+        self.memory: list[_Memory] = []
+        self.config: MachineConfig | None = None
+        self.machine: Machine | None = None
+        self.running_after_commit = True
+        self.timings: dict[str, int] = {}
+        self.error: str | None = None
+
+    # --- driver --------------------------------------------------------------------------------
+
+    def run(self) -> Machine | None:
+        """Serve the hand-off; the running (or paused) machine on commit, else None."""
+        try:
+            while self.state not in (ReceiveState.COMMITTED, ReceiveState.ABANDONED):
+                timeout = (
+                    self.options.state_timeout
+                    if self.state is ReceiveState.READY
+                    else self.options.timeout
+                )
+                msg = self.channel.receive(timeout)
+                self._dispatch(msg)
+        except (ProtocolError, HandoffRefused, StateImportError, StateFormatError) as e:
+            self._fail(str(e))
+        except IntrahostError as e:
+            self._fail(str(e))
+        except Exception as e:  # never leave a half-built VM behind
+            log.exception("incoming hand-off failed")
+            self._fail(f"internal error: {e}")
+        if self.state is ReceiveState.COMMITTED:
+            machine, self.machine = self.machine, None
+            self._release_fds()
+            return machine
+        return None
+
+    _EXPECTED = {
+        ReceiveState.ESTABLISHED: {Command.START},
+        ReceiveState.STARTED: {Command.MEMORY_FD},
+        ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
+        ReceiveState.CONFIGURED: {Command.READY},
+        ReceiveState.READY: {Command.STATE},
+        ReceiveState.IMPORTED: {Command.COMMIT},
+    }
+
+    def _dispatch(self, msg: Message) -> None:
+        try:
+            command = Command(msg.kind)
+        except ValueError:
+            msg.close_fds()
+            self._refuse(f"unknown command {msg.kind} in state {self.state.value}")
+        if command is Command.ABANDON:
+            msg.close_fds()
+            self.state = ReceiveState.ABANDONED
+            self._discard()
+            self.channel.ok()
+            return
+        if command not in self._EXPECTED.get(self.state, set()):
+            msg.close_fds()
+            self._refuse(f"can't handle {command.name} in receive state {self.state.value}")
+        fds_expected = 1 if command in (Command.START, Command.MEMORY_FD) else 0
+        if len(msg.fds) != fds_expected:
+            msg.close_fds()
+            self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
+        handler = getattr(self, f"_on_{command.name.lower()}")
+        handler(msg)
+
+    def _refuse(self, reason: str) -> NoReturn:
+        with contextlib.suppress(ProtocolError):
+            self.channel.error(reason)
+        raise HandoffRefused(reason)
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    def _on_start(self, msg: Message) -> None:
+        self.baton = Baton(msg.fds.pop())
+        body = msg.json()
+        version = body.get("version")
+        if version not in ACCEPTED_VERSIONS:
+            self._refuse(
+                f"protocol version {version} is not accepted; this VMM speaks "
+                f"{sorted(ACCEPTED_VERSIONS)}"
+            )
+        self.state = ReceiveState.STARTED
+        self.channel.ok({"version": protocol.PROTOCOL_VERSION})
+
+    def _on_memory_fd(self, msg: Message) -> None:
+        fd = msg.fds.pop()
+        body = msg.json()
+        size = body.get("size")
+        path = body.get("path")
+        st = os.fstat(fd)
+        if not isinstance(size, int) or size <= 0 or st.st_size < size:
+            os.close(fd)
+            self._refuse(f"memory fd of {st.st_size} bytes does not hold the announced {size}")
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            self._refuse("guest memory is not backed by a memfd or file: nothing to share")
+        self.memory.append(_Memory(fd, size, path if isinstance(path, str) else None))
+        self.state = ReceiveState.MEMORY
+        self.channel.ok()
+
+    def _on_config(self, msg: Message) -> None:
+        try:
+            source = MachineConfig.from_dict(msg.json())
+        except (MachineConfigError, TypeError) as e:
+            self._refuse(f"bad configuration: {e}")
+        local = self.options.overrides
+        differing = [
+            f for f in MachineConfig.GUEST_VISIBLE if f in local and local[f] != getattr(source, f)
+        ]
+        if differing:
+            self._refuse(
+                "the new VMM's flags change what the guest sees: "
+                + ", ".join(f"--{f.replace('_', '-')}" for f in differing)
+                + " must match the running guest"
+            )
+        if len(self.memory) != 1 or self.memory[0].size != source.memory:
+            self._refuse(
+                f"memory layout differs: {source.memory} bytes announced, "
+                f"{sum(m.size for m in self.memory)} received"
+            )
+        merged = source.to_dict() | {
+            k: v for k, v in local.items() if k not in MachineConfig.GUEST_VISIBLE
+        }
+        merged["memory_path"] = self.memory[0].path
+        self.config = MachineConfig.from_dict(merged)
+        self.state = ReceiveState.CONFIGURED
+        self.channel.ok()
+
+    def _on_ready(self, msg: Message) -> None:
+        assert self.config is not None
+        t0 = time.monotonic_ns()
+        mem = self.memory[0]
+        try:
+            memory = GuestMemory(os.dup(mem.fd), mem.size, mem.path)
+        except (MemoryConfigError, OSError) as e:
+            self._refuse(f"cannot map the guest memory: {e}")
+        try:
+            self.machine = Machine(self.config, memory, self.kvm)
+        except IntrahostError as e:
+            memory.close()
+            self._refuse(f"cannot build the same machine here: {e}")
+        self.features = probe_features(self.machine.vm, self.machine.vcpus[0])
+        self.machine.start(paused=True)
+        self.timings["build_us"] = (time.monotonic_ns() - t0) // 1000
+        self.state = ReceiveState.READY
+        self.channel.ok({"build_us": self.timings["build_us"]})
+
+    def _on_state(self, msg: Message) -> None:
+        received = time.monotonic_ns()
+        assert self.machine is not None
+        try:
+            state = decode_state(msg.payload)
+            if config_of(state).guest_differences(self.machine.config):
+                raise StateImportError("the state's configuration differs from the CONFIG sent")
+            restore_machine(self.machine, state, self.features)
+        except (StateFormatError, StateImportError) as e:
+            self._refuse(f"cannot import the state: {e}")
+        imported = time.monotonic_ns()
+        self.state = ReceiveState.IMPORTED
+        self.channel.ok({"received_ns": received, "imported_ns": imported})
+
+    def _on_commit(self, msg: Message) -> None:
+        assert self.machine is not None and self.baton is not None
+        body = msg.json()
+        running = body.get("running", True)
+        # The commit point: from this swap on, the guest belongs to this VMM.
+        found = self.baton.swap(Baton.PENDING, Baton.COMMITTED)
+        if found != Baton.PENDING:
+            self._refuse("the source abandoned the hand-off before the commit")
+        self.state = ReceiveState.COMMITTED
+        self.running_after_commit = bool(running)
+        if running:
+            self.machine.resume()
+        resumed = time.monotonic_ns()
+        try:
+            self.channel.ok({"resumed_ns": resumed})
+        except ProtocolError:
+            log.warning("committed, but the source did not take the acknowledgement")
+
+    # --- failure -------------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if self.state is ReceiveState.COMMITTED:
+            return
+        log.warning("incoming hand-off abandoned: %s", reason)
+        self.error = reason
+        self.state = ReceiveState.FAILED
+        self._discard()
+
+    def _discard(self) -> None:
+        # Make sure the baton can never say COMMITTED for this attempt.
+        if self.baton is not None:
+            self.baton.swap(Baton.PENDING, Baton.ABANDONED)
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        self._release_fds()
+
+    def _release_fds(self) -> None:
+        for m in self.memory:
+            os.close(m.fd)
+        self.memory.clear()
+        if self.baton is not None:
+            self.baton.close()
+            self.baton = None

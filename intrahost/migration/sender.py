@@ -1,0 +1,231 @@
+"""The source side of a hand-off.
+
+Phases, in order::
+
+    connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> READY      guest still runs
+    pause -> export -> STATE -> COMMIT                                    the blackout
+    release the VM (the destination runs the guest)
+
+The **commit point** is the destination's swap of the baton from PENDING to COMMITTED
+(see :mod:`intrahost.migration.protocol`). Before it, any failure — the destination dies,
+EOF, a timeout, a refusal, a state it can't import — makes this side swap the baton to
+ABANDONED and resume the guest (if it was running). If that swap finds COMMITTED, the
+destination took the guest even though its acknowledgement never arrived: this side must
+not resume, and reports it. Never both; never neither unless the destination dies after
+taking the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from intrahost.errors import IntrahostError
+from intrahost.migration import protocol
+from intrahost.migration.machine_state import save_machine
+from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
+from intrahost.migration.state import VcpuFeatures, probe_features
+from intrahost.vmm.machine import Machine
+
+log = logging.getLogger(__name__)
+
+
+class MigrationFailed(IntrahostError):
+    """The hand-off did not happen; the guest still runs on this VMM."""
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Where the blackout went, in microseconds (pause start to the destination's resume)."""
+
+    pause_us: int
+    export_us: int
+    transfer_us: int
+    import_us: int
+    resume_us: int
+    total_us: int
+    state_bytes: int
+    prepare_us: int
+    guest_pause_us: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SendOptions:
+    timeout: float = 10.0
+    #: READY makes the destination build its VM (slot registration grows with memory size).
+    ready_timeout: float = 60.0
+    #: Fault injection for tests: name of a phase at which to raise (see tests/migration).
+    fail_at: str | None = None
+
+
+class Sender:
+    """Hands ``machine`` to the destination listening at ``url``."""
+
+    def __init__(self, machine: Machine, url: str, options: SendOptions | None = None) -> None:
+        self.machine = machine
+        self.path = protocol.parse_url(url)
+        self.options = options or SendOptions()
+        self.phase = "connect"
+        self.committed = False
+        self._features: VcpuFeatures | None = None
+
+    def _checkpoint(self, phase: str) -> None:
+        self.phase = phase
+        if self.options.fail_at == phase:
+            raise ProtocolError(f"fault injected at {phase}")
+
+    def run(self) -> Breakdown:
+        machine = self.machine
+        if machine.status == "shutdown":
+            raise MigrationFailed("the guest has shut down: there is nothing to hand off")
+        if not machine.memory.is_fd_backed():
+            raise MigrationFailed("guest memory is not fd-backed: it can't be handed off")
+        features = probe_features(machine.vm, machine.vcpus[0])
+        baton = Baton.create()
+        paused_here = False
+        was_running = machine.status == "running"
+        channel: Channel | None = None
+        try:
+            t_prepare = time.monotonic_ns()
+            channel = self._connect()
+            self._checkpoint("start")
+            channel.request(
+                Command.START, protocol.to_json({"version": protocol.PROTOCOL_VERSION}), [baton.fd]
+            )
+            self._checkpoint("memory")
+            channel.request(
+                Command.MEMORY_FD,
+                protocol.to_json({"size": machine.memory.size, "path": machine.memory.path}),
+                [machine.memory.fd],
+            )
+            self._checkpoint("config")
+            channel.request(Command.CONFIG, protocol.to_json(machine.config.to_dict()))
+            self._checkpoint("ready")
+            channel.request(Command.READY, timeout=self.options.ready_timeout)
+            prepare_us = (time.monotonic_ns() - t_prepare) // 1000
+            reset_guest_gaps(machine)
+
+            # --- the blackout starts here ---
+            t0 = time.monotonic_ns()
+            self._checkpoint("pause")
+            if was_running:
+                machine.pause()
+                paused_here = True
+            t1 = time.monotonic_ns()
+            self._checkpoint("export")
+            data = save_machine(machine, features)
+            t2 = time.monotonic_ns()
+            self._checkpoint("state")
+            imported = channel.request(Command.STATE, data)
+            self._checkpoint("commit")
+            resumed = channel.request(Command.COMMIT, protocol.to_json({"running": was_running}))
+            self.committed = True
+            self.phase = "committed"
+        except (ProtocolError, PeerRefused, OSError) as e:
+            found = baton.swap(Baton.PENDING, Baton.ABANDONED)
+            if found == Baton.COMMITTED:
+                # The destination crossed the commit point; its acknowledgement was lost.
+                self.committed = True
+                self.phase = "committed"
+                log.warning("hand-off committed by the destination; its ack was lost: %s", e)
+                self._close(channel, baton)
+                return Breakdown(0, 0, 0, 0, 0, 0, 0, 0)
+            self._close(channel, baton, abandon=True)
+            if paused_here:
+                machine.resume()
+            raise MigrationFailed(
+                f"hand-off failed at {self.phase}: {e}; the guest keeps running here"
+            ) from e
+        except BaseException:
+            baton.swap(Baton.PENDING, Baton.ABANDONED)
+            self._close(channel, baton, abandon=True)
+            if paused_here:
+                machine.resume()
+            raise
+        self._close(channel, baton)
+        received = int(imported.get("received_ns", t2))
+        imported_ns = int(imported.get("imported_ns", received))
+        resumed_ns = int(resumed.get("resumed_ns", imported_ns))
+        return Breakdown(
+            pause_us=(t1 - t0) // 1000,
+            export_us=(t2 - t1) // 1000,
+            transfer_us=max(0, received - t2) // 1000,
+            import_us=max(0, imported_ns - received) // 1000,
+            resume_us=max(0, resumed_ns - imported_ns) // 1000,
+            total_us=max(0, resumed_ns - t0) // 1000,
+            state_bytes=len(data),
+            prepare_us=prepare_us,
+            guest_pause_us=guest_observed_pause_us(machine) if was_running else None,
+        )
+
+    def _connect(self) -> Channel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.options.timeout)
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            sock.close()
+            raise MigrationFailed(
+                f"no destination is waiting at {self.path}: start one with "
+                f"'intrahost run --incoming unix:{self.path}'"
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise MigrationFailed(f"nothing listens at {self.path} (a stale socket?)") from None
+        except OSError as e:
+            sock.close()
+            raise MigrationFailed(f"cannot connect to {self.path}: {e.strerror}") from None
+        return Channel(sock, self.options.timeout)
+
+    @staticmethod
+    def _close(channel: Channel | None, baton: Baton, abandon: bool = False) -> None:
+        if channel is not None:
+            if abandon:
+                with contextlib.suppress(ProtocolError):
+                    channel.send(Command.ABANDON, timeout=1.0)
+            channel.close()
+        baton.close()
+
+
+# --- the counter guest's own view of the pause ---------------------------------------------------
+
+
+def reset_guest_gaps(machine: Machine) -> None:
+    """Zero the counter guest's largest-RDTSC-gap words, so the next gap it records is the
+    hand-off's. A harmless race with the running guest: it re-reads the word every iteration."""
+    from intrahost.vmm.guests import layout
+
+    try:
+        status = layout.read_status(machine.memory.buffer)
+    except IntrahostError:
+        return
+    for i in range(len(status.slots)):
+        layout.reset_max_gap(machine.memory.buffer, i)
+
+
+def guest_observed_pause_us(machine: Machine, wait: float = 0.2) -> float | None:
+    """The counter guest's largest RDTSC gap since :func:`reset_guest_gaps`, in µs, once the
+    guest has run again (its counter moved) on the destination."""
+    from intrahost.vmm.guests import layout
+
+    mem = machine.memory.buffer
+    try:
+        before = layout.read_status(mem)
+    except IntrahostError:
+        return None
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        now = layout.read_status(mem)
+        if all(a.counter != b.counter for a, b in zip(before.slots, now.slots, strict=True)):
+            break
+        time.sleep(0.001)
+    khz = machine.vcpus[0].get_tsc_khz()
+    gap = max(s.max_gap for s in layout.read_status(mem).slots)
+    return round(gap * 1000 / khz, 1)

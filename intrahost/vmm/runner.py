@@ -1,0 +1,298 @@
+"""A VMM process: one machine, its control socket, and its hand-offs in and out.
+
+:class:`Vmm` serves a running machine until the guest stops, a client sends ``quit``, or the
+guest is handed to another VMM (then this process ends with status 0). :func:`receive` is the
+destination's start: it waits for one incoming hand-off on ``unix:PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from intrahost.errors import IntrahostError
+from intrahost.kvm import KvmError
+from intrahost.migration.protocol import Channel, parse_url
+from intrahost.migration.receiver import ReceiveOptions, Receiver
+from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
+from intrahost.vmm.api import ApiServer, CommandError
+from intrahost.vmm.machine import Machine
+
+log = logging.getLogger(__name__)
+
+#: How long a source keeps its control socket after handing off, so the client that asked
+#: for the migration can read the result.
+LINGER_AFTER_HANDOFF = 2.0
+
+
+class IncomingError(IntrahostError):
+    """The destination could not receive a guest."""
+
+
+class Vmm:
+    """Serves ``machine`` on the control socket at ``api_path`` (if any)."""
+
+    def __init__(self, machine: Machine, api_path: str | None = None) -> None:
+        self.machine = machine
+        self.api_path = api_path
+        self.api: ApiServer | None = None
+        self._done = threading.Event()
+        self._quit = False
+        self._handed_off = False
+        self._migration: dict[str, Any] = {"status": "none"}
+        self._migration_thread: threading.Thread | None = None
+        self._migration_lock = threading.Lock()
+        self._status_read_after_handoff = threading.Event()
+        machine.on_guest_stop = self._guest_stopped
+
+    # --- control socket ------------------------------------------------------------------------
+
+    def open_api(self, take_over: bool = False) -> None:
+        """Bind the control socket. With ``take_over``, bind beside ``api_path`` and rename
+        over it: the path then reaches this VMM at once, even if an old VMM still listens
+        on the inode it replaced (the upgrade's socket hand-over)."""
+        if self.api_path is None:
+            return
+        path = f"{self.api_path}.new-{os.getpid()}" if take_over else self.api_path
+        api = ApiServer(path)
+        self._register(api)
+        api.start()
+        if take_over:
+            os.rename(path, self.api_path)
+            api.path = self.api_path
+        self.api = api
+
+    def _register(self, api: ApiServer) -> None:
+        api.register("query-status", lambda _a: self._query_status())
+        api.register("stop", lambda _a: self._stop())
+        api.register("cont", lambda _a: self._cont())
+        api.register("quit", lambda _a: self._request_quit())
+        api.register("query-vm", lambda _a: self.machine.query())
+        api.register("migrate", self._migrate, {"uri": (str, True)})
+        api.register("query-migrate", lambda _a: self._query_migrate())
+
+    def _emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        if self.api is not None:
+            self.api.emit(event, data)
+
+    def _query_status(self) -> dict[str, Any]:
+        status = "postmigrate" if self._handed_off else self.machine.status
+        return {"status": status, "running": status == "running"}
+
+    def _stop(self) -> None:
+        self._check_not_migrating()
+        if self.machine.status == "running":
+            self.machine.pause()
+            self._emit("STOP")
+
+    def _cont(self) -> None:
+        self._check_not_migrating()
+        if self.machine.status == "paused":
+            self.machine.resume()
+            self._emit("RESUME")
+
+    def _check_not_migrating(self) -> None:
+        if self._migration.get("status") == "active":
+            raise CommandError("a migration is in progress")
+        if self._handed_off:
+            raise CommandError("the guest was handed to another VMM")
+        if self.machine.status == "shutdown":
+            raise CommandError("the guest has shut down")
+
+    def _request_quit(self) -> None:
+        self._quit = True
+        self._done.set()
+
+    def _guest_stopped(self) -> None:
+        self._emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        self._done.set()
+
+    # --- migration out -------------------------------------------------------------------------
+
+    def _migrate(self, args: dict[str, Any]) -> None:
+        uri = args["uri"]
+        with self._migration_lock:
+            if self._migration.get("status") == "active":
+                raise CommandError("a migration is already in progress")
+            if self._handed_off:
+                raise CommandError("the guest was already handed to another VMM")
+            if self.machine.status == "shutdown":
+                raise CommandError("the guest has shut down: there is nothing to migrate")
+            try:
+                parse_url(uri)
+            except IntrahostError as e:
+                raise CommandError(str(e)) from None
+            self._migration = {"status": "active", "uri": uri}
+            self._migration_thread = threading.Thread(
+                target=self._run_migration, args=(uri,), name="migration", daemon=True
+            )
+            self._migration_thread.start()
+
+    def migrate(self, uri: str, options: SendOptions | None = None) -> dict[str, Any]:
+        """Hand the guest off synchronously (the library entry; the API's is async)."""
+        with self._migration_lock:
+            self._migration = {"status": "active", "uri": uri}
+        self._run_migration(uri, options)
+        return dict(self._migration)
+
+    def _run_migration(self, uri: str, options: SendOptions | None = None) -> None:
+        self._emit("MIGRATION", {"status": "active"})
+        sender = Sender(self.machine, uri, options)
+        try:
+            breakdown = sender.run()
+        except MigrationFailed as e:
+            with self._migration_lock:
+                self._migration = {"status": "failed", "uri": uri, "error-desc": str(e)}
+            self._emit("MIGRATION", {"status": "failed", "error-desc": str(e)})
+            log.warning("%s", e)
+            return
+        except Exception as e:
+            log.exception("migration failed")
+            with self._migration_lock:
+                self._migration = {"status": "failed", "uri": uri, "error-desc": str(e)}
+            self._emit("MIGRATION", {"status": "failed", "error-desc": str(e)})
+            return
+        with self._migration_lock:
+            self._handed_off = True
+            self._migration = {"status": "completed", "uri": uri, "blackout": breakdown.to_dict()}
+        self._emit("MIGRATION", {"status": "completed", "blackout": breakdown.to_dict()})
+        self._done.set()
+
+    def _query_migrate(self) -> dict[str, Any]:
+        with self._migration_lock:
+            result = dict(self._migration)
+        if self._handed_off:
+            self._status_read_after_handoff.set()
+        return result
+
+    @property
+    def handed_off(self) -> bool:
+        return self._handed_off
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until the guest stops, ``quit``, or a completed hand-off; the exit status."""
+        try:
+            while not self._done.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            log.info("interrupted")
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        if self._handed_off:
+            # The destination runs the guest: release this VM without touching the guest.
+            self._release_after_handoff()
+            self._status_read_after_handoff.wait(LINGER_AFTER_HANDOFF)
+            self._close_api()
+            return 0
+        self._emit(
+            "SHUTDOWN",
+            {"guest": False, "reason": "host-qmp-quit" if self._quit else "guest-shutdown"},
+        )
+        self._close_api()
+        self.machine.close()
+        code = self.machine.exit_code
+        return 0 if code in (None, 0) else 1
+
+    def _release_after_handoff(self) -> None:
+        try:
+            self.machine.close()
+        except KvmError as e:
+            # A dead VM (its SEV context moved away) answers EIO: expected here.
+            if e.errno != errno.EIO:
+                raise
+
+    def _close_api(self) -> None:
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+
+
+# --- the destination ---------------------------------------------------------------------------
+
+
+def listen(url: str) -> socket.socket:
+    """The incoming socket at ``unix:PATH``: a stale socket file is replaced, a live one
+    refused."""
+    path = parse_url(url)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+        except OSError as e:
+            raise IncomingError(f"{path} exists and is not a usable socket: {e.strerror}") from None
+        else:
+            raise IncomingError(f"another VMM already waits at {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(1)
+    return sock
+
+
+def receive(
+    url: str,
+    options: ReceiveOptions | None = None,
+    timeout: float | None = None,
+    listener: socket.socket | None = None,
+) -> Machine:
+    """Wait for one hand-off at ``url`` and return the machine it brought (running, or
+    paused if the guest was paused on the source)."""
+    options = options or ReceiveOptions()
+    sock = listener or listen(url)
+    path = parse_url(url)
+    try:
+        sock.settimeout(timeout)
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            raise IncomingError(f"no hand-off arrived at {path} within {timeout} s") from None
+        uid = _peer_uid(conn)
+        if uid != os.getuid() and os.getuid() != 0:
+            conn.close()
+            raise IncomingError(f"refused a hand-off from uid {uid}")
+        channel = Channel(conn, options.timeout)
+        receiver = Receiver(channel, options)
+        try:
+            machine = receiver.run()
+        finally:
+            with contextlib.suppress(OSError):
+                channel.close()
+        if machine is None:
+            raise IncomingError(f"incoming hand-off failed: {receiver.error or 'abandoned'}")
+        return machine
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def wait_for_socket(path: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise IncomingError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.005)

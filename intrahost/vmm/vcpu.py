@@ -1,0 +1,199 @@
+"""One thread per vCPU, and parking them all outside KVM_RUN.
+
+Pausing works in two steps, for every vCPU at once:
+
+1. set ``kvm_run.immediate_exit`` and send the vCPU thread a signal. A thread inside KVM_RUN
+   returns with EINTR; a thread busy in userspace (handling an exit) will return from its next
+   KVM_RUN at once, because of ``immediate_exit``.
+2. the thread sees the pause request and parks on a condition variable.
+
+That next KVM_RUN matters: KVM completes a pending I/O or MMIO read (copies the data userspace
+put in kvm_run into the guest's register) only when KVM_RUN is entered again. Entering it with
+``immediate_exit`` set completes the instruction and returns at once, so a parked vCPU's
+state is whole and can be exported.
+
+``pause()`` returns only when every vCPU is parked; ``resume()`` clears ``immediate_exit``
+and releases them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+
+from intrahost.kvm import ExitReason, KvmError, Vcpu
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler whose delivery interrupts KVM_RUN (main thread only).
+
+    The signal must be caught, not ignored: an ignored signal does not interrupt the
+    syscall.
+    """
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class RunState(Enum):
+    RUNNING = "running"
+    PARKED = "parked"
+    STOPPED = "stopped"
+
+
+#: Handles one exit; returns False to stop this vCPU (the guest asked to, or it failed).
+ExitHandler = Callable[[Vcpu, ExitReason | int], bool]
+
+
+class VcpuGroup:
+    """The vCPU threads of one VM, paused and resumed together."""
+
+    def __init__(self, vcpus: list[Vcpu], handle_exit: ExitHandler) -> None:
+        self.vcpus = vcpus
+        self._handle_exit = handle_exit
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._stop_requested = False
+        self._states = [RunState.PARKED] * len(vcpus)
+        self._threads: list[threading.Thread] = []
+        self.exits = [0] * len(vcpus)
+        self.errors: list[BaseException] = []
+        #: Called once (from a vCPU thread) when any vCPU stops on its own.
+        self.on_stop: Callable[[], None] | None = None
+
+    # --- control (any thread) ------------------------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        """Start one thread per vCPU; with ``paused`` they park before their first KVM_RUN."""
+        install_kick_handler()
+        with self._cond:
+            self._pause_requested = paused
+            for v in self.vcpus:
+                v.kvm_run.immediate_exit = 1 if paused else 0
+        for i, _ in enumerate(self.vcpus):
+            t = threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        if paused:
+            self._wait_parked()
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park every vCPU outside KVM_RUN; returns when all are parked."""
+        with self._cond:
+            self._pause_requested = True
+            for v in self.vcpus:
+                v.kvm_run.immediate_exit = 1
+        self._kick()
+        self._wait_parked(timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            for v in self.vcpus:
+                v.kvm_run.immediate_exit = 0
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every vCPU thread (the VM stays intact; state can still be read)."""
+        with self._cond:
+            self._stop_requested = True
+            self._pause_requested = True
+            for v in self.vcpus:
+                if not v.closed:
+                    v.kvm_run.immediate_exit = 1
+            self._cond.notify_all()
+        self._kick()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def paused(self) -> bool:
+        with self._cond:
+            return all(s is not RunState.RUNNING for s in self._states)
+
+    @property
+    def stopped(self) -> bool:
+        with self._cond:
+            return all(s is RunState.STOPPED for s in self._states)
+
+    def _kick(self) -> None:
+        for t in self._threads:
+            if t.is_alive() and t.ident is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+
+    def _wait_parked(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any(s is RunState.RUNNING for s in self._states):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    running = [i for i, s in enumerate(self._states) if s is RunState.RUNNING]
+                    raise TimeoutError(f"vCPUs {running} did not park within {timeout} s")
+                self._cond.wait(min(left, 0.05))
+                if any(s is RunState.RUNNING for s in self._states):
+                    self._cond.release()
+                    try:
+                        self._kick()  # a kick can land between two KVM_RUNs; send another
+                    finally:
+                        self._cond.acquire()
+
+    # --- the vCPU thread -----------------------------------------------------------------------
+
+    def _park(self, i: int) -> bool:
+        """Park while a pause is requested; False when the thread must end."""
+        with self._cond:
+            if not self._pause_requested:
+                return not self._stop_requested
+            self._states[i] = RunState.PARKED
+            self._cond.notify_all()
+            while self._pause_requested and not self._stop_requested:
+                self._cond.wait()
+            if self._stop_requested:
+                return False
+            self._states[i] = RunState.RUNNING
+            return True
+
+    def _loop(self, i: int) -> None:
+        vcpu = self.vcpus[i]
+        with self._cond:
+            self._states[i] = RunState.RUNNING
+        stopped_by_guest = False
+        try:
+            # Started paused (a destination waiting for its state): park before the first
+            # KVM_RUN, so that nothing runs the vCPU before the import.
+            if not self._park(i):
+                return
+            while True:
+                reason = vcpu.run()
+                if reason is ExitReason.INTR:
+                    if not self._park(i):
+                        break
+                    continue
+                self.exits[i] += 1
+                if not self._handle_exit(vcpu, reason):
+                    stopped_by_guest = True
+                    break
+        except KvmError as e:
+            log.error("vCPU %d stopped: %s", i, e)
+            self.errors.append(e)
+            stopped_by_guest = True
+        except BaseException as e:  # keep the VMM alive; report through errors
+            log.exception("vCPU %d crashed", i)
+            self.errors.append(e)
+            stopped_by_guest = True
+        finally:
+            with self._cond:
+                self._states[i] = RunState.STOPPED
+                self._cond.notify_all()
+        if stopped_by_guest and self.on_stop is not None:
+            self.on_stop()

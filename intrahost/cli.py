@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upgrade", help="start a new VMM and hand the guest to it")
     p.add_argument("--api-socket", required=True)
     p.add_argument("--exec", dest="exec_command", help="the new VMM's command (default: this one)")
+    p.add_argument(
+        "--output",
+        help="file for the new VMM's standard output and errors (default: a log file in a "
+        "new temporary directory, printed at the end)",
+    )
     p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
     return parser
 
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="intrahost[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s intrahost[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.command == "run":
@@ -263,12 +268,18 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         old_pid = qmp.execute("query-vm").get("pid")
         workdir = tempfile.mkdtemp(prefix="intrahost-upgrade-")
         mig = os.path.join(workdir, "migration.sock")
+        output = args.output or os.path.join(workdir, "vmm.log")
         phase("starting the new VMM")
-        new = subprocess.Popen(
-            [*command, "run", "--incoming", f"unix:{mig}", "--api-socket", args.api_socket, *flags],
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
+        # The new VMM outlives this command: it must not hold this command's stdout/stderr.
+        with open(output, "ab") as out:
+            argv = [*command, "run", "--incoming", f"unix:{mig}", "--api-socket", args.api_socket]
+            new = subprocess.Popen(
+                [*argv, *flags],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
         try:
             from intrahost.vmm.runner import wait_for_socket
 
@@ -299,18 +310,23 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     if isinstance(old_pid, int):
         _wait_pid_gone(old_pid, 10)
     print(format_breakdown(result["blackout"]))
-    print(f"new VMM pid {new.pid} serves {args.api_socket}")
+    print(f"new VMM pid {new.pid} serves {args.api_socket} (its output: {output})")
     return 0
 
 
 def _wait_pid_gone(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` has exited (a zombie counts as exited: its parent may be slow to
+    reap it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
             return
-        time.sleep(0.01)
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.005)
 
 
 if __name__ == "__main__":

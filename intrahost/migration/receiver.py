@@ -152,6 +152,7 @@ class Receiver:
             msg.close_fds()
             self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
         handler = getattr(self, f"_on_{command.name.lower()}")
+        log.debug("hand-off: %s in state %s", command.name, self.state.value)
         handler(msg)
 
     def _refuse(self, reason: str) -> NoReturn:

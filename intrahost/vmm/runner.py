@@ -143,6 +143,7 @@ class Vmm:
 
     def _run_migration(self, uri: str, options: SendOptions | None = None) -> None:
         self._emit("MIGRATION", {"status": "active"})
+        log.info("migration to %s started", uri)
         sender = Sender(self.machine, uri, options)
         try:
             breakdown = sender.run()
@@ -158,6 +159,7 @@ class Vmm:
                 self._migration = {"status": "failed", "uri": uri, "error-desc": str(e)}
             self._emit("MIGRATION", {"status": "failed", "error-desc": str(e)})
             return
+        log.info("migration to %s completed: %s", uri, breakdown)
         with self._migration_lock:
             self._handed_off = True
             self._migration = {"status": "completed", "uri": uri, "blackout": breakdown.to_dict()}
@@ -189,9 +191,12 @@ class Vmm:
     def shutdown(self) -> int:
         if self._handed_off:
             # The destination runs the guest: release this VM without touching the guest.
+            log.info("handed off; releasing the VM")
             self._release_after_handoff()
+            log.info("released; waiting for the migration's client")
             self._status_read_after_handoff.wait(LINGER_AFTER_HANDOFF)
             self._close_api()
+            log.info("control socket closed")
             return 0
         self._emit(
             "SHUTDOWN",

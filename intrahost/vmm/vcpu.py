@@ -99,6 +99,10 @@ class VcpuGroup:
             for v in self.vcpus:
                 v.kvm_run.immediate_exit = 0
             self._pause_requested = False
+            # Released threads count as running from now on, not from when they wake.
+            self._states = [
+                RunState.RUNNING if st is RunState.PARKED else st for st in self._states
+            ]
             self._cond.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -154,9 +158,12 @@ class VcpuGroup:
         with self._cond:
             if not self._pause_requested:
                 return not self._stop_requested
-            self._states[i] = RunState.PARKED
-            self._cond.notify_all()
             while self._pause_requested and not self._stop_requested:
+                # (Re-)mark parked: a resume() may have counted this thread as running and
+                # a new pause() come before it woke up.
+                if self._states[i] is not RunState.PARKED:
+                    self._states[i] = RunState.PARKED
+                    self._cond.notify_all()
                 self._cond.wait()
             if self._stop_requested:
                 return False

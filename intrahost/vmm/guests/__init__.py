@@ -1,0 +1,49 @@
+"""The built-in test guests: assembly sources, their reproducible build, and a multiboot loader.
+
+* :mod:`~intrahost.vmm.guests.build` builds ``hello`` and ``counter`` with GNU as/ld;
+* :mod:`~intrahost.vmm.guests.loader` loads a multiboot ELF32 (or raw) image into guest RAM;
+* :mod:`~intrahost.vmm.guests.layout` holds the guests' fixed ABI (addresses, ports, report
+  tags) and reads the counter guest's status and memory back.
+
+docs/guests.md describes the guests and their ABI.
+"""
+
+from intrahost.vmm.guests.build import GuestBuildError, build_guest, list_guests
+from intrahost.vmm.guests.layout import (
+    CounterStatus,
+    ExitCode,
+    GuestMemoryCorrupt,
+    GuestStatusMissing,
+    ReportTag,
+    VcpuSlot,
+    read_status,
+    verify_region,
+)
+from intrahost.vmm.guests.loader import (
+    BootCpuState,
+    BootInfo,
+    GuestLoadError,
+    boot_cpu_state,
+    load_guest,
+    read_guest_image,
+)
+
+__all__ = [
+    "BootCpuState",
+    "BootInfo",
+    "CounterStatus",
+    "ExitCode",
+    "GuestBuildError",
+    "GuestLoadError",
+    "GuestMemoryCorrupt",
+    "GuestStatusMissing",
+    "ReportTag",
+    "VcpuSlot",
+    "boot_cpu_state",
+    "build_guest",
+    "list_guests",
+    "load_guest",
+    "read_guest_image",
+    "read_status",
+    "verify_region",
+]

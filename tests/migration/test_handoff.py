@@ -1,0 +1,274 @@
+"""Hand-offs between real VMM processes, driven through the CLI, on real /dev/kvm."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import VmmProcess, needs_kvm
+
+from intrahost.vmm.guests import layout
+from intrahost.vmm.qmp_client import QmpClient
+
+pytestmark = needs_kvm
+
+PROGRESS = 1 << 24
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "intrahost", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def shm_file() -> Iterator[Path]:
+    path = Path(f"/dev/shm/ih-test-{uuid.uuid4().hex[:12]}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+class Observer:
+    """Watches the guest's counters from outside, through the shared memory file, as the
+    benchmarks do: checks they never go back, and records the longest stand-still."""
+
+    def __init__(self, path: Path, vcpus: int) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.map = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.vcpus = vcpus
+        self.backwards: list[tuple[int, int]] = []
+        self.longest_stall = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def counters(self) -> list[int]:
+        return [layout.read_slot(self.map, i).counter for i in range(self.vcpus)]
+
+    def _run(self) -> None:
+        last = self.counters()
+        changed = time.monotonic()
+        while not self._stop.is_set():
+            now = self.counters()
+            t = time.monotonic()
+            for a, b in zip(last, now, strict=True):
+                if b < a:
+                    self.backwards.append((a, b))
+            if now != last:
+                self.longest_stall = max(self.longest_stall, t - changed)
+                changed = t
+                last = now
+            time.sleep(0.0002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_counting(api: Path, vcpus: int, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    with QmpClient(api) as qmp:
+        while time.monotonic() < deadline:
+            info = qmp.execute("query-vm")
+            counts = [c["count"] for c in info.get("counter", [])]
+            if len(counts) == vcpus and all(counts):
+                return counts
+            time.sleep(0.05)
+    raise AssertionError("the guest did not start counting")
+
+
+def counters(api: Path) -> list[int]:
+    with QmpClient(api) as qmp:
+        return [c["count"] for c in qmp.execute("query-vm")["counter"]]
+
+
+def progress_lines(text: str) -> dict[int, list[int]]:
+    """Per vCPU, the counts printed on the UART, in order; fails on a malformed line."""
+    lines: dict[int, list[int]] = {}
+    for line in text.splitlines():
+        if line.startswith("counter:"):
+            continue
+        m = re.fullmatch(r"cpu(\d+) count=([0-9a-f]{16})", line)
+        assert m, f"malformed or interleaved UART line {line!r}"
+        lines.setdefault(int(m.group(1)), []).append(int(m.group(2), 16))
+    return lines
+
+
+def assert_uart_continuous(*files: Path) -> None:
+    text = "".join(f.read_text() for f in files if f.exists())
+    for vcpu, counts in progress_lines(text).items():
+        expected = [PROGRESS * (i + 1) for i in range(len(counts))]
+        assert counts == expected, f"vCPU {vcpu}: UART lines lost or duplicated"
+
+
+StartSource = Callable[..., tuple[VmmProcess, Path]]
+
+
+@pytest.fixture
+def start_source(vmm_factory: Any, sockdir: Path) -> StartSource:
+    def start(vcpus: int = 1, *extra: str) -> tuple[VmmProcess, Path]:
+        api = sockdir / "api.sock"
+        proc = vmm_factory(
+            "run",
+            "--memory",
+            "64M",
+            "--vcpus",
+            str(vcpus),
+            "--guest-args",
+            f"progress={PROGRESS}",
+            "--serial",
+            f"file:{sockdir / 'serial-0.log'}",
+            "--api-socket",
+            str(api),
+            *extra,
+            name="source",
+            wait_path=api,
+        )
+        wait_counting(api, vcpus)
+        return proc, api
+
+    return start
+
+
+def test_one_handoff_continues_the_guest(
+    start_source: StartSource, vmm_factory: Any, sockdir: Path
+) -> None:
+    source, api = start_source(1)
+    mig = sockdir / "mig.sock"
+    dest = vmm_factory(
+        "run",
+        "--incoming",
+        f"unix:{mig}",
+        "--api-socket",
+        str(sockdir / "api2.sock"),
+        "--serial",
+        f"file:{sockdir / 'serial-1.log'}",
+        name="dest",
+        wait_path=mig,
+    )
+    before = counters(api)
+    result = cli("migrate", "--api-socket", str(api), f"unix:{mig}")
+    assert result.returncode == 0, result.stderr
+    assert "blackout:" in result.stdout and "total" in result.stdout
+    assert source.wait(10) == 0, source.output()
+    api2 = sockdir / "api2.sock"
+    after = counters(api2)
+    assert after[0] > before[0]
+    time.sleep(0.2)
+    assert counters(api2)[0] > after[0]
+    with QmpClient(api2) as qmp:
+        assert qmp.execute("query-status")["status"] == "running"
+        qmp.execute("quit")
+    assert dest.wait(10) == 0
+    assert_uart_continuous(sockdir / "serial-0.log", sockdir / "serial-1.log")
+
+
+def test_fifty_upgrades_keep_counting_without_a_gap(
+    start_source: StartSource, sockdir: Path, shm_file: Path
+) -> None:
+    source, api = start_source(2, "--memory-path", str(shm_file))
+    observer = Observer(shm_file, 2)
+    procs = [source]
+    try:
+        for i in range(50):
+            result = cli(
+                "upgrade",
+                "--api-socket",
+                str(api),
+                "--",
+                "--serial",
+                f"file:{sockdir / f'serial-{i + 1}.log'}",
+            )
+            assert result.returncode == 0, f"upgrade {i}: {result.stderr}"
+            pid = int(re.search(r"new VMM pid (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+            assert pid not in [p.pid for p in procs]
+        assert source.wait(10) == 0
+        time.sleep(0.2)
+    finally:
+        observer.stop()
+    assert not observer.backwards, observer.backwards
+    assert observer.longest_stall < 1.0, f"the counter stood still for {observer.longest_stall} s"
+    with QmpClient(api) as qmp:
+        qmp.execute("stop")
+        for vcpu in range(2):
+            layout.verify_region(observer.map, vcpu)
+        qmp.execute("quit")
+    assert_uart_continuous(*(sockdir / f"serial-{i}.log" for i in range(51)))
+
+
+def test_four_vcpus_all_continue(start_source: StartSource, sockdir: Path) -> None:
+    _source, api = start_source(4)
+    before = counters(api)
+    result = cli("upgrade", "--api-socket", str(api))
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.3)
+    after = counters(api)
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+    cli("stop", "--api-socket", str(api))
+
+
+def test_a_paused_guest_stays_paused(start_source: StartSource, sockdir: Path) -> None:
+    _source, api = start_source(1)
+    assert cli("pause", "--api-socket", str(api)).returncode == 0
+    frozen = counters(api)
+    result = cli("upgrade", "--api-socket", str(api))
+    assert result.returncode == 0, result.stderr
+    with QmpClient(api) as qmp:
+        assert qmp.execute("query-status")["status"] == "paused"
+    time.sleep(0.2)
+    assert counters(api) == frozen
+    assert cli("resume", "--api-socket", str(api)).returncode == 0
+    time.sleep(0.2)
+    assert counters(api)[0] > frozen[0]
+    cli("stop", "--api-socket", str(api))
+
+
+def test_guest_visible_flag_change_is_refused_before_the_pause(
+    start_source: StartSource, sockdir: Path
+) -> None:
+    source, api = start_source(1)
+    result = cli("upgrade", "--api-socket", str(api), "--", "--vcpus", "2")
+    assert result.returncode != 0
+    assert "--vcpus" in result.stderr and "keeps running" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert source.alive()
+    before = counters(api)
+    time.sleep(0.2)
+    assert counters(api)[0] > before[0]
+    with QmpClient(api) as qmp:
+        assert qmp.execute("query-status")["status"] == "running"
+        assert qmp.execute("query-migrate")["status"] == "failed"
+    cli("stop", "--api-socket", str(api))
+
+
+def test_cli_errors_are_one_clear_line(start_source: StartSource, sockdir: Path) -> None:
+    _source, api = start_source(1)
+    cases = [
+        (("migrate", "--api-socket", str(api), f"unix:{sockdir}/nobody.sock"), "no VMM waits"),
+        (("migrate", "--api-socket", str(api), "tcp:localhost:4444"), "unix:PATH"),
+        (("status", "--api-socket", str(sockdir / "missing.sock")), "no control socket"),
+    ]
+    for args, text in cases:
+        result = cli(*args)
+        assert result.returncode != 0, args
+        assert text in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert counters(api)[0] > 0
+    cli("stop", "--api-socket", str(api))

@@ -52,6 +52,11 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--serial", help="console: stdio, file:PATH, pty or none (default stdio)")
     p.add_argument("--api-socket", help="control socket path (QMP-shaped JSON)")
     p.add_argument("--incoming", help="wait for a hand-off at unix:PATH instead of booting")
+    p.add_argument(
+        "--prefault",
+        action="store_true",
+        help="with --incoming: before the pause, map every guest page already in memory",
+    )
     p.add_argument("--incoming-timeout", type=float, default=None, help=argparse.SUPPRESS)
 
 
@@ -136,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         vmm_api = args.api_socket
         if vmm_api and not takeover:
             _check_api_path(vmm_api)
-        options = ReceiveOptions(overrides=explicit_run_flags(args))
+        options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
         machine = receive(args.incoming, options, args.incoming_timeout, listener)
         vmm = Vmm(machine, vmm_api)
         vmm.open_api(take_over=True)

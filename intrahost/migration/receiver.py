@@ -8,6 +8,7 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
+    READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
     IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED, then vCPUs released)
 
 Anything else — another message, a timeout, EOF, a malformed payload, a state that does not
@@ -23,6 +24,7 @@ import enum
 import logging
 import os
 import stat
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -72,6 +74,9 @@ class ReceiveOptions:
     timeout: float = 10.0
     #: How long to wait between READY and STATE (the source may take a while to pause).
     state_timeout: float = 60.0
+    #: Before the pause, map into this process every guest page already in memory, so the
+    #: guest's first touches after the resume do not fault (costs time before the pause).
+    prefault: bool = False
 
 
 @dataclass
@@ -96,6 +101,9 @@ class Receiver:
         self.running_after_commit = True
         self.timings: dict[str, int] = {}
         self.error: str | None = None
+        #: The copy-based baseline: memory arrives as MEMORY_DATA, not as a shared fd.
+        self.copy_memory = False
+        self._copy_target: GuestMemory | None = None
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -125,10 +133,10 @@ class Receiver:
 
     _EXPECTED = {
         ReceiveState.ESTABLISHED: {Command.START},
-        ReceiveState.STARTED: {Command.MEMORY_FD},
+        ReceiveState.STARTED: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.CONFIGURED: {Command.READY},
-        ReceiveState.READY: {Command.STATE},
+        ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
 
@@ -171,6 +179,7 @@ class Receiver:
                 f"protocol version {version} is not accepted; this VMM speaks "
                 f"{sorted(ACCEPTED_VERSIONS)}"
             )
+        self.copy_memory = bool(body.get("copy_memory", False))
         self.state = ReceiveState.STARTED
         self.channel.ok({"version": protocol.PROTOCOL_VERSION})
 
@@ -205,7 +214,12 @@ class Receiver:
                 + ", ".join(f"--{f.replace('_', '-')}" for f in differing)
                 + " must match the running guest"
             )
-        if len(self.memory) != 1 or self.memory[0].size != source.memory:
+        if self.copy_memory:
+            if self.memory:
+                self._refuse("copy mode takes no memory fds")
+        elif not self.memory:
+            self._refuse("no memory fd was sent: the guest's memory is not fd-backed")
+        elif len(self.memory) != 1 or self.memory[0].size != source.memory:
             self._refuse(
                 f"memory layout differs: {source.memory} bytes announced, "
                 f"{sum(m.size for m in self.memory)} received"
@@ -213,7 +227,7 @@ class Receiver:
         merged = source.to_dict() | {
             k: v for k, v in local.items() if k not in MachineConfig.GUEST_VISIBLE
         }
-        merged["memory_path"] = self.memory[0].path
+        merged["memory_path"] = None if self.copy_memory else self.memory[0].path
         self.config = MachineConfig.from_dict(merged)
         self.state = ReceiveState.CONFIGURED
         self.channel.ok()
@@ -221,9 +235,13 @@ class Receiver:
     def _on_ready(self, msg: Message) -> None:
         assert self.config is not None
         t0 = time.monotonic_ns()
-        mem = self.memory[0]
         try:
-            memory = GuestMemory(os.dup(mem.fd), mem.size, mem.path)
+            if self.copy_memory:
+                memory = GuestMemory.create(self.config.memory)
+                self._copy_target = memory
+            else:
+                mem = self.memory[0]
+                memory = GuestMemory(os.dup(mem.fd), mem.size, mem.path)
         except (MemoryConfigError, OSError) as e:
             self._refuse(f"cannot map the guest memory: {e}")
         try:
@@ -232,10 +250,28 @@ class Receiver:
             memory.close()
             self._refuse(f"cannot build the same machine here: {e}")
         self.features = probe_features(self.machine.vm, self.machine.vcpus[0])
+        if self.options.prefault and not self.copy_memory:
+            t_fault = time.monotonic_ns()
+            populated = memory.populate(memory.resident_ranges())
+            self.timings["prefault_us"] = (time.monotonic_ns() - t_fault) // 1000
+            log.info("prefaulted %d MiB in %d µs", populated >> 20, self.timings["prefault_us"])
         self.machine.start(paused=True)
         self.timings["build_us"] = (time.monotonic_ns() - t0) // 1000
         self.state = ReceiveState.READY
-        self.channel.ok({"build_us": self.timings["build_us"]})
+        self.channel.ok(self.timings)
+
+    def _on_memory_data(self, msg: Message) -> None:
+        if self._copy_target is None:
+            self._refuse("MEMORY_DATA outside copy mode: this hand-off shares the memory fd")
+        payload = msg.payload
+        if len(payload) < 8:
+            self._refuse("MEMORY_DATA without an offset")
+        (offset,) = struct.unpack_from("<Q", payload)
+        data = memoryview(payload)[8:]
+        if offset + len(data) > self._copy_target.size:
+            self._refuse(f"MEMORY_DATA at {offset:#x}+{len(data):#x} is beyond guest memory")
+        self._copy_target.buffer[offset : offset + len(data)] = data
+        self.channel.ok()
 
     def _on_state(self, msg: Message) -> None:
         received = time.monotonic_ns()

@@ -29,6 +29,10 @@ LOW_RAM_LIMIT = 3 * GiB
 HIGH_RAM_BASE = 4 * GiB
 PAGE_SIZE = mmap.PAGESIZE
 MIN_MEMORY = 16 * MiB
+MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
 class MemoryConfigError(IntrahostError):
@@ -179,6 +183,33 @@ class GuestMemory:
             vm.set_user_memory_region(
                 s.slot, s.guest_phys_addr, s.size, self.address + s.file_offset
             )
+
+    def resident_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) runs of pages of the backing file that are in memory (mincore on
+        the mapping: for a shared file mapping it reports the page cache)."""
+        pages = (self.size + PAGE_SIZE - 1) // PAGE_SIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        ranges: list[tuple[int, int]] = []
+        start = -1
+        for i in range(pages + 1):
+            resident = i < pages and vec[i] & 1
+            if resident and start < 0:
+                start = i
+            elif not resident and start >= 0:
+                ranges.append((start * PAGE_SIZE, (i - start) * PAGE_SIZE))
+                start = -1
+        return ranges
+
+    def populate(self, ranges: list[tuple[int, int]]) -> int:
+        """Fault these ranges into this process's page tables now (MADV_POPULATE_WRITE), so
+        that the guest's first touches after a hand-off find them mapped. Returns bytes."""
+        total = 0
+        for offset, length in ranges:
+            self.buffer.madvise(MADV_POPULATE_WRITE, offset, length)
+            total += length
+        return total
 
     def is_fd_backed(self) -> bool:
         return self.fd >= 0

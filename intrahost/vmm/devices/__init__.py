@@ -1,0 +1,54 @@
+"""Port-I/O devices on an I/O bus: a 16550A UART and the test guests' debug port."""
+
+from intrahost.vmm.devices.bus import IoBus, IoBusError, PioDevice, PortRange
+from intrahost.vmm.devices.debugport import (
+    DEBUG_PORT_BASE,
+    DebugPort,
+    DebugPortState,
+    DebugPortStateError,
+    Report,
+    ReportKind,
+    make_tag,
+)
+from intrahost.vmm.devices.uart import (
+    COM1_BASE,
+    COM1_IRQ,
+    BufferConsole,
+    Console,
+    ConsoleError,
+    FileConsole,
+    NullConsole,
+    PtyConsole,
+    StdoutConsole,
+    Uart16550,
+    UartState,
+    UartStateError,
+    open_console,
+)
+
+__all__ = [
+    "COM1_BASE",
+    "COM1_IRQ",
+    "DEBUG_PORT_BASE",
+    "BufferConsole",
+    "Console",
+    "ConsoleError",
+    "DebugPort",
+    "DebugPortState",
+    "DebugPortStateError",
+    "FileConsole",
+    "IoBus",
+    "IoBusError",
+    "NullConsole",
+    "PioDevice",
+    "PortRange",
+    "PtyConsole",
+    "Report",
+    "ReportKind",
+    "StdoutConsole",
+    "Uart16550",
+    "UartState",
+    "UartStateError",
+    "make_tag",
+    "open_console",
+]

@@ -34,13 +34,28 @@ KICK_SIGNAL = signal.SIGUSR1
 
 
 def install_kick_handler() -> None:
-    """Install the no-op handler whose delivery interrupts KVM_RUN (main thread only).
+    """Install the no-op handler whose delivery interrupts KVM_RUN.
 
     The signal must be caught, not ignored: an ignored signal does not interrupt the
-    syscall.
+    syscall. Python installs handlers only from the main thread, so this runs when this
+    module is first imported there (and again, harmlessly, from the main thread later).
     """
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "vCPU threads need the kick signal handler: import intrahost.vmm.vcpu (or call "
+            "install_kick_handler()) from the main thread first"
+        )
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick's only job is to interrupt KVM_RUN."""
+
+
+if threading.current_thread() is threading.main_thread():
+    install_kick_handler()
 
 
 class RunState(Enum):

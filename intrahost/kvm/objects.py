@@ -25,7 +25,9 @@ from intrahost.kvm import constants as K
 from intrahost.kvm import uapi
 from intrahost.kvm.constants import Cap, ExitReason
 
-DEV_KVM = "/dev/kvm"
+#: The KVM device; INTRAHOST_KVM_DEVICE overrides it (tests use it to simulate a host
+#: without KVM).
+DEV_KVM = os.environ.get("INTRAHOST_KVM_DEVICE", "/dev/kvm")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_ioctl = _libc.ioctl
@@ -102,7 +104,8 @@ class Kvm(_FdObject):
 
     _kind = "Kvm"
 
-    def __init__(self, path: str = DEV_KVM) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or DEV_KVM
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

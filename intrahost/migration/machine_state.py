@@ -8,6 +8,7 @@ Component names (the envelope's contract between VMM versions)::
     vcpu/N/meta                 JSON  {mp_state, sregs2, tsc_khz, tsc_offset, saved_at_ns, msrs}
     vcpu/N/cpuid|regs|sregs|xsave|xcrs|debugregs|lapic|events raw kernel structs
                                       (register parts absent for a protected vCPU)
+    vmm/run-state               JSON  {running}: whether the guest ran before the pause
     device/uart device/debug    JSON  device state records
 """
 
@@ -32,14 +33,15 @@ from intrahost.vmm.devices.uart import UartState
 from intrahost.vmm.machine import Machine, MachineConfig
 
 #: The component name prefixes this VMM understands (see envelope.decode).
-UNDERSTOOD = ("config", "vm/", "vcpu/", "device/")
+UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/")
 
 _VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
 _VM_RAW = ("clock", "pic_master", "pic_slave", "ioapic", "pit")
 
 
-def save_machine(machine: Machine, features: VcpuFeatures) -> bytes:
-    """Export a paused machine (every vCPU parked, the UART's drain paused)."""
+def save_machine(machine: Machine, features: VcpuFeatures, running: bool = True) -> bytes:
+    """Export a paused machine (every vCPU parked, the UART's drain paused). ``running``:
+    whether the guest ran before the hand-off paused it (it runs again after)."""
     vm_state = save_vm(machine.vm)
     vcpu_states = [save_vcpu(v, i, features) for i, v in enumerate(machine.vcpus)]
     components = [Component("config", envelope.json_payload(machine.config.to_dict()))]

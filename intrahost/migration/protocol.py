@@ -17,7 +17,8 @@ is in :mod:`intrahost.migration.sender`.
 Ownership of the guest is decided by a *baton*: a tiny shared file (a memfd) that the source
 creates and sends with START. It holds one word: PENDING, COMMITTED or ABANDONED, changed only
 by compare-and-swap under a POSIX record lock (a per-process lock: the kernel drops it when
-the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest: that
+the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest — on
+COMMIT, or on its own when the source went silent after the whole state was imported: that
 swap is the **commit point**. A source that loses contact swaps PENDING -> ABANDONED before
 it resumes the guest. Exactly one of the two swaps succeeds, so the guest never runs on two
 VMMs, and a source that cannot tell whether its COMMIT arrived learns it from the baton.
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intrahost.errors import IntrahostError
+from intrahost.migration import faults
 
 PROTOCOL_VERSION = 1
 #: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
@@ -117,6 +119,13 @@ class Channel:
             raise ProtocolError(f"message of {len(payload)} bytes / {len(fds)} fds is too large")
         header = FRAME.pack(kind, len(fds), 0, len(payload))
         self.sock.settimeout(self.timeout if timeout is None else timeout)
+        injected = faults.take_frame_fault(("truncate", "corrupt"))
+        if injected == "corrupt" and payload:
+            payload = payload[:-1] + bytes([payload[-1] ^ 0x5A])
+        elif injected == "truncate":
+            self.sock.sendall((header + payload)[: (FRAME.size + len(payload)) // 2])
+            self.sock.close()
+            raise ProtocolError("fault injected: truncated frame")
         try:
             ancillary = []
             if fds:

@@ -11,6 +11,10 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
     IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED, then vCPUs released)
 
+If the source goes silent (EOF, timeout) *after* the state was imported, the destination
+tries to commit on its own (see :meth:`Receiver._take_over`): the baton decides between it and
+a source that gives up, so a source killed at that point loses no guest.
+
 Anything else — another message, a timeout, EOF, a malformed payload, a state that does not
 import — ends the hand-off here: the destination discards its VM (memory fds are closed,
 nothing is written to guest memory before the commit, except the import into its own VM)
@@ -31,7 +35,7 @@ from typing import Any, NoReturn
 
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Kvm
-from intrahost.migration import protocol
+from intrahost.migration import faults, protocol
 from intrahost.migration.envelope import StateFormatError
 from intrahost.migration.machine_state import config_of, decode_state, restore_machine
 from intrahost.migration.protocol import (
@@ -118,7 +122,12 @@ class Receiver:
                 )
                 msg = self.channel.receive(timeout)
                 self._dispatch(msg)
-        except (ProtocolError, HandoffRefused, StateImportError, StateFormatError) as e:
+        except ProtocolError as e:
+            if self.state is ReceiveState.IMPORTED:
+                self._take_over(str(e))
+            else:
+                self._fail(str(e))
+        except (HandoffRefused, StateImportError, StateFormatError) as e:
             self._fail(str(e))
         except IntrahostError as e:
             self._fail(str(e))
@@ -161,6 +170,8 @@ class Receiver:
             self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
         handler = getattr(self, f"_on_{command.name.lower()}")
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
+        point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{command.name.lower()}"
+        faults.hit("destination", point, self.channel.close)
         handler(msg)
 
     def _refuse(self, reason: str) -> NoReturn:
@@ -283,7 +294,10 @@ class Receiver:
             restore_machine(self.machine, state, self.features)
         except (StateFormatError, StateImportError) as e:
             self._refuse(f"cannot import the state: {e}")
+        if state.get("vmm/run-state") is not None:
+            self.running_after_commit = bool(state.need_json("vmm/run-state").get("running"))
         imported = time.monotonic_ns()
+        faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
         self.channel.ok({"received_ns": received, "imported_ns": imported})
 
@@ -296,6 +310,7 @@ class Receiver:
         if found != Baton.PENDING:
             self._refuse("the source abandoned the hand-off before the commit")
         self.state = ReceiveState.COMMITTED
+        faults.hit("destination", "at-commit", self.channel.close)
         self.running_after_commit = bool(running)
         if running:
             self.machine.resume()
@@ -304,6 +319,22 @@ class Receiver:
             self.channel.ok({"resumed_ns": resumed})
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
+        faults.hit("destination", "after-commit", self.channel.close)
+
+    def _take_over(self, reason: str) -> None:
+        """The source went silent after this side imported the whole state: commit on its
+        behalf if the baton still says PENDING. The swap decides exactly as for a COMMIT: a
+        source that is alive and gives up swaps ABANDONED instead and resumes the guest, and
+        whichever swap comes first wins. A source killed after the import thus loses no guest.
+        """
+        assert self.machine is not None and self.baton is not None
+        if self.baton.swap(Baton.PENDING, Baton.COMMITTED) != Baton.PENDING:
+            self._fail(f"{reason}; the source kept the guest")
+            return
+        log.warning("the source went away after the import (%s): this VMM took the guest", reason)
+        self.state = ReceiveState.COMMITTED
+        if self.running_after_commit:
+            self.machine.resume()
 
     # --- failure -------------------------------------------------------------------------------
 

@@ -7,12 +7,13 @@ Phases, in order::
     release the VM (the destination runs the guest)
 
 The **commit point** is the destination's swap of the baton from PENDING to COMMITTED
-(see :mod:`intrahost.migration.protocol`). Before it, any failure — the destination dies,
-EOF, a timeout, a refusal, a state it can't import — makes this side swap the baton to
-ABANDONED and resume the guest (if it was running). If that swap finds COMMITTED, the
-destination took the guest even though its acknowledgement never arrived: this side must
-not resume, and reports it. Never both; never neither unless the destination dies after
-taking the guest.
+(see :mod:`intrahost.migration.protocol`); the destination makes it on COMMIT, or on its own
+if this side goes silent after the destination imported the state. Before it, any failure —
+the destination dies, EOF, a timeout, a refusal, a state it can't import — makes this side
+swap the baton to ABANDONED and resume the guest (if it was running). If that swap finds
+COMMITTED, the destination took the guest even though its acknowledgement never arrived: this
+side must not resume, and reports it. Never both; never neither unless the VMM that held the
+guest at that moment dies.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from intrahost.errors import IntrahostError
-from intrahost.migration import protocol
+from intrahost.migration import faults, protocol
 from intrahost.migration.machine_state import save_machine
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.migration.state import VcpuFeatures, probe_features
@@ -63,8 +64,6 @@ class SendOptions:
     timeout: float = 10.0
     #: READY makes the destination build its VM (slot registration grows with memory size).
     ready_timeout: float = 60.0
-    #: Fault injection for tests: name of a phase at which to raise (see tests/migration).
-    fail_at: str | None = None
     #: The copy-based baseline: send guest memory through the socket during the pause (as a
     #: VMM without fd passing must), skipping all-zero chunks, instead of the memory fd.
     copy_memory: bool = False
@@ -84,10 +83,9 @@ class Sender:
         self.committed = False
         self._features: VcpuFeatures | None = None
 
-    def _checkpoint(self, phase: str) -> None:
+    def _checkpoint(self, phase: str, channel: Channel | None = None) -> None:
         self.phase = phase
-        if self.options.fail_at == phase:
-            raise ProtocolError(f"fault injected at {phase}")
+        faults.hit("source", phase, channel.close if channel is not None else None)
 
     def run(self) -> Breakdown:
         machine = self.machine
@@ -103,41 +101,46 @@ class Sender:
         try:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
-            self._checkpoint("start")
+            self._checkpoint("start", channel)
             start = {"version": protocol.PROTOCOL_VERSION, "copy_memory": self.options.copy_memory}
             channel.request(Command.START, protocol.to_json(start), [baton.fd])
-            self._checkpoint("memory")
+            self._checkpoint("memory", channel)
             if not self.options.copy_memory:
                 channel.request(
                     Command.MEMORY_FD,
                     protocol.to_json({"size": machine.memory.size, "path": machine.memory.path}),
                     [machine.memory.fd],
                 )
-            self._checkpoint("config")
+            self._checkpoint("config", channel)
             channel.request(Command.CONFIG, protocol.to_json(machine.config.to_dict()))
-            self._checkpoint("ready")
+            self._checkpoint("ready", channel)
             channel.request(Command.READY, timeout=self.options.ready_timeout)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
             reset_guest_gaps(machine)
 
             # --- the blackout starts here ---
+            self._checkpoint("before-pause", channel)
             t0 = time.monotonic_ns()
-            self._checkpoint("pause")
             if was_running:
                 machine.pause()
                 paused_here = True
             t1 = time.monotonic_ns()
+            self._checkpoint("after-pause", channel)
             if self.options.copy_memory:
                 copy_memory(channel, machine)
             t_copied = time.monotonic_ns()
             self._checkpoint("export")
-            data = save_machine(machine, features)
+            data = save_machine(machine, features, was_running)
             t2 = time.monotonic_ns()
-            self._checkpoint("state")
+            self._checkpoint("state", channel)
+            if faults.take_frame_fault(("badstate",)):
+                data = _without_a_lapic(data)
             imported = channel.request(Command.STATE, data)
-            self._checkpoint("commit")
+            self._checkpoint("after-state", channel)
+            self._checkpoint("commit", channel)
             resumed = channel.request(Command.COMMIT, protocol.to_json({"running": was_running}))
             self.committed = True
+            self._checkpoint("after-commit", channel)
             self.phase = "committed"
         except (ProtocolError, PeerRefused, OSError) as e:
             found = baton.swap(Baton.PENDING, Baton.ABANDONED)
@@ -208,6 +211,15 @@ class Sender:
                     channel.send(Command.ABANDON, timeout=1.0)
             channel.close()
         baton.close()
+
+
+def _without_a_lapic(data: bytes) -> bytes:
+    """Fault injection: a well-formed state the destination cannot import."""
+    from intrahost.migration import envelope
+
+    state = envelope.decode(data)
+    kept = [c for n, c in state.components.items() if n != "vcpu/0/lapic"]
+    return envelope.encode(kept)
 
 
 def copy_memory(channel: Channel, machine: Machine) -> None:

@@ -1,22 +1,15 @@
-"""Shared test fixtures: /dev/kvm gating, short socket directories, VMM processes."""
+"""Shared fixtures: short socket directories, VMM processes; the fault matrix summary."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
-needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs /dev/kvm (read/write)")
+from support import VmmProcess, wait_for_path
 
 
 @pytest.fixture
@@ -26,54 +19,6 @@ def sockdir() -> Iterator[Path]:
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-class VmmProcess:
-    """An ``intrahost`` CLI process (a VMM) for tests: real process, real sockets."""
-
-    def __init__(self, args: list[str], workdir: Path, name: str = "vmm") -> None:
-        self.args = args
-        self.log = workdir / f"{name}.log"
-        self._log = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intrahost", "--log-level", "info", *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float = 20.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log.read_text(errors="replace")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-        self._log.close()
-
-
-def wait_for_path(path: Path, proc: VmmProcess | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc is not None and not proc.alive():
-            raise AssertionError(f"VMM exited early:\n{proc.output()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -90,3 +35,26 @@ def vmm_factory(sockdir: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.kill()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the hand-off fault matrix that tests/migration/test_faults.py filled."""
+    import sys
+
+    module = sys.modules.get("test_faults")
+    matrix = getattr(module, "MATRIX", None)
+    if not matrix:
+        return
+    points = module.faults
+    kinds = ("kill", "close", "stall", "truncate", "corrupt", "badstate")
+    write = terminalreporter.write_line
+    write("")
+    write("hand-off fault matrix: who runs the guest afterwards (every cell checked)")
+    write(f"{'step':<26}" + "".join(f"{k:<21}" for k in kinds))
+    for side, names in (
+        ("source", points.SOURCE_POINTS),
+        ("destination", points.DESTINATION_POINTS),
+    ):
+        for point in names:
+            cells = [matrix.get((side, point, k), "-") for k in kinds]
+            write(f"{side + ':' + point:<26}" + "".join(f"{c:<21}" for c in cells))

@@ -55,7 +55,7 @@ DESTINATION_POINTS = (
 )
 
 #: How long ``stall`` sleeps: past both sides' timeouts.
-STALL_SECONDS = 30.0
+STALL_SECONDS = 2.5 * float(os.environ.get("INTRAHOST_MIGRATION_TIMEOUT", "10"))
 
 
 @dataclass(frozen=True)

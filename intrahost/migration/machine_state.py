@@ -20,7 +20,6 @@ from intrahost.migration import envelope
 from intrahost.migration.envelope import Component, State, StateFormatError
 from intrahost.migration.state import (
     StateImportError,
-    VcpuFeatures,
     VcpuState,
     VmState,
     restore_vcpu,
@@ -39,11 +38,11 @@ _VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "e
 _VM_RAW = ("clock", "pic_master", "pic_slave", "ioapic", "pit")
 
 
-def save_machine(machine: Machine, features: VcpuFeatures, running: bool = True) -> bytes:
+def save_machine(machine: Machine, running: bool = True) -> bytes:
     """Export a paused machine (every vCPU parked, the UART's drain paused). ``running``:
     whether the guest ran before the hand-off paused it (it runs again after)."""
     vm_state = save_vm(machine.vm)
-    vcpu_states = [save_vcpu(v, i, features) for i, v in enumerate(machine.vcpus)]
+    vcpu_states = [save_vcpu(v, i, machine.features) for i, v in enumerate(machine.vcpus)]
     components = [Component("config", envelope.json_payload(machine.config.to_dict()))]
     components.append(
         Component(
@@ -131,7 +130,7 @@ def vm_state(state: State) -> VmState:
     return VmState(clock_saved_at_ns=_int(meta, "clock_saved_at_ns", "vm/meta"), **raw)
 
 
-def restore_machine(machine: Machine, state: State, features: VcpuFeatures) -> None:
+def restore_machine(machine: Machine, state: State) -> None:
     """Import a decoded state into a built, never-run machine.
 
     Order: everything is decoded and validated first (a malformed state touches nothing);
@@ -154,6 +153,6 @@ def restore_machine(machine: Machine, state: State, features: VcpuFeatures) -> N
         raise StateFormatError(f"device state: {e}") from e
     restore_vm(machine.vm, vm)
     for vcpu, s in zip(machine.vcpus, vcpus, strict=True):
-        restore_vcpu(vcpu, s, features)
+        restore_vcpu(vcpu, s, machine.features)
     machine.uart.restore(uart)
     machine.debug.restore(debug)

@@ -45,6 +45,10 @@ PROTOCOL_VERSION = 1
 #: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
 ACCEPTED_VERSIONS = frozenset(v for v in (PROTOCOL_VERSION, PROTOCOL_VERSION - 1) if v >= 1)
 
+#: Seconds to wait for each answer; INTRAHOST_MIGRATION_TIMEOUT overrides it (the fault
+#: tests shorten it).
+DEFAULT_TIMEOUT = float(os.environ.get("INTRAHOST_MIGRATION_TIMEOUT", "10"))
+
 FRAME = struct.Struct("<HHIQ")
 MAX_PAYLOAD = 64 << 20
 MAX_FDS = 16
@@ -118,25 +122,23 @@ class Channel:
         if len(payload) > MAX_PAYLOAD or len(fds) > MAX_FDS:
             raise ProtocolError(f"message of {len(payload)} bytes / {len(fds)} fds is too large")
         header = FRAME.pack(kind, len(fds), 0, len(payload))
-        self.sock.settimeout(self.timeout if timeout is None else timeout)
         injected = faults.take_frame_fault(("truncate", "corrupt"))
         if injected == "corrupt" and payload:
             payload = payload[:-1] + bytes([payload[-1] ^ 0x5A])
-        elif injected == "truncate":
-            self.sock.sendall((header + payload)[: (FRAME.size + len(payload)) // 2])
-            self.sock.close()
-            raise ProtocolError("fault injected: truncated frame")
         try:
+            self.sock.settimeout(self.timeout if timeout is None else timeout)
+            if injected == "truncate":
+                self.sock.sendall((header + payload)[: (FRAME.size + len(payload)) // 2])
+                self.sock.close()
+                raise ProtocolError("fault injected: truncated frame")
             ancillary = []
             if fds:
                 ancillary = [
                     (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
                 ]
             sent = self.sock.sendmsg([header, payload], ancillary)
-            total = FRAME.size + len(payload)
-            if sent < total:
-                rest = (header + payload)[sent:]
-                self.sock.sendall(rest)
+            if sent < FRAME.size + len(payload):
+                self.sock.sendall((header + payload)[sent:])
         except TimeoutError:
             raise ProtocolError("timed out sending to the peer") from None
         except OSError as e:
@@ -168,8 +170,8 @@ class Channel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ProtocolError("timed out waiting for the peer")
-            self.sock.settimeout(left)
             try:
+                self.sock.settimeout(left)
                 data, ancdata, flags, _ = self.sock.recvmsg(min(n - got, 1 << 20), fd_space)
             except TimeoutError:
                 raise ProtocolError("timed out waiting for the peer") from None

@@ -46,7 +46,7 @@ from intrahost.migration.protocol import (
     Message,
     ProtocolError,
 )
-from intrahost.migration.state import StateImportError, probe_features
+from intrahost.migration.state import StateImportError
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 
@@ -75,9 +75,9 @@ class ReceiveOptions:
     explicitly; guest-visible ones must equal the source's."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
-    timeout: float = 10.0
+    timeout: float = protocol.DEFAULT_TIMEOUT
     #: How long to wait between READY and STATE (the source may take a while to pause).
-    state_timeout: float = 60.0
+    state_timeout: float = 6 * protocol.DEFAULT_TIMEOUT
     #: Before the pause, map into this process every guest page already in memory, so the
     #: guest's first touches after the resume do not fault (costs time before the pause).
     prefault: bool = False
@@ -260,7 +260,6 @@ class Receiver:
         except IntrahostError as e:
             memory.close()
             self._refuse(f"cannot build the same machine here: {e}")
-        self.features = probe_features(self.machine.vm, self.machine.vcpus[0])
         if self.options.prefault and not self.copy_memory:
             t_fault = time.monotonic_ns()
             populated = memory.populate(memory.resident_ranges())
@@ -291,7 +290,7 @@ class Receiver:
             state = decode_state(msg.payload)
             if config_of(state).guest_differences(self.machine.config):
                 raise StateImportError("the state's configuration differs from the CONFIG sent")
-            restore_machine(self.machine, state, self.features)
+            restore_machine(self.machine, state)
         except (StateFormatError, StateImportError) as e:
             self._refuse(f"cannot import the state: {e}")
         if state.get("vmm/run-state") is not None:

@@ -30,7 +30,6 @@ from intrahost.errors import IntrahostError
 from intrahost.migration import faults, protocol
 from intrahost.migration.machine_state import save_machine
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
-from intrahost.migration.state import VcpuFeatures, probe_features
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class Breakdown:
 
 @dataclass
 class SendOptions:
-    timeout: float = 10.0
+    timeout: float = protocol.DEFAULT_TIMEOUT
     #: READY makes the destination build its VM (slot registration grows with memory size).
     ready_timeout: float = 60.0
     #: The copy-based baseline: send guest memory through the socket during the pause (as a
@@ -81,7 +80,6 @@ class Sender:
         self.options = options or SendOptions()
         self.phase = "connect"
         self.committed = False
-        self._features: VcpuFeatures | None = None
 
     def _checkpoint(self, phase: str, channel: Channel | None = None) -> None:
         self.phase = phase
@@ -93,7 +91,6 @@ class Sender:
             raise MigrationFailed("the guest has shut down: there is nothing to hand off")
         if not machine.memory.is_fd_backed():
             raise MigrationFailed("guest memory is not fd-backed: it can't be handed off")
-        features = probe_features(machine.vm, machine.vcpus[0])
         baton = Baton.create()
         paused_here = False
         was_running = machine.status == "running"
@@ -130,7 +127,7 @@ class Sender:
                 copy_memory(channel, machine)
             t_copied = time.monotonic_ns()
             self._checkpoint("export")
-            data = save_machine(machine, features, was_running)
+            data = save_machine(machine, was_running)
             t2 = time.monotonic_ns()
             self._checkpoint("state", channel)
             if faults.take_frame_fault(("badstate",)):
@@ -265,6 +262,6 @@ def guest_observed_pause_us(machine: Machine, wait: float = 0.2) -> float | None
         if all(a.counter != b.counter for a, b in zip(before.slots, now.slots, strict=True)):
             break
         time.sleep(0.001)
-    khz = machine.vcpus[0].get_tsc_khz()
+    khz = machine.features.tsc_khz
     gap = max(s.max_gap for s in layout.read_status(mem).slots)
     return round(gap * 1000 / khz, 1)

@@ -25,13 +25,14 @@ import time
 from dataclasses import dataclass, field
 
 from intrahost.errors import IntrahostError
-from intrahost.kvm import Cap, KvmError, Vcpu, Vm, uapi
+from intrahost.kvm import KvmError, Vcpu, Vm, uapi
 from intrahost.kvm.constants import (
     KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
     MpState,
 )
+from intrahost.kvm.features import VcpuFeatures
 
 MSR_IA32_TSC = 0x10
 
@@ -72,27 +73,6 @@ class VmState:
     pic_slave: bytes
     ioapic: bytes
     pit: bytes
-
-
-@dataclass(frozen=True)
-class VcpuFeatures:
-    """What the host's KVM offers for vCPU state, probed once per VM."""
-
-    msr_indices: tuple[int, ...]
-    xsave_size: int
-    sregs2: bool
-    tsc_offset: bool
-
-
-def probe_features(vm: Vm, vcpu: Vcpu) -> VcpuFeatures:
-    assert vm.kvm is not None
-    kvm = vm.kvm
-    return VcpuFeatures(
-        msr_indices=tuple(kvm.get_msr_index_list()),
-        xsave_size=max(kvm.check_extension(Cap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave)),
-        sregs2=kvm.check_extension(Cap.SREGS2) > 0,
-        tsc_offset=vcpu.has_device_attr(0, 0),
-    )
 
 
 def _cpuid_bytes(entries: list[uapi.kvm_cpuid_entry2]) -> bytes:
@@ -249,7 +229,6 @@ __all__ = [
     "VcpuFeatures",
     "VcpuState",
     "VmState",
-    "probe_features",
     "restore_vcpu",
     "restore_vm",
     "save_vcpu",

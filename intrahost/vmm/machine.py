@@ -26,6 +26,7 @@ from typing import Any
 from intrahost.errors import IntrahostError
 from intrahost.kvm import ExitReason, Kvm, Vcpu, Vm
 from intrahost.kvm.constants import KVM_EXIT_IO_OUT
+from intrahost.kvm.features import VcpuFeatures, probe_features
 from intrahost.vmm.devices.bus import IoBus
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
@@ -113,6 +114,7 @@ class Machine:
         self._owns_kvm = kvm is None
         self.vm: Vm = self.kvm.create_vm()
         self.vcpus: list[Vcpu] = []
+        self.features: VcpuFeatures
         self.bus = IoBus()
         self.uart: Uart16550
         self.debug = DebugPort(current_vcpu=_current_vcpu)
@@ -165,6 +167,8 @@ class Machine:
             vcpu = vm.create_vcpu(i, mmap_size)
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(cpuid)
+        # Probed now, before any vCPU runs: later, a vCPU ioctl would wait for KVM_RUN.
+        self.features = probe_features(self.kvm, self.vcpus[0])
         self.uart = Uart16550(
             open_console(_CONSOLE_ALIASES.get(self.config.serial, self.config.serial)),
             irq=self._uart_irq,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_kvm
+from support import needs_kvm
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:

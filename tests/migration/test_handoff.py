@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VmmProcess, needs_kvm
+from support import VmmProcess, needs_kvm
 
 from intrahost.vmm.guests import layout
 from intrahost.vmm.qmp_client import QmpClient

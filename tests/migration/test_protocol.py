@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import needs_kvm
+from support import needs_kvm
 
 from intrahost.migration import protocol
 from intrahost.migration.protocol import (

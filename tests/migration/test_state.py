@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_kvm
+from support import needs_kvm
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
 from intrahost.migration.machine_state import config_of, decode_state, restore_machine
 from intrahost.migration.sender import Sender
-from intrahost.migration.state import probe_features
 from intrahost.vmm.devices import uart as U
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig
@@ -37,7 +36,7 @@ def _import(state_bytes: bytes, memory_image: bytes) -> Machine:
     memory = GuestMemory.create(config.memory)
     memory.buffer[:] = memory_image
     machine = Machine(MachineConfig.from_dict(config.to_dict() | {"serial": "none"}), memory)
-    restore_machine(machine, state, probe_features(machine.vm, machine.vcpus[0]))
+    restore_machine(machine, state)
     return machine
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_kvm
 from qemu.qmp import QMPClient
+from support import needs_kvm
 
 from intrahost.vmm.qmp_client import QmpClient
 

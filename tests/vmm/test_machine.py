@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_kvm
+from support import needs_kvm
 
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError

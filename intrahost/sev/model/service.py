@@ -117,7 +117,6 @@ class Connection:
     conn_id: int
     pid: int
     start_time: int
-    cgroup_override: str | None = None
     alive: bool = True
     workers: int = 0
     tasks: set[Task] = field(default_factory=set)
@@ -130,8 +129,6 @@ class Connection:
         return (self.pid, self.start_time)
 
     def cgroup(self) -> str:
-        if self.cgroup_override is not None:
-            return self.cgroup_override
         return misc_cgroup_of(self.pid)
 
     def fd_is_sev_device(self, fd: int) -> bool:
@@ -241,7 +238,6 @@ class Service:
         }
         if test_hooks:
             self._handlers["debug_hold_vcpu_creation"] = self._op_hold_vcpu_creation
-            self._handlers["debug_set_cgroup"] = self._op_set_cgroup
 
     # -- lifetime -----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -649,13 +645,6 @@ class Service:
                 self.model.cond.notify_all()
         finally:
             self.model.kvm_put_kvm(vm)
-        return {}, []
-
-    def _op_set_cgroup(
-        self, conn: Connection, task: Task, args: dict[str, Any], fds: list[int]
-    ) -> tuple[Any, list[int]]:
-        cgroup = args.get("cgroup")
-        conn.cgroup_override = None if cgroup is None else str(cgroup)
         return {}, []
 
 

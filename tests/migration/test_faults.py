@@ -1,0 +1,227 @@
+"""Exactly one runner, no data loss: every fault at every step of the hand-off, on real
+processes. The matrix (steps x faults) with each outcome is printed at the end of the run.
+
+For each case a source VMM runs the counter guest (memory in /dev/shm, so the test watches
+the counter from outside) and a destination waits with --incoming; the faulty side is started
+with INTRAHOST_TEST_FAULT=SIDE:POINT:FAULT (see intrahost.migration.faults). After the
+hand-off settles, the invariants are checked:
+
+- the guest runs on exactly one VMM — never both; never none unless the process killed was
+  the one holding the guest at that moment (the outcome then says "lost: holder killed");
+- its counter still advances and its memory region matches counter and checksum;
+- the surviving VMM's control socket answers;
+- nothing is left behind: the other VMM has exited, the migration socket is gone, and the
+  source holds no more fds than before the attempt.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import needs_kvm
+
+from intrahost.migration import faults
+from intrahost.vmm.guests import layout
+from intrahost.vmm.qmp_client import QmpClient, QmpConnectionError
+
+pytestmark = needs_kvm
+
+TIMEOUT = 2.0  # each side's per-message timeout in these tests
+SETTLE = 6 * TIMEOUT + 2.5 * TIMEOUT + 10  # worst case: a stall past every timeout
+
+CASES = [
+    ("source", point, kind)
+    for point in faults.SOURCE_POINTS
+    for kind in ("kill", "close", "stall", "truncate", "corrupt")
+] + [("source", "state", "badstate")]
+CASES += [
+    ("destination", point, kind)
+    for point in faults.DESTINATION_POINTS
+    for kind in ("kill", "close", "stall", "truncate", "corrupt")
+]
+
+#: (side, point, fault) -> outcome, printed by conftest's terminal summary.
+MATRIX: dict[tuple[str, str, str], str] = {}
+
+
+class Vmm:
+    def __init__(self, args: list[str], log: Path, fault: str | None) -> None:
+        env = os.environ | {"INTRAHOST_MIGRATION_TIMEOUT": str(TIMEOUT)}
+        env.pop(faults.ENV, None)
+        if fault:
+            env[faults.ENV] = fault
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "intrahost", "--log-level", "info", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _status(api: Path) -> str | None:
+    try:
+        with QmpClient(api, timeout=2) as qmp:
+            return str(qmp.execute("query-status")["status"])
+    except (QmpConnectionError, OSError):
+        return None
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    path = Path(f"/dev/shm/ih-fault-{uuid.uuid4().hex[:10]}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(("side", "point", "kind"), CASES, ids=lambda v: str(v))
+def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> None:
+    fault = f"{side}:{point}:{kind}"
+    api_src, api_dst, mig = sockdir / "a.sock", sockdir / "b.sock", sockdir / "m.sock"
+    source = Vmm(
+        [
+            "run", "--memory", "32M", "--guest-args", "progress=1073741824",
+            "--memory-path", str(shm), "--serial", "none", "--api-socket", str(api_src),
+        ],
+        sockdir / "source.log",
+        fault if side == "source" else None,
+    )  # fmt: skip
+    dest = Vmm(
+        ["run", "--incoming", f"unix:{mig}", "--api-socket", str(api_dst)],
+        sockdir / "dest.log",
+        fault if side == "destination" else None,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (api_src.exists() and mig.exists() and shm.exists()):
+            assert source.alive() and dest.alive(), "a VMM failed to start"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fd = os.open(shm, os.O_RDONLY)
+        mem = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        os.close(fd)
+        while layout.read_slot(mem, 0).counter == 0 if _has_status(mem) else True:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fds_before = source.fds()
+        qmp = QmpClient(api_src, timeout=2)
+        qmp.execute("migrate", uri=f"unix:{mig}")
+        qmp.close()
+
+        # Settle: the source finishes (completed or failed) or dies; the destination runs or dies.
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
+            dst_done = not dest.alive() or _status(api_dst) in ("running", "paused")
+            if (
+                src_done
+                and dst_done
+                and not (dest.alive() and source.alive() and _both_undecided(api_src, api_dst))
+            ):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+
+        src_runs = source.alive() and _status(api_src) == "running"
+        dst_runs = dest.alive() and _status(api_dst) == "running"
+        assert not (src_runs and dst_runs), "the guest runs on two VMMs"
+        killed = kind == "kill"
+        if src_runs or dst_runs:
+            outcome = "source" if src_runs else "destination"
+            survivor_api = api_src if src_runs else api_dst
+            a = layout.read_slot(mem, 0).counter
+            time.sleep(0.1)
+            assert layout.read_slot(mem, 0).counter > a, "the survivor's guest does not advance"
+            with QmpClient(survivor_api) as q:
+                q.execute("stop")
+                layout.verify_region(mem, 0)
+                q.execute("cont")
+            other = dest if src_runs else source
+            deadline = time.monotonic() + 3 * TIMEOUT + 5
+            while other.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if src_runs:
+                # the failed destination exits and leaves nothing behind
+                assert not dest.alive(), "the failed destination is still running"
+                if kind == "kill" and side == "destination":
+                    # A process killed with SIGKILL cannot unlink its socket: it must at
+                    # least be stale, so that the next --incoming replaces it.
+                    assert not mig.exists() or _stale(mig), "a live migration socket remains"
+                else:
+                    assert not mig.exists(), "the migration socket was left behind"
+                # (control connections the test opened close asynchronously)
+                deadline = time.monotonic() + 3
+                while source.fds() > fds_before and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert source.fds() <= fds_before, "the source leaked fds"
+            else:
+                assert not source.alive(), "the old VMM did not exit after the hand-off"
+        else:
+            # Nobody runs the guest: only allowed when the killed process held it.
+            assert killed, f"the guest runs nowhere: {_logs(source, dest)}"
+            outcome = "lost: holder killed"
+        MATRIX[(side, point, kind)] = outcome
+        mem.close()
+    except BaseException:
+        print(_logs(source, dest))
+        raise
+    finally:
+        source.kill()
+        dest.kill()
+
+
+def _stale(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True
+    finally:
+        probe.close()
+    return False
+
+
+def _has_status(mem: mmap.mmap) -> bool:
+    try:
+        layout.read_status(mem)
+        return True
+    except layout.GuestStatusMissing:
+        return False
+
+
+def _migration_status(api: Path) -> str | None:
+    try:
+        with QmpClient(api, timeout=2) as qmp:
+            return str(qmp.execute("query-migrate")["status"])
+    except (QmpConnectionError, OSError):
+        return None
+
+
+def _both_undecided(api_src: Path, api_dst: Path) -> bool:
+    return _migration_status(api_src) == "active"
+
+
+def _logs(*vmms: Vmm) -> str:
+    return "\n".join(f"--- {v.log.name}\n{v.log.read_text(errors='replace')}" for v in vmms)

@@ -35,6 +35,9 @@ RUN_DEFAULTS: dict[str, Any] = {
     "guest_args": "",
     "memory_path": None,
     "serial": "stdio",
+    "sev": "",
+    "sev_platform": "auto",
+    "sev_policy": 0,
 }
 
 
@@ -52,6 +55,18 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--serial", help="console: stdio, file:PATH, pty or none (default stdio)")
     p.add_argument("--api-socket", help="control socket path (QMP-shaped JSON)")
     p.add_argument("--incoming", help="wait for a hand-off at unix:PATH instead of booting")
+    sev = p.add_mutually_exclusive_group()
+    sev.add_argument("--sev", action="store_const", const="sev", dest="sev", help="an SEV guest")
+    sev.add_argument(
+        "--sev-es", action="store_const", const="sev-es", dest="sev", help="an SEV-ES guest"
+    )
+    p.add_argument(
+        "--platform",
+        dest="sev_platform",
+        choices=("auto", "kernel", "model"),
+        help="SEV platform: the kernel's (needs AMD SEV) or the model (default: auto)",
+    )
+    p.add_argument("--sev-policy", type=lambda v: int(v, 0), help="SEV guest policy bits")
     p.add_argument(
         "--prefault",
         action="store_true",
@@ -87,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "new temporary directory, printed at the end)",
     )
     p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
+    p = sub.add_parser("selftest", help="the kernel's SEV migration selftests, on a platform")
+    p.add_argument("--platform", choices=("auto", "kernel", "model"), default="auto")
+    p = sub.add_parser("platform", help="the SEV model platform service")
+    p.add_argument("action", choices=("serve",))
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
     return parser
 
 
@@ -106,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_migrate(args)
         if args.command == "upgrade":
             return cmd_upgrade(args)
+        if args.command == "selftest":
+            return cmd_selftest(args)
+        if args.command == "platform":
+            from intrahost.sev.model.service import main as serve
+
+            return serve(list(args.service_args))
     except IntrahostError as e:
         print(f"intrahost: error: {e}", file=sys.stderr)
         return 1
@@ -159,10 +185,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         guest_args=values["guest_args"],
         memory_path=values["memory_path"],
         serial=values["serial"],
+        sev=values["sev"],
+        sev_platform=values["sev_platform"],
+        sev_policy=values["sev_policy"],
     )
     if args.api_socket:
         _check_api_path(args.api_socket)
     machine = Machine.create(config)
+    if machine.confidential is not None and machine.confidential.record is not None:
+        record = machine.confidential.record
+        print(
+            f"intrahost: {record.mode} guest launched on the {record.platform} platform, "
+            f"measurement {record.measurement}",
+            file=sys.stderr,
+        )
+        if record.platform == "model":
+            print(
+                "intrahost: notice: the model platform does not encrypt guest memory",
+                file=sys.stderr,
+            )
     vmm = Vmm(machine, args.api_socket)
     try:
         vmm.open_api()
@@ -317,6 +358,27 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     print(format_breakdown(result["blackout"]))
     print(f"new VMM pid {new.pid} serves {args.api_socket} (its output: {output})")
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from intrahost.sev.platforms import open_platform
+    from intrahost.sev.selftest import CASES, run_case
+
+    platform = open_platform(args.platform)
+    print(f"sev_migrate_tests on the {platform.name} platform")
+    print(f"{'case':<22} {'result':<8} {'seconds':>8}  detail")
+    failed = 0
+    try:
+        for case in CASES:
+            result = run_case(platform, case)
+            failed += result.outcome == "FAILED"
+            print(
+                f"{result.name:<22} {result.outcome:<8} {result.seconds:>8.2f}  {result.detail}",
+                flush=True,
+            )
+    finally:
+        platform.close()
+    return 1 if failed else 0
 
 
 def _wait_pid_gone(pid: int, timeout: float) -> None:

@@ -12,11 +12,12 @@ only a C ``int`` and copies immutable buffers into a 1 KiB scratch area, too sma
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -281,6 +282,7 @@ class Vcpu(_FdObject):
         #: LAUNCH_UPDATE_VMSA): register getters and setters then fail with EINVAL, as on
         #: kernels whose VM has protected state.
         self.protected = False
+        self._platform_access = False
         self._map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         if mmap_size:
@@ -295,8 +297,18 @@ class Vcpu(_FdObject):
         if self.vm is not None and self.vm.guard is not None:
             self.vm.guard(name, repr(self))
 
+    @contextlib.contextmanager
+    def platform_access(self) -> Iterator[None]:
+        """Register access for the platform layer itself (the SEV model's VMSA save and
+        load around KVM_RUN), which owns a protected vCPU's state."""
+        self._platform_access = True
+        try:
+            yield
+        finally:
+            self._platform_access = False
+
     def _check_unprotected(self, name: str) -> None:
-        if self.protected:
+        if self.protected and not self._platform_access:
             raise KvmError(errno.EINVAL, name, repr(self), "the vCPU's register state is protected")
 
     @property

@@ -13,6 +13,8 @@ Faults:
 ``corrupt``   the next frame it sends has one payload byte flipped
 ``badstate``  (source, at ``state``) the saved state lacks a vCPU's LAPIC: valid framing, but
               the destination can't import it
+``fail``      (destination, at ``before-move`` / ``after-move``) the step fails with an error,
+              as if the kernel refused
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 ENV = "INTRAHOST_TEST_FAULT"
-FAULTS = ("kill", "close", "stall", "truncate", "corrupt", "badstate")
+FAULTS = ("kill", "close", "stall", "truncate", "corrupt", "badstate", "fail")
 
 #: Where the source can fail: before each request it sends, and around the pause.
 SOURCE_POINTS = (
@@ -53,6 +55,8 @@ DESTINATION_POINTS = (
     "at-commit",
     "after-commit",
 )
+#: SEV guests only, on the destination: around KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM.
+SEV_DESTINATION_POINTS = ("before-move", "after-move")
 
 #: How long ``stall`` sleeps: past both sides' timeouts.
 STALL_SECONDS = 2.5 * float(os.environ.get("INTRAHOST_MIGRATION_TIMEOUT", "10"))
@@ -94,6 +98,12 @@ def hit(side: str, point: str, close: object = None) -> None:
         time.sleep(STALL_SECONDS)
     elif fault.kind in ("truncate", "corrupt", "badstate"):
         pending_frame_fault = fault.kind
+    elif fault.kind == "fail":
+        raise InjectedFailure(f"fault injected at {side}:{point}")
+
+
+class InjectedFailure(Exception):
+    """The ``fail`` fault: the step raises as if the operation had failed."""
 
 
 def take_frame_fault(kinds: tuple[str, ...]) -> str | None:

@@ -9,6 +9,7 @@ Component names (the envelope's contract between VMM versions)::
     vcpu/N/cpuid|regs|sregs|xsave|xcrs|debugregs|lapic|events raw kernel structs
                                       (register parts absent for a protected vCPU)
     vmm/run-state               JSON  {running}: whether the guest ran before the pause
+    sev/launch                  JSON  SEV guests: mode, platform, policy, handle, measurement
     device/uart device/debug    JSON  device state records
 """
 
@@ -32,7 +33,7 @@ from intrahost.vmm.devices.uart import UartState
 from intrahost.vmm.machine import Machine, MachineConfig
 
 #: The component name prefixes this VMM understands (see envelope.decode).
-UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/")
+UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/", "sev/")
 
 _VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
 _VM_RAW = ("clock", "pic_master", "pic_slave", "ioapic", "pit")
@@ -70,6 +71,12 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
     components.append(
         Component("device/debug", envelope.json_payload(machine.debug.save().to_dict()))
     )
+    components.append(
+        Component("vmm/run-state", envelope.json_payload({"running": running}), required=False)
+    )
+    if machine.confidential is not None and machine.confidential.record is not None:
+        record = machine.confidential.record.to_dict()
+        components.append(Component("sev/launch", envelope.json_payload(record)))
     return envelope.encode(components)
 
 
@@ -156,3 +163,7 @@ def restore_machine(machine: Machine, state: State) -> None:
         restore_vcpu(vcpu, s, machine.features)
     machine.uart.restore(uart)
     machine.debug.restore(debug)
+    if machine.confidential is not None and state.get("sev/launch") is not None:
+        from intrahost.vmm.confidential import LaunchRecord
+
+        machine.confidential.record = LaunchRecord.from_dict(state.need_json("sev/launch"))

@@ -64,6 +64,8 @@ class Command(enum.IntEnum):
     ABANDON = 7
     #: Copy-based baseline only: a chunk of guest memory sent through the socket.
     MEMORY_DATA = 8
+    #: SEV guests: the source's VM (its fd, for KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM).
+    SEV_CONTEXT = 9
 
 
 class Status(enum.IntEnum):
@@ -76,7 +78,18 @@ class ProtocolError(IntrahostError):
 
 
 class PeerRefused(IntrahostError):
-    """The destination answered a request with an error (it says why)."""
+    """The destination answered a request with an error (it says why). ``body`` is the
+    reply's JSON and ``fds`` the fds it carried (the catcher owns and closes them)."""
+
+    def __init__(self, text: str, body: dict[str, Any] | None = None, fds: list[int] | None = None):
+        super().__init__(text)
+        self.body = body or {}
+        self.fds = fds or []
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 @dataclass
@@ -202,12 +215,17 @@ class Channel:
         """Send a request and wait for its response; raise PeerRefused on an error status."""
         self.send(kind, payload, fds)
         reply = self.receive(timeout)
+        try:
+            body = reply.json()
+        except ProtocolError:
+            reply.close_fds()
+            raise
+        if reply.kind == Status.ERROR:
+            text = str(body.get("error", "the destination refused"))
+            raise PeerRefused(text, body, reply.fds)
         reply.close_fds()
-        body = reply.json()
         if reply.kind == Status.OK:
             return body
-        if reply.kind == Status.ERROR:
-            raise PeerRefused(str(body.get("error", "the destination refused")))
         raise ProtocolError(f"unknown response status {reply.kind}")
 
     # --- responses (destination side) ----------------------------------------------------------

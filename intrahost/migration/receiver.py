@@ -5,11 +5,20 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     ESTABLISHED --START(+baton fd)--> STARTED --MEMORY_FD(+memory fd)--> MEMORY
     MEMORY --MEMORY_FD--> MEMORY            (one per memory fd)
     MEMORY --CONFIG--> CONFIGURED           (validated against this VMM's own flags)
+    CONFIGURED --SEV_CONTEXT(+VM fd)--> CONFIGURED   (SEV guests: the source's VM)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
     READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
-    IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED, then vCPUs released)
+    IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED; for SEV the context
+                                             moved in (MOVE); then the vCPUs released)
+
+SEV guests: MOVE is the point of no return for the context (the source VM is dead after it).
+It runs after the baton swap, when everything that can fail was validated. If MOVE itself
+fails, nothing moved: this side hands the guest back (baton COMMITTED -> ABANDONED) and the
+source resumes. If this side fails after MOVE, before the guest ran here, it gives the
+context back: the error reply carries this VM's fd, and the source builds a fresh VM and
+moves the context into it (see the sender).
 
 If the source goes silent (EOF, timeout) *after* the state was imported, the destination
 tries to commit on its own (see :meth:`Receiver._take_over`): the baton decides between it and
@@ -108,13 +117,19 @@ class Receiver:
         #: The copy-based baseline: memory arrives as MEMORY_DATA, not as a shared fd.
         self.copy_memory = False
         self._copy_target: GuestMemory | None = None
+        #: SEV: the source VM's fd, named in MOVE.
+        self.sev_source_fd = -1
 
     # --- driver --------------------------------------------------------------------------------
 
     def run(self) -> Machine | None:
         """Serve the hand-off; the running (or paused) machine on commit, else None."""
         try:
-            while self.state not in (ReceiveState.COMMITTED, ReceiveState.ABANDONED):
+            while self.state not in (
+                ReceiveState.COMMITTED,
+                ReceiveState.ABANDONED,
+                ReceiveState.FAILED,
+            ):
                 timeout = (
                     self.options.state_timeout
                     if self.state is ReceiveState.READY
@@ -144,7 +159,7 @@ class Receiver:
         ReceiveState.ESTABLISHED: {Command.START},
         ReceiveState.STARTED: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
-        ReceiveState.CONFIGURED: {Command.READY},
+        ReceiveState.CONFIGURED: {Command.READY, Command.SEV_CONTEXT},
         ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
@@ -164,7 +179,9 @@ class Receiver:
         if command not in self._EXPECTED.get(self.state, set()):
             msg.close_fds()
             self._refuse(f"can't handle {command.name} in receive state {self.state.value}")
-        fds_expected = 1 if command in (Command.START, Command.MEMORY_FD) else 0
+        fds_expected = (
+            1 if command in (Command.START, Command.MEMORY_FD, Command.SEV_CONTEXT) else 0
+        )
         if len(msg.fds) != fds_expected:
             msg.close_fds()
             self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
@@ -243,8 +260,22 @@ class Receiver:
         self.state = ReceiveState.CONFIGURED
         self.channel.ok()
 
+    def _on_sev_context(self, msg: Message) -> None:
+        assert self.config is not None
+        fd = msg.fds.pop()
+        if not self.config.sev:
+            os.close(fd)
+            self._refuse("SEV_CONTEXT for a guest that is not SEV")
+        if self.sev_source_fd >= 0:
+            os.close(fd)
+            self._refuse("a second SEV_CONTEXT")
+        self.sev_source_fd = fd
+        self.channel.ok()
+
     def _on_ready(self, msg: Message) -> None:
         assert self.config is not None
+        if self.config.sev and self.sev_source_fd < 0:
+            self._refuse("an SEV guest needs SEV_CONTEXT (the source VM) before READY")
         t0 = time.monotonic_ns()
         try:
             if self.copy_memory:
@@ -256,7 +287,7 @@ class Receiver:
         except (MemoryConfigError, OSError) as e:
             self._refuse(f"cannot map the guest memory: {e}")
         try:
-            self.machine = Machine(self.config, memory, self.kvm)
+            self.machine = Machine(self.config, memory, self.kvm, incoming=True)
         except IntrahostError as e:
             memory.close()
             self._refuse(f"cannot build the same machine here: {e}")
@@ -302,16 +333,16 @@ class Receiver:
 
     def _on_commit(self, msg: Message) -> None:
         assert self.machine is not None and self.baton is not None
-        body = msg.json()
-        running = body.get("running", True)
+        self.running_after_commit = bool(msg.json().get("running", True))
         # The commit point: from this swap on, the guest belongs to this VMM.
         found = self.baton.swap(Baton.PENDING, Baton.COMMITTED)
         if found != Baton.PENDING:
             self._refuse("the source abandoned the hand-off before the commit")
         self.state = ReceiveState.COMMITTED
         faults.hit("destination", "at-commit", self.channel.close)
-        self.running_after_commit = bool(running)
-        if running:
+        if not self._move_context():
+            return
+        if self.running_after_commit:
             self.machine.resume()
         resumed = time.monotonic_ns()
         try:
@@ -319,6 +350,47 @@ class Receiver:
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
         faults.hit("destination", "after-commit", self.channel.close)
+
+    def _move_context(self) -> bool:
+        """SEV: move the encryption context in (after the commit point). False if it could
+        not, in which case the guest went back to the source and this hand-off is over."""
+        machine = self.machine
+        assert machine is not None and self.baton is not None
+        if machine.confidential is None:
+            return True
+        try:
+            faults.hit("destination", "before-move", self.channel.close)
+            machine.confidential.move_from(machine, self.sev_source_fd)
+        except (IntrahostError, faults.InjectedFailure) as e:
+            # Nothing moved: the source VM is intact. Hand the guest back.
+            self.baton.swap(Baton.COMMITTED, Baton.ABANDONED)
+            self.state = ReceiveState.FAILED
+            self.error = f"MOVE failed: {e}"
+            log.warning("%s; the guest stays on the source", self.error)
+            with contextlib.suppress(ProtocolError):
+                self.channel.error(f"MOVE failed: {e}; the guest stays on the source")
+            self._discard()
+            return False
+        try:
+            faults.hit("destination", "after-move", self.channel.close)
+        except faults.InjectedFailure as e:
+            # The context is here but the guest can't run here: give it back to the source.
+            self.baton.swap(Baton.COMMITTED, Baton.ABANDONED)
+            self.state = ReceiveState.FAILED
+            self.error = f"failed after MOVE: {e}"
+            log.warning("%s; giving the SEV context back to the source", self.error)
+            with contextlib.suppress(ProtocolError):
+                self.channel.send(
+                    protocol.Status.ERROR,
+                    protocol.to_json({"error": self.error, "give_back": True}),
+                    [machine.confidential.vm.fd],
+                )
+                # Wait until the source has taken the context back (or gone).
+                with contextlib.suppress(ProtocolError):
+                    self.channel.receive(6 * self.options.timeout).close_fds()
+            self._discard()
+            return False
+        return True
 
     def _take_over(self, reason: str) -> None:
         """The source went silent after this side imported the whole state: commit on its
@@ -332,6 +404,8 @@ class Receiver:
             return
         log.warning("the source went away after the import (%s): this VMM took the guest", reason)
         self.state = ReceiveState.COMMITTED
+        if not self._move_context():
+            return
         if self.running_after_commit:
             self.machine.resume()
 
@@ -361,3 +435,6 @@ class Receiver:
         if self.baton is not None:
             self.baton.close()
             self.baton = None
+        if self.sev_source_fd >= 0:
+            os.close(self.sev_source_fd)
+            self.sev_source_fd = -1

@@ -95,6 +95,7 @@ class Sender:
         paused_here = False
         was_running = machine.status == "running"
         channel: Channel | None = None
+        data = b""
         try:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
@@ -110,6 +111,9 @@ class Sender:
                 )
             self._checkpoint("config", channel)
             channel.request(Command.CONFIG, protocol.to_json(machine.config.to_dict()))
+            if machine.confidential is not None:
+                # The VM itself travels: the destination names it in MOVE.
+                channel.request(Command.SEV_CONTEXT, fds=[machine.confidential.vm.fd])
             self._checkpoint("ready", channel)
             channel.request(Command.READY, timeout=self.options.ready_timeout)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
@@ -140,6 +144,14 @@ class Sender:
             self._checkpoint("after-commit", channel)
             self.phase = "committed"
         except (ProtocolError, PeerRefused, OSError) as e:
+            if isinstance(e, PeerRefused) and e.body.get("give_back") and e.fds:
+                # The destination failed after the SEV context moved to it: take it back.
+                try:
+                    self._take_back(channel, e.fds[0], data)
+                finally:
+                    e.close_fds()
+            elif isinstance(e, PeerRefused):
+                e.close_fds()
             found = baton.swap(Baton.PENDING, Baton.ABANDONED)
             if found == Baton.COMMITTED:
                 # The destination crossed the commit point; its acknowledgement was lost.
@@ -180,6 +192,23 @@ class Sender:
                 else None
             ),
         )
+
+    def _take_back(self, channel: Channel | None, dest_fd: int, state: bytes) -> None:
+        """MOVE the SEV context back from the destination's VM into a fresh VM here: the
+        source VM died with the first MOVE. The own saved state is imported first, then the
+        context moves in, then the guest can resume on this side."""
+        from intrahost.migration.machine_state import decode_state, restore_machine
+
+        machine = self.machine
+        assert machine.confidential is not None
+        log.warning("the destination gave the SEV context back; moving it into a fresh VM")
+        machine.rebuild_vm()
+        restore_machine(machine, decode_state(state))
+        assert machine.confidential is not None
+        machine.confidential.move_from(machine, dest_fd)
+        if channel is not None:
+            with contextlib.suppress(ProtocolError):
+                channel.send(Command.ABANDON, timeout=1.0)
 
     def _connect(self) -> Channel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -22,9 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from intrahost.errors import IntrahostError
+
+if TYPE_CHECKING:
+    from intrahost.kvm import Vm
 
 # ------------------------------------------------------------------------------------------
 # uapi numbers
@@ -445,6 +448,16 @@ class SevPlatform(ABC):
     @abstractmethod
     def adopt_vm(self, fd: int) -> SevVm:
         """Wrap a VM fd received from another process (takes ownership of ``fd``)."""
+
+    @abstractmethod
+    def attach(self, vm: Vm) -> SevVm:
+        """The SEV VM for a KVM VM the VMM created itself (before its vCPUs).
+
+        The VMM keeps owning ``vm`` and creates the vCPUs on it; it reports each one with
+        :meth:`SevVm.create_vcpu` (by index) and runs KVM ioctls on ``vm`` as usual. After the
+        context moves away, every KVM ioctl on ``vm`` and its vCPUs fails with ``EIO`` (the
+        kernel does this itself; the model installs ``vm.guard`` to do the same).
+        """
 
     @abstractmethod
     def close(self) -> None:

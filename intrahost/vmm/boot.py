@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from intrahost.vmm.machine import Machine
 
 
-def boot_guest(machine: Machine) -> None:
+def boot_guest(machine: Machine) -> int:
+    """Load the guest and set the boot vCPU; returns the image's size in bytes."""
     image = read_guest_image(machine.config.guest)
     info = load_guest(image, machine.memory.buffer, machine.config.cmdline)
     set_boot_state(machine.vcpus[0], boot_cpu_state(info))
+    return len(image)
 
 
 def _segment(s: SegmentState) -> uapi.kvm_segment:

@@ -15,6 +15,7 @@ machine built for an incoming hand-off instead imports the saved state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ from intrahost.errors import IntrahostError
 from intrahost.kvm import ExitReason, Kvm, Vcpu, Vm
 from intrahost.kvm.constants import KVM_EXIT_IO_OUT
 from intrahost.kvm.features import VcpuFeatures, probe_features
+from intrahost.vmm.confidential import ConfidentialGuest
 from intrahost.vmm.devices.bus import IoBus
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
@@ -62,12 +64,22 @@ class MachineConfig:
     guest_args: str = ""
     memory_path: str | None = None
     serial: str = "stdio"
+    #: "" (a plain guest), "sev" or "sev-es".
+    sev: str = ""
+    #: The SEV platform: "auto" (the kernel's where it has SEV, else the model), "kernel",
+    #: "model". A running machine's config names the platform it resolved to.
+    sev_platform: str = "auto"
+    sev_policy: int = 0
 
-    GUEST_VISIBLE = ("memory", "vcpus", "guest", "guest_args")
+    GUEST_VISIBLE = ("memory", "vcpus", "guest", "guest_args", "sev")
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise MachineConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
+        if self.sev not in ("", "sev", "sev-es"):
+            raise MachineConfigError(f"unknown SEV mode {self.sev!r}: use --sev or --sev-es")
+        if self.sev_platform not in ("auto", "kernel", "model"):
+            raise MachineConfigError("--platform must be auto, kernel or model")
 
     @property
     def cmdline(self) -> str:
@@ -78,9 +90,28 @@ class MachineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
-        known = {"memory", "vcpus", "guest", "guest_args", "memory_path", "serial"}
+        known = {
+            "memory",
+            "vcpus",
+            "guest",
+            "guest_args",
+            "memory_path",
+            "serial",
+            "sev",
+            "sev_platform",
+            "sev_policy",
+        }
         args = {k: v for k, v in data.items() if k in known}
-        types = {"memory": int, "vcpus": int, "guest": str, "guest_args": str, "serial": str}
+        types = {
+            "memory": int,
+            "vcpus": int,
+            "guest": str,
+            "guest_args": str,
+            "serial": str,
+            "sev": str,
+            "sev_platform": str,
+            "sev_policy": int,
+        }
         for key, typ in types.items():
             if key in args and not isinstance(args[key], typ):
                 raise MachineConfigError(f"config field {key!r} must be {typ.__name__}")
@@ -107,8 +138,18 @@ def config_from_flags(
 class Machine:
     """A VM with its memory, vCPU threads and devices."""
 
-    def __init__(self, config: MachineConfig, memory: GuestMemory, kvm: Kvm | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        memory: GuestMemory,
+        kvm: Kvm | None = None,
+        incoming: bool = False,
+    ) -> None:
+        """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
+        SEV context will be moved in, so the SEV VM is not initialised here)."""
         self.config = config
+        self.incoming = incoming
+        self.confidential: ConfidentialGuest | None = None
         self.memory = memory
         self.kvm = kvm or Kvm()
         self._owns_kvm = kvm is None
@@ -148,27 +189,16 @@ class Machine:
             memory.close()
             raise
         try:
-            boot_guest(machine)
+            image_size = boot_guest(machine)
+            if machine.confidential is not None:
+                machine.confidential.launch(machine, image_size, config.sev_policy)
         except BaseException:
             machine.close()
             raise
         return machine
 
     def _build(self) -> None:
-        vm = self.vm
-        vm.set_tss_addr(TSS_ADDR)
-        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
-        self.memory.register(vm)
-        cpuid = self.kvm.get_supported_cpuid()
-        mmap_size = self.kvm.get_vcpu_mmap_size()
-        for i in range(self.config.vcpus):
-            vcpu = vm.create_vcpu(i, mmap_size)
-            self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(cpuid)
-        # Probed now, before any vCPU runs: later, a vCPU ioctl would wait for KVM_RUN.
-        self.features = probe_features(self.kvm, self.vcpus[0])
+        self._build_vm()
         self.uart = Uart16550(
             open_console(_CONSOLE_ALIASES.get(self.config.serial, self.config.serial)),
             irq=self._uart_irq,
@@ -176,8 +206,57 @@ class Machine:
         self.bus.register(COM1_BASE, self.uart.length, self.uart, "COM1")
         self.bus.register(self.debug.base, self.debug.length, self.debug, "debug port")
         self.debug.on_exit = self._guest_exit
-        self.group = VcpuGroup(self.vcpus, self._handle_exit)
+        self._build_group()
+
+    def _build_vm(self) -> None:
+        """Steps 1-4 of the build order (module docstring) on ``self.vm``."""
+        vm = self.vm
+        vm.set_tss_addr(TSS_ADDR)
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        if self.config.sev:
+            # Before any vCPU exists: the kernel refuses SEV_INIT once vCPUs were created.
+            self.confidential = ConfidentialGuest.attach(self, self.incoming)
+            self.config = dataclasses.replace(
+                self.config, sev_platform=self.confidential.platform.name
+            )
+        self.memory.register(vm)
+        cpuid = self.kvm.get_supported_cpuid()
+        mmap_size = self.kvm.get_vcpu_mmap_size()
+        for i in range(self.config.vcpus):
+            vcpu = vm.create_vcpu(i, mmap_size)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(cpuid)
+            if self.confidential is not None:
+                self.confidential.register_vcpu(i)
+        # Probed now, before any vCPU runs: later, a vCPU ioctl would wait for KVM_RUN.
+        self.features = probe_features(self.kvm, self.vcpus[0])
+
+    def _build_group(self) -> None:
+        run = None
+        if self.confidential is not None and self.confidential.wraps_runs:
+            run = self.confidential.run
+        self.group = VcpuGroup(self.vcpus, self._handle_exit, run)
         self.group.on_stop = self._guest_stopped
+
+    def rebuild_vm(self) -> None:
+        """Replace the KVM VM and vCPUs with fresh ones on the same memory and devices, for a
+        context to be moved in (an SEV guest taken back after a failed hand-off). The vCPU
+        threads must be parked; the new ones start parked."""
+        self.group.stop()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.confidential is not None:
+            self.confidential.close()
+            self.confidential = None
+        self.vm.close()
+        self.vm = self.kvm.create_vm()
+        self.incoming = True
+        self._build_vm()
+        self._build_group()
+        self.group.start(paused=True)
 
     def _uart_irq(self, level: bool) -> None:
         self.vm.irq_line(COM1_IRQ, 1 if level else 0)
@@ -291,6 +370,11 @@ class Machine:
         }
         if self.exit_code is not None:
             info["exit-code"] = self.exit_code
+        if self.confidential is not None:
+            record = self.confidential.record
+            info["sev"] = {"mode": self.confidential.mode, "platform": self.config.sev_platform}
+            if record is not None:
+                info["sev"] |= record.to_dict()
         from intrahost.vmm.guests import layout
 
         try:
@@ -324,6 +408,8 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
+        if self.confidential is not None:
+            self.confidential.close()
         self.memory.close()
         if self._owns_kvm:
             self.kvm.close()

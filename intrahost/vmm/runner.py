@@ -240,13 +240,17 @@ def listen(url: str) -> socket.socket:
             raise IncomingError(f"another VMM already waits at {path}")
         finally:
             probe.close()
+    # Bind beside the path, listen, then rename into place: the path appears only once a
+    # connection to it can succeed (a source that sees the file may connect at once).
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = f"{path}.{os.getpid()}.tmp"
     old = os.umask(0o177)
     try:
-        sock.bind(path)
+        sock.bind(staging)
     finally:
         os.umask(old)
     sock.listen(1)
+    os.rename(staging, path)
     return sock
 
 

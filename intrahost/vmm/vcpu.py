@@ -71,9 +71,17 @@ ExitHandler = Callable[[Vcpu, ExitReason | int], bool]
 class VcpuGroup:
     """The vCPU threads of one VM, paused and resumed together."""
 
-    def __init__(self, vcpus: list[Vcpu], handle_exit: ExitHandler) -> None:
+    def __init__(
+        self,
+        vcpus: list[Vcpu],
+        handle_exit: ExitHandler,
+        run: Callable[[int, Vcpu], ExitReason | int] | None = None,
+    ) -> None:
+        """``run(index, vcpu)`` replaces a plain ``vcpu.run()`` (the SEV model platform wraps
+        KVM_RUN to load and save a protected vCPU's state)."""
         self.vcpus = vcpus
         self._handle_exit = handle_exit
+        self._run = run
         self._cond = threading.Condition()
         self._pause_requested = False
         self._stop_requested = False
@@ -196,7 +204,7 @@ class VcpuGroup:
             if not self._park(i):
                 return
             while True:
-                reason = vcpu.run()
+                reason = vcpu.run() if self._run is None else self._run(i, vcpu)
                 if reason is ExitReason.INTR:
                     if not self._park(i):
                         break

@@ -53,7 +53,7 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "set_tsc_offset": (0,),
 }
 # Not ioctl wrappers, or wrappers that swallow the errno on purpose.
-NOT_WRAPPERS = {"close", "from_fd", "has_device_attr", "kvm_run", "run_buffer"}
+NOT_WRAPPERS = {"close", "from_fd", "has_device_attr", "kvm_run", "run_buffer", "platform_access"}
 
 
 def _closed_fd() -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 import intrahost
 from intrahost.errors import IntrahostError
+from intrahost.kvm import KvmError, Vm
 from intrahost.sev.interface import (
     LAUNCH_MEASURE_BLOB_LEN,
     GuestState,
@@ -347,6 +348,32 @@ class ModelPlatform(SevPlatform):
     def adopt_vm(self, fd: int) -> ModelVm:
         result, _ = self.call("inspect", {}, [fd], "adopt_vm")
         return ModelVm(self, fd, VmType[result["type"]], result["vm"])
+
+    def attach(self, vm: Vm) -> ModelVm:
+        """A new model VM bound to ``vm``, a real KVM VM the VMM built (and keeps owning).
+
+        The model cannot stop the real KVM from serving a VM whose context moved away, so it
+        installs ``vm.guard``: before every KVM ioctl on ``vm`` and its vCPUs it checks the
+        model VM (a zero-timeout poll) and, once that is dead, fails with ``EIO`` as the
+        kernel does. Dead is final: the guard keeps failing after the model VM is closed.
+        """
+        model_vm = self.create_vm()
+        dead = False
+
+        def guard(ioctl: str, obj: str) -> None:
+            nonlocal dead
+            if not dead and model_vm.fd >= 0:
+                dead = model_vm.is_dead()
+            if dead:
+                raise KvmError(
+                    errno.EIO,
+                    ioctl,
+                    obj,
+                    "the VM is dead: its SEV context was moved to another VM (model platform)",
+                )
+
+        vm.guard = guard
+        return model_vm
 
     def platform_state(self) -> dict[str, Any]:
         """ASIDs in use and to reclaim, firmware guests, cgroup usage (model only)."""

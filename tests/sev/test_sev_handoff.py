@@ -1,0 +1,251 @@
+"""SEV and SEV-ES guests handed between real VMM processes on the model platform: the
+encryption context moves with KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM semantics, the source VM is
+dead afterwards, and every failure leaves the guest running on exactly one VMM."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import needs_kvm
+
+from intrahost.kvm import KvmError
+from intrahost.migration.sender import MigrationFailed, Sender
+from intrahost.vmm.guests import layout
+from intrahost.vmm.machine import Machine, MachineConfig
+from intrahost.vmm.memory import MiB
+from intrahost.vmm.qmp_client import QmpClient
+from intrahost.vmm.runner import IncomingError, listen, receive
+
+pytestmark = needs_kvm
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "intrahost", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=(os.environ | env) if env else None,
+    )
+
+
+def _vm_info(api: Path) -> dict[str, Any]:
+    with QmpClient(api) as qmp:
+        info: dict[str, Any] = qmp.execute("query-vm")
+        return info
+
+
+@pytest.mark.parametrize("mode", ["sev", "sev-es"])
+def test_ten_handoffs_keep_the_guest_and_its_measurement(
+    mode: str, vmm_factory: Any, sockdir: Path
+) -> None:
+    api = sockdir / "api.sock"
+    vmm_factory(
+        "run",
+        "--memory",
+        "32M",
+        f"--{mode}",
+        "--platform",
+        "model",
+        "--guest-args",
+        "progress=1073741824",
+        "--serial",
+        "none",
+        "--api-socket",
+        str(api),
+        wait_path=api,
+    )
+    first = _vm_info(api)
+    assert first["sev"]["mode"] == mode and first["sev"]["platform"] == "model"
+    measurement = first["sev"]["measurement"]
+    assert len(measurement) == 96  # 32-byte measurement + 16-byte nonce, hex
+    last = 0
+    for i in range(10):
+        result = cli("upgrade", "--api-socket", str(api))
+        assert result.returncode == 0, f"hand-off {i}: {result.stderr}"
+        info = _vm_info(api)
+        assert info["pid"] != first["pid"]
+        assert info["sev"] == first["sev"], "the launch record changed across the hand-off"
+        deadline = time.monotonic() + 5
+        while info["counter"][0]["count"] <= last:
+            assert time.monotonic() < deadline, "the guest stopped counting"
+            time.sleep(0.05)
+            info = _vm_info(api)
+        last = info["counter"][0]["count"]
+    cli("stop", "--api-socket", str(api))
+
+
+@pytest.fixture
+def sev_source(request: pytest.FixtureRequest) -> Iterator[Machine]:
+    mode = getattr(request, "param", "sev-es")
+    machine = Machine.create(
+        MachineConfig(
+            memory=32 * MiB,
+            guest="counter",
+            guest_args="progress=1073741824",
+            serial="none",
+            sev=mode,
+            sev_platform="model",
+        )
+    )
+    machine.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if layout.read_slot(machine.memory.buffer, 0).counter > 0:
+                break
+        except layout.GuestStatusMissing:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield machine
+    machine.close()
+
+
+def _hand_off(source: Machine, sockdir: Path, env: dict[str, str] | None = None) -> Any:
+    """Run a destination VMM process and hand ``source`` to it; (process, result-or-error)."""
+    import os
+
+    mig = sockdir / "mig.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "intrahost", "run", "--incoming", f"unix:{mig}",
+         "--api-socket", str(sockdir / "dst.sock")],
+        env=(os.environ | env) if env else None,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not mig.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        return proc, Sender(source, f"unix:{mig}").run()
+    except MigrationFailed as e:
+        return proc, e
+
+
+def _counting(machine: Machine) -> bool:
+    before = layout.read_slot(machine.memory.buffer, 0).counter
+    time.sleep(0.1)
+    return layout.read_slot(machine.memory.buffer, 0).counter > before
+
+
+@pytest.mark.parametrize("sev_source", ["sev", "sev-es"], indirect=True)
+def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path) -> None:
+    proc, result = _hand_off(sev_source, sockdir)
+    try:
+        assert not isinstance(result, Exception), result
+        with pytest.raises(KvmError) as info:
+            sev_source.vm.get_clock()  # a real KVM ioctl on the old VM
+        assert info.value.errno == errno.EIO
+        assert sev_source.confidential is not None and sev_source.confidential.vm.is_dead()
+        with QmpClient(sockdir / "dst.sock") as qmp:
+            assert qmp.execute("query-status")["status"] == "running"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_failing_move_hands_the_guest_back(sev_source: Machine, sockdir: Path) -> None:
+    """MOVE refused at the destination (injected): nothing moved, the source resumes."""
+    env = {"INTRAHOST_TEST_FAULT": "destination:before-move:fail"}
+    proc, result = _hand_off(sev_source, sockdir, env)
+    assert isinstance(result, MigrationFailed), result
+    assert "MOVE failed" in str(result)
+    assert proc.wait(20) == 1
+    assert sev_source.status == "running" and _counting(sev_source)
+    sev_source.vm.get_clock()  # the source VM is alive
+
+
+@pytest.mark.parametrize("sev_source", ["sev", "sev-es"], indirect=True)
+def test_a_failure_after_the_move_moves_the_context_back(
+    sev_source: Machine, sockdir: Path
+) -> None:
+    """Past the point of no return: the destination fails after MOVE (injected) and gives the
+    context back; the source builds a fresh VM, moves the context into it and resumes."""
+    old_vm = sev_source.vm
+    env = {"INTRAHOST_TEST_FAULT": "destination:after-move:fail"}
+    proc, result = _hand_off(sev_source, sockdir, env)
+    assert isinstance(result, MigrationFailed), result
+    assert proc.wait(20) == 1
+    assert sev_source.vm is not old_vm, "the source did not build a fresh VM"
+    assert sev_source.status == "running" and _counting(sev_source)
+    layout.verify_region(sev_source.memory.buffer, 0)
+    assert sev_source.confidential is not None and not sev_source.confidential.vm.is_dead()
+
+
+def test_a_source_that_is_not_sev_is_refused_by_the_move(sockdir: Path) -> None:
+    """The platform's own refusal (EINVAL: source not SEV) at MOVE hands the guest back."""
+    from intrahost.sev.platforms import open_platform
+
+    machine = Machine.create(
+        MachineConfig(
+            memory=32 * MiB,
+            guest="counter",
+            guest_args="progress=1073741824",
+            serial="none",
+            sev="sev",
+            sev_platform="model",
+        )
+    )
+    platform = open_platform("model")
+    not_sev = platform.create_vm()  # never initialised: "source not SEV"
+    assert machine.confidential is not None
+    real = machine.confidential.vm
+    try:
+        machine.start()
+        time.sleep(0.3)
+        url = f"unix:{sockdir / 'mig.sock'}"
+        listener = listen(url)
+        outcome: dict[str, Any] = {}
+
+        def dest() -> None:
+            try:
+                outcome["machine"] = receive(url, listener=listener)
+            except IncomingError as e:
+                outcome["error"] = e
+
+        thread = threading.Thread(target=dest)
+        thread.start()
+        machine.pause()  # no KVM_RUN while the wrong VM is in place
+        machine.confidential.vm = not_sev  # what travels in SEV_CONTEXT
+        try:
+            with pytest.raises(MigrationFailed, match="EINVAL|Invalid argument"):
+                Sender(machine, url).run()
+        finally:
+            machine.confidential.vm = real
+        thread.join(20)
+        assert "error" in outcome
+        assert machine.status == "paused"
+        machine.resume()
+        assert _counting(machine)
+    finally:
+        not_sev.close()
+        platform.close()
+        machine.close()
+
+
+def test_sev_mode_must_match(vmm_factory: Any, sockdir: Path) -> None:
+    api = sockdir / "api.sock"
+    vmm_factory(
+        "run", "--memory", "32M", "--sev-es", "--platform", "model",
+        "--guest-args", "progress=1073741824", "--serial", "none", "--api-socket", str(api),
+        wait_path=api,
+    )  # fmt: skip
+    result = cli("upgrade", "--api-socket", str(api), "--", "--sev")
+    assert result.returncode != 0 and "--sev" in result.stderr
+    with QmpClient(api) as qmp:
+        assert qmp.execute("query-status")["status"] == "running"
+        qmp.execute("quit")

@@ -222,7 +222,7 @@ def test_a_source_that_is_not_sev_is_refused_by_the_move(sockdir: Path) -> None:
         machine.pause()  # no KVM_RUN while the wrong VM is in place
         machine.confidential.vm = not_sev  # what travels in SEV_CONTEXT
         try:
-            with pytest.raises(MigrationFailed, match="EINVAL|Invalid argument"):
+            with pytest.raises(MigrationFailed, match=r"EINVAL|Invalid argument"):
                 Sender(machine, url).run()
         finally:
             machine.confidential.vm = real

@@ -46,7 +46,12 @@ from intrahost.errors import IntrahostError
 from intrahost.kvm import Kvm
 from intrahost.migration import faults, protocol
 from intrahost.migration.envelope import StateFormatError
-from intrahost.migration.machine_state import config_of, decode_state, restore_machine
+from intrahost.migration.machine_state import (
+    config_of,
+    decode_state,
+    restore_machine,
+    warm_up_import,
+)
 from intrahost.migration.protocol import (
     ACCEPTED_VERSIONS,
     Baton,
@@ -297,6 +302,7 @@ class Receiver:
             self.timings["prefault_us"] = (time.monotonic_ns() - t_fault) // 1000
             log.info("prefaulted %d MiB in %d µs", populated >> 20, self.timings["prefault_us"])
         self.machine.start(paused=True)
+        warm_up_import(self.machine)
         self.timings["build_us"] = (time.monotonic_ns() - t0) // 1000
         self.state = ReceiveState.READY
         self.channel.ok(self.timings)

@@ -28,7 +28,7 @@ from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.migration import faults, protocol
-from intrahost.migration.machine_state import save_machine
+from intrahost.migration.machine_state import save_machine, warm_up_export
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.vmm.machine import Machine
 
@@ -116,6 +116,7 @@ class Sender:
                 channel.request(Command.SEV_CONTEXT, fds=[machine.confidential.vm.fd])
             self._checkpoint("ready", channel)
             channel.request(Command.READY, timeout=self.options.ready_timeout)
+            warm_up_export(machine)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
             reset_guest_gaps(machine)
 

@@ -46,14 +46,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not matrix:
         return
     points = module.faults
-    kinds = ("kill", "close", "stall", "truncate", "corrupt", "badstate")
+    kinds = ("kill", "close", "stall", "truncate", "corrupt", "badstate", "fail")
     write = terminalreporter.write_line
     write("")
     write("hand-off fault matrix: who runs the guest afterwards (every cell checked)")
     write(f"{'step':<26}" + "".join(f"{k:<21}" for k in kinds))
+    write("(before-move / after-move: an SEV-ES guest on the model platform)")
     for side, names in (
         ("source", points.SOURCE_POINTS),
         ("destination", points.DESTINATION_POINTS),
+        ("destination", points.SEV_DESTINATION_POINTS),
     ):
         for point in names:
             cells = [matrix.get((side, point, k), "-") for k in kinds]

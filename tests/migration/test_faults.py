@@ -48,6 +48,12 @@ CASES += [
     for point in faults.DESTINATION_POINTS
     for kind in ("kill", "close", "stall", "truncate", "corrupt")
 ]
+#: SEV-ES guests (model platform): just before and just after MOVE on the destination.
+CASES += [
+    ("destination", point, kind)
+    for point in faults.SEV_DESTINATION_POINTS
+    for kind in ("kill", "close", "stall", "fail")
+]
 
 #: (side, point, fault) -> outcome, printed by conftest's terminal summary.
 MATRIX: dict[tuple[str, str, str], str] = {}
@@ -100,10 +106,11 @@ def shm() -> Iterator[Path]:
 def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> None:
     fault = f"{side}:{point}:{kind}"
     api_src, api_dst, mig = sockdir / "a.sock", sockdir / "b.sock", sockdir / "m.sock"
+    sev = ["--sev-es", "--platform", "model"] if point in faults.SEV_DESTINATION_POINTS else []
     source = Vmm(
         [
             "run", "--memory", "32M", "--guest-args", "progress=1073741824",
-            "--memory-path", str(shm), "--serial", "none", "--api-socket", str(api_src),
+            "--memory-path", str(shm), "--serial", "none", "--api-socket", str(api_src), *sev,
         ],
         sockdir / "source.log",
         fault if side == "source" else None,

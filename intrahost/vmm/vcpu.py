@@ -101,6 +101,9 @@ class VcpuGroup:
             self._pause_requested = paused
             for v in self.vcpus:
                 v.kvm_run.immediate_exit = 1 if paused else 0
+            # Running from now on, not from when each thread gets going: a pause() right
+            # after start() must wait for every thread to park.
+            self._states = [RunState.PARKED if paused else RunState.RUNNING] * len(self.vcpus)
         for i, _ in enumerate(self.vcpus):
             t = threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
             self._threads.append(t)
@@ -195,8 +198,6 @@ class VcpuGroup:
 
     def _loop(self, i: int) -> None:
         vcpu = self.vcpus[i]
-        with self._cond:
-            self._states[i] = RunState.RUNNING
         stopped_by_guest = False
         try:
             # Started paused (a destination waiting for its state): park before the first

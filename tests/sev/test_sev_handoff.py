@@ -249,3 +249,53 @@ def test_sev_mode_must_match(vmm_factory: Any, sockdir: Path) -> None:
     with QmpClient(api) as qmp:
         assert qmp.execute("query-status")["status"] == "running"
         qmp.execute("quit")
+
+
+def test_a_destination_that_is_already_sev_is_refused_by_the_move(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination whose VM was SEV-initialised (a bug or a misconfigured VMM): the platform
+    refuses MOVE (EINVAL, "dst already SEV"), the guest goes back to the source."""
+    from intrahost.migration import receiver as receiver_module
+
+    class AlreadySev(Machine):
+        def __init__(
+            self, config: MachineConfig, memory: Any, kvm: Any = None, incoming: bool = False
+        ):
+            super().__init__(config, memory, kvm, incoming=False)  # inits SEV: wrong here
+
+    monkeypatch.setattr(receiver_module, "Machine", AlreadySev)
+    machine = Machine.create(
+        MachineConfig(
+            memory=32 * MiB,
+            guest="counter",
+            guest_args="progress=1073741824",
+            serial="none",
+            sev="sev",
+            sev_platform="model",
+        )
+    )
+    try:
+        machine.start()
+        time.sleep(0.3)
+        assert _counting(machine)
+        url = f"unix:{sockdir / 'mig.sock'}"
+        listener = listen(url)
+        outcome: dict[str, Any] = {}
+
+        def dest() -> None:
+            try:
+                outcome["machine"] = receive(url, listener=listener)
+            except IncomingError as e:
+                outcome["error"] = e
+
+        thread = threading.Thread(target=dest)
+        thread.start()
+        with pytest.raises(MigrationFailed, match="MOVE failed"):
+            Sender(machine, url).run()
+        thread.join(20)
+        assert "error" in outcome
+        assert machine.status == "running" and _counting(machine)
+        machine.vm.get_clock()  # alive: nothing moved
+    finally:
+        machine.close()

@@ -1,8 +1,12 @@
-"""Shared fixtures: short socket directories, VMM processes; the fault matrix summary."""
+"""Shared fixtures: short socket directories, VMM processes; the fault matrix and fuzzing
+summaries."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,25 @@ def sockdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ih-", dir="/tmp"))
     path.chmod(0o700)
     yield path
+    kill_processes_mentioning(str(path))
     shutil.rmtree(path, ignore_errors=True)
+
+
+def kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains ``text``: the VMMs a test started
+    indirectly (``intrahost upgrade`` detaches the new VMM) must not outlive it."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
 
 
 @pytest.fixture
@@ -38,9 +60,11 @@ def vmm_factory(sockdir: Path) -> Iterator[Any]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print the hand-off fault matrix that tests/migration/test_faults.py filled."""
+    """Print the hand-off fault matrix that tests/migration/test_faults.py filled, and the
+    fuzzing statistics of tests/migration/test_fuzz.py."""
     import sys
 
+    _fuzz_summary(terminalreporter)
     module = sys.modules.get("test_faults")
     matrix = getattr(module, "MATRIX", None)
     if not matrix:
@@ -60,3 +84,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for point in names:
             cells = [matrix.get((side, point, k), "-") for k in kinds]
             write(f"{side + ':' + point:<26}" + "".join(f"{c:<21}" for c in cells))
+
+
+def _fuzz_summary(terminalreporter: Any) -> None:
+    """Examples and time per fuzz test of tests/migration/test_fuzz.py, and how often each
+    known bug was met (tolerated: see fuzzkit.KNOWN_BUGS)."""
+    import sys
+
+    stats = getattr(sys.modules.get("test_fuzz"), "STATS", None)
+    if not stats:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("fuzzing: examples and time per test (known bugs met, tolerated)")
+    for name, (examples, seconds, known) in stats.items():
+        bugs = ", ".join(f"{k} x{v}" for k, v in sorted(known.items()))
+        write(f"  {name:<52} {examples:>6} examples {seconds:>6.1f} s  {bugs}")

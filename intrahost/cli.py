@@ -2,7 +2,7 @@
 
     intrahost run [--memory 256M] [--vcpus N] [--guest counter|hello|PATH] [--guest-args ARGS]
                   [--memory-path FILE] [--serial stdio|file:PATH|pty|none]
-                  [--api-socket PATH] [--incoming unix:PATH]
+                  [--api-socket PATH] [--incoming unix:PATH [--allow-uid UID]...]
     intrahost status|pause|resume|stop --api-socket PATH
     intrahost migrate --api-socket PATH unix:DEST_PATH
     intrahost upgrade --api-socket PATH [--exec COMMAND] [-- NEW VMM FLAGS]
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,15 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="with --incoming: before the pause, map every guest page already in memory",
     )
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="with --incoming: also accept the hand-off from a VMM run by this user "
+        "(repeatable; by default only this VMM's own user may hand a guest in)",
+    )
     p.add_argument("--incoming-timeout", type=float, default=None, help=argparse.SUPPRESS)
 
 
@@ -98,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", dest="exec_command", help="the new VMM's command (default: this one)")
     p.add_argument(
         "--output",
-        help="file for the new VMM's standard output and errors (default: a log file in a "
-        "new temporary directory, printed at the end)",
+        help="file for the new VMM's standard output and errors (default: discarded; the "
+        "guest's console goes where --serial says)",
     )
     p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
     p = sub.add_parser("selftest", help="the kernel's SEV migration selftests, on a platform")
@@ -159,6 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from intrahost.vmm.memory import parse_size
     from intrahost.vmm.runner import Vmm, listen, receive
 
+    if args.allow_uid and not args.incoming:
+        raise CliError("--allow-uid applies only with --incoming (who may hand a guest in)")
+    if any(uid < 0 for uid in args.allow_uid):
+        raise CliError("--allow-uid takes a numeric user id (0 or more)")
     if args.incoming:
         from intrahost.migration.receiver import ReceiveOptions
 
@@ -168,7 +182,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if vmm_api and not takeover:
             _check_api_path(vmm_api)
         options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
-        machine = receive(args.incoming, options, args.incoming_timeout, listener)
+        machine = receive(
+            args.incoming, options, args.incoming_timeout, listener, allow_uids=args.allow_uid
+        )
         vmm = Vmm(machine, vmm_api)
         vmm.open_api(take_over=True)
         return vmm.serve()
@@ -314,7 +330,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         old_pid = qmp.execute("query-vm").get("pid")
         workdir = tempfile.mkdtemp(prefix="intrahost-upgrade-")
         mig = os.path.join(workdir, "migration.sock")
-        output = args.output or os.path.join(workdir, "vmm.log")
+        output = args.output or os.devnull
         phase("starting the new VMM")
         # The new VMM outlives this command: it must not hold this command's stdout/stderr.
         with open(output, "ab") as out:
@@ -346,6 +362,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             if new.poll() is None:
                 new.terminate()
             raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
         if result["status"] == "failed":
             new.wait(10)
             raise CliError(
@@ -356,7 +374,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     if isinstance(old_pid, int):
         _wait_pid_gone(old_pid, 10)
     print(format_breakdown(result["blackout"]))
-    print(f"new VMM pid {new.pid} serves {args.api_socket} (its output: {output})")
+    where = f" (its output: {args.output})" if args.output else ""
+    print(f"new VMM pid {new.pid} serves {args.api_socket}{where}")
     return 0
 
 

@@ -92,7 +92,9 @@ class State:
     def need_json(self, name: str) -> dict[str, Any]:
         try:
             value = json.loads(self.need(name))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise StateFormatError(f"component {name!r} nests too deeply to be read") from None
+        except ValueError as e:  # not UTF-8, not JSON, or a number of over 4300 digits
             raise StateFormatError(f"component {name!r} is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise StateFormatError(f"component {name!r} is not a JSON object")

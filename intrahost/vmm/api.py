@@ -732,6 +732,41 @@ class ApiServer:
 # -- the socket file ---------------------------------------------------------------------
 
 
+def check_socket_directory(path: str, what: str = "socket") -> str | None:
+    """Warn (log, and return the warning) if others could replace the socket at ``path``.
+
+    The socket itself is 0600, so nobody else can connect to it; but whoever may write its
+    directory may unlink it and put their own socket there, and clients would then talk to
+    them. Unsafe: a directory writable by group or others without the sticky bit (/tmp has
+    it: there only a file's owner may remove the file), or one owned by another user than
+    this one and root.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return None  # a missing directory is reported by whoever creates the socket
+    mode = stat.S_IMODE(st.st_mode)
+    warning = None
+    writers = [
+        w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if mode & bit
+    ]
+    if writers and not mode & stat.S_ISVTX:
+        warning = (
+            f"{what} {path}: directory {parent} (mode {mode:04o}) is writable by "
+            f"{' and '.join(writers)} and not sticky, so they can replace the socket; use a "
+            f"directory only you can write (e.g. mkdir -m 700)"
+        )
+    elif st.st_uid not in (os.getuid(), 0):
+        warning = (
+            f"{what} {path}: directory {parent} belongs to uid {st.st_uid}, who can replace "
+            f"the socket; use a directory of your own"
+        )
+    if warning is not None:
+        log.warning("%s", warning)
+    return warning
+
+
 def _bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
     """A listening, non-blocking socket at ``path``, mode 0600, and its (st_dev, st_ino)."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
@@ -744,6 +779,7 @@ def _bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
         raise ApiSocketError(
             f"cannot create control socket {path!r}: directory {parent!r} does not exist"
         )
+    check_socket_directory(path, "control socket")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:

@@ -3,25 +3,37 @@
 :class:`Vmm` serves a running machine until the guest stops, a client sends ``quit``, or the
 guest is handed to another VMM (then this process ends with status 0). :func:`receive` is the
 destination's start: it waits for one incoming hand-off on ``unix:PATH``.
+
+Who may hand a guest in: the migration socket is 0600 (only this user, and root, can connect),
+and :func:`receive` checks the connecting process's credentials (SO_PEERCRED): its uid must be
+this VMM's own or one allowed with ``allow_uids`` (``--allow-uid``); root is no exception
+unless this VMM runs as root. Any other connection gets an error message naming the option,
+is logged with its pid and uid, and closed; the destination keeps waiting for its sender. A
+sender of another uid (allowed) does not choose this VMM's console: the guest's serial output
+goes where this VMM's own ``--serial`` says (default stdio), never to a file the sender names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import socket
+import stat
+import struct
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.kvm import KvmError
-from intrahost.migration.protocol import Channel, parse_url
+from intrahost.migration.protocol import Channel, ProtocolError, parse_url
 from intrahost.migration.receiver import ReceiveOptions, Receiver
 from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
-from intrahost.vmm.api import ApiServer, CommandError
+from intrahost.vmm.api import MAX_SOCKET_PATH, ApiServer, CommandError, check_socket_directory
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -99,7 +111,10 @@ class Vmm:
 
     def _check_not_migrating(self) -> None:
         if self._migration.get("status") == "active":
-            raise CommandError("a migration is in progress")
+            raise CommandError(
+                f"a migration to {self._migration.get('uri')} is in progress; wait for it to "
+                "end (query-migrate)"
+            )
         if self._handed_off:
             raise CommandError("the guest was handed to another VMM")
         if self.machine.status == "shutdown":
@@ -119,7 +134,10 @@ class Vmm:
         uri = args["uri"]
         with self._migration_lock:
             if self._migration.get("status") == "active":
-                raise CommandError("a migration is already in progress")
+                raise CommandError(
+                    f"a migration to {self._migration.get('uri')} is already in progress; "
+                    "wait for it to end (query-migrate) before starting another"
+                )
             if self._handed_off:
                 raise CommandError("the guest was already handed to another VMM")
             if self.machine.status == "shutdown":
@@ -225,10 +243,17 @@ class Vmm:
 
 
 def listen(url: str) -> socket.socket:
-    """The incoming socket at ``unix:PATH``: a stale socket file is replaced, a live one
-    refused."""
+    """The incoming socket at ``unix:PATH``, mode 0600: a stale socket file is replaced, a
+    live one refused, and anything else at the path (a file, a symlink) left alone."""
     path = parse_url(url)
-    if os.path.exists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise IncomingError(f"{path} exists and is not a socket: remove it or choose another path")
+    check_socket_directory(path, "migration socket")
+    if st is not None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -242,13 +267,25 @@ def listen(url: str) -> socket.socket:
             probe.close()
     # Bind beside the path, listen, then rename into place: the path appears only once a
     # connection to it can succeed (a source that sees the file may connect at once).
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = f"{path}.{os.getpid()}.tmp"
+    if len(os.fsencode(staging)) > MAX_SOCKET_PATH:
+        extra = len(os.fsencode(staging)) - len(os.fsencode(path))
+        raise IncomingError(
+            f"migration socket path {path} is too long: use at most {MAX_SOCKET_PATH - extra} "
+            f"bytes (a unix socket path holds {MAX_SOCKET_PATH}, and the VMM first binds a "
+            f"name {extra} bytes longer beside it)"
+        )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(staging)
+    except OSError as e:
+        sock.close()
+        raise IncomingError(f"cannot create the migration socket {path}: {e.strerror}") from None
     finally:
         os.umask(old)
+    if stat.S_IMODE(os.lstat(staging).st_mode) != 0o600:
+        os.chmod(staging, 0o600)
     sock.listen(1)
     os.rename(staging, path)
     return sock
@@ -259,22 +296,20 @@ def receive(
     options: ReceiveOptions | None = None,
     timeout: float | None = None,
     listener: socket.socket | None = None,
+    allow_uids: Collection[int] = (),
 ) -> Machine:
     """Wait for one hand-off at ``url`` and return the machine it brought (running, or
-    paused if the guest was paused on the source)."""
+    paused if the guest was paused on the source). Connections from a uid other than this
+    process's and not in ``allow_uids`` are refused (see the module docstring)."""
     options = options or ReceiveOptions()
     sock = listener or listen(url)
     path = parse_url(url)
     try:
-        sock.settimeout(timeout)
-        try:
-            conn, _ = sock.accept()
-        except TimeoutError:
-            raise IncomingError(f"no hand-off arrived at {path} within {timeout} s") from None
-        uid = _peer_uid(conn)
-        if uid != os.getuid() and os.getuid() != 0:
-            conn.close()
-            raise IncomingError(f"refused a hand-off from uid {uid}")
+        conn, uid = _accept_sender(sock, path, timeout, allow_uids)
+        if uid != os.getuid():
+            # An allowed sender of another uid: the console is this VMM's choice, not its.
+            overrides = {**options.overrides, "serial": options.overrides.get("serial", "stdio")}
+            options = dataclasses.replace(options, overrides=overrides)
         channel = Channel(conn, options.timeout)
         receiver = Receiver(channel, options)
         try:
@@ -291,12 +326,50 @@ def receive(
             os.unlink(path)
 
 
-def _peer_uid(conn: socket.socket) -> int:
-    import struct
+def _accept_sender(
+    sock: socket.socket, path: str, timeout: float | None, allow_uids: Collection[int]
+) -> tuple[socket.socket, int]:
+    """The first connection whose peer may hand a guest in, and its uid; others are told
+    why, logged and closed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            if left is not None and left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            conn, _ = sock.accept()
+        except TimeoutError:
+            raise IncomingError(f"no hand-off arrived at {path} within {timeout} s") from None
+        pid, uid = peer_credentials(conn)
+        reason = refusal(uid, allow_uids)
+        if reason is None:
+            if uid != os.getuid():
+                log.info("accepted a hand-off connection from pid %d, uid %d (allowed)", pid, uid)
+            return conn, uid
+        log.warning("refused a hand-off connection from pid %d: %s", pid, reason)
+        with contextlib.suppress(ProtocolError, OSError):
+            Channel(conn, 1.0).error(f"this VMM refuses the hand-off: {reason}")
+        conn.close()
 
+
+def refusal(uid: int, allow_uids: Collection[int] = ()) -> str | None:
+    """Why a sender of ``uid`` may not hand a guest to this process (None: it may)."""
+    ours = os.getuid()
+    if uid == ours or uid in allow_uids:
+        return None
+    return (
+        f"uid {uid} is not this VMM's uid {ours}; to accept it, start the destination "
+        f"with --allow-uid {uid}"
+    )
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket, as the kernel recorded
+    them when it connected (SO_PEERCRED)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 def wait_for_socket(path: str, timeout: float = 10.0) -> None:

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from intrahost.vmm.guests import layout
@@ -30,9 +31,14 @@ _U64 = struct.Struct("<Q")
 
 @dataclass(frozen=True)
 class Stall:
+    """One vCPU's counter stood at ``counter`` from ``start_ns`` to at least ``end_ns`` (the
+    last sample that still saw it there) and had moved by ``moved_ns`` (the next sample)."""
+
     vcpu: int
     start_ns: int
     end_ns: int
+    counter: int = 0
+    moved_ns: int = 0
 
     @property
     def us(self) -> float:
@@ -42,8 +48,21 @@ class Stall:
 class Observer:
     """A sampling child process; see the module docstring."""
 
-    def __init__(self, path: str, vcpus: int = 1, threshold_us: float = 200.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        vcpus: int = 1,
+        threshold_us: float = 200.0,
+        also_paths: Sequence[str] = (),
+        interval_us: float = 0.0,
+    ) -> None:
+        """``also_paths``: further memory files of the same guest (the copy baseline's
+        destination has its own memfd); a vCPU's counter is then the largest value in any.
+        ``interval_us``: sleep about this long between samples instead of spinning; a spinning
+        observer takes a whole CPU from the guest, which shows on a host with few CPUs."""
         self.path = path
+        self.interval_us = interval_us
+        self.also_paths = list(also_paths)
         self.vcpus = vcpus
         self.threshold_us = threshold_us
         self._proc: subprocess.Popen[str] | None = None
@@ -51,10 +70,19 @@ class Observer:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, self.path, str(self.vcpus), str(self.threshold_us)],
+            [
+                sys.executable,
+                __file__,
+                self.path,
+                str(self.vcpus),
+                str(self.threshold_us),
+                str(self.interval_us),
+                *self.also_paths,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # Ctrl-C is for the parent; this child ends at EOF
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()  # "ready" once it samples
@@ -84,35 +112,50 @@ class Observer:
             self._proc = None
 
 
-def _sample(path: str, vcpus: int, threshold_us: float) -> None:
+def _sample(
+    path: str,
+    vcpus: int,
+    threshold_us: float,
+    interval_us: float = 0.0,
+    also_paths: Sequence[str] = (),
+) -> None:
     """The child: sample until stdin closes; answer 'collect' with the stalls since the last."""
     import selectors
 
-    fd = os.open(path, os.O_RDONLY)
-    size = os.fstat(fd).st_size
-    mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    os.close(fd)
+    mem = _map(path)
+    extras = [_map(p) for p in also_paths]
     offsets = [layout.slot_addr(i) + layout.SLOT_COUNTER for i in range(vcpus)]
     threshold = int(threshold_us * 1000)
-    last = [_U64.unpack_from(mem, o)[0] for o in offsets]
+    last = [max(_U64.unpack_from(m, o)[0] for m in (mem, *extras)) for o in offsets]
     changed = [time.monotonic_ns()] * vcpus
-    stalls: list[tuple[int, int, int]] = []
+    stalls: list[tuple[int, int, int, int, int]] = []
     sel = selectors.DefaultSelector()
     sel.register(sys.stdin, selectors.EVENT_READ)
     print("ready", flush=True)
-    unpack, clock = _U64.unpack_from, time.monotonic_ns
+    unpack, clock, sleep = _U64.unpack_from, time.monotonic_ns, time.sleep
+    interval = interval_us / 1e6
+    check = 63 if interval else 1023  # look at stdin every few ms
     n = 0
+    previous = clock()
     while True:
         now = clock()
         for i, off in enumerate(offsets):
             value = unpack(mem, off)[0]
+            for extra in extras:  # none, unless also_paths
+                value = max(value, unpack(extra, off)[0])
             if value != last[i]:
-                if now - changed[i] > threshold:
-                    stalls.append((i, changed[i], now))
+                # The stall ends at the previous sample, the last one that saw the old value:
+                # if this process was itself descheduled since, that gap is ours, not the
+                # guest's (on a busy host it would otherwise show up as a stall of every vCPU).
+                if previous - changed[i] > threshold:
+                    stalls.append((i, changed[i], previous, last[i], now))
                 last[i] = value
                 changed[i] = now
+        previous = now
         n += 1
-        if n & 1023 == 0 and sel.select(0):
+        if interval:
+            sleep(interval)
+        if n & check == 0 and sel.select(0):
             line = sys.stdin.readline()
             if not line:
                 return
@@ -120,5 +163,13 @@ def _sample(path: str, vcpus: int, threshold_us: float) -> None:
             stalls = []
 
 
+def _map(path: str) -> mmap.mmap:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
 if __name__ == "__main__":
-    _sample(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+    _sample(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5:])

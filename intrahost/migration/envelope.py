@@ -31,7 +31,7 @@ from intrahost.errors import IntrahostError
 
 MAGIC = b"IHSTATE\0"
 MAJOR = 1
-MINOR = 1
+MINOR = 2
 HEADER = struct.Struct("<8sHHIQI")
 ENTRY = struct.Struct("<HHI")
 REQUIRED = 1

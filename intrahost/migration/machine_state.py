@@ -5,7 +5,8 @@ Component names (the envelope's contract between VMM versions)::
     config                      JSON  MachineConfig of the source (required)
     vm/meta                     JSON  {clock_saved_at_ns}
     vm/clock vm/pic_master vm/pic_slave vm/ioapic vm/pit      raw kernel structs
-    vcpu/N/meta                 JSON  {mp_state, sregs2, tsc_khz, tsc_offset, saved_at_ns, msrs}
+    vcpu/N/meta                 JSON  {mp_state, sregs2, tsc_khz, tsc_offset, saved_at_ns}
+    vcpu/N/msrs                       kvm_msr_entry array (format 1.1: "msrs" in the meta)
     vcpu/N/cpuid|regs|sregs|xsave|xcrs|debugregs|lapic|events raw kernel structs
                                       (register parts absent for a protected vCPU)
     vmm/run-state               JSON  {running}: whether the guest ran before the pause
@@ -15,6 +16,7 @@ Component names (the envelope's contract between VMM versions)::
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from intrahost.migration import envelope
@@ -35,6 +37,7 @@ from intrahost.vmm.machine import Machine, MachineConfig
 #: The component name prefixes this VMM understands (see envelope.decode).
 UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/", "sev/")
 
+_MSR_ENTRY = struct.Struct("<IIQ")  # struct kvm_msr_entry
 _VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
 _VM_RAW = ("clock", "pic_master", "pic_slave", "ioapic", "pit")
 
@@ -43,7 +46,9 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
     """Export a paused machine (every vCPU parked, the UART's drain paused). ``running``:
     whether the guest ran before the hand-off paused it (it runs again after)."""
     vm_state = save_vm(machine.vm)
-    vcpu_states = [save_vcpu(v, i, machine.features) for i, v in enumerate(machine.vcpus)]
+    vcpu_states = [
+        save_vcpu(v, i, machine.features, machine.cpuid) for i, v in enumerate(machine.vcpus)
+    ]
     components = [Component("config", envelope.json_payload(machine.config.to_dict()))]
     components.append(
         Component(
@@ -58,9 +63,10 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
             "tsc_khz": s.tsc_khz,
             "tsc_offset": s.tsc_offset,
             "saved_at_ns": s.saved_at_ns,
-            "msrs": [list(m) for m in s.msrs],
         }
         components.append(Component(f"vcpu/{s.index}/meta", envelope.json_payload(meta)))
+        msrs = b"".join(_MSR_ENTRY.pack(index, 0, value) for index, value in s.msrs)
+        components.append(Component(f"vcpu/{s.index}/msrs", msrs))
         for name in _VCPU_RAW:
             value = getattr(s, name)
             if value is not None:
@@ -120,7 +126,13 @@ def _int(meta: dict[str, Any], key: str, name: str) -> int:
 def vcpu_state(state: State, index: int) -> VcpuState:
     name = f"vcpu/{index}/meta"
     meta = state.need_json(name)
-    msrs = meta.get("msrs")
+    packed = state.get(f"vcpu/{index}/msrs")
+    if packed is not None:  # kvm_msr_entry array (format 1.2 on)
+        if len(packed) % _MSR_ENTRY.size:
+            raise StateFormatError(f"component 'vcpu/{index}/msrs' is not a kvm_msr_entry array")
+        msrs: Any = [[i, v] for i, _reserved, v in _MSR_ENTRY.iter_unpack(packed)]
+    else:  # format 1.1: a JSON list of [index, value] in the meta
+        msrs = meta.get("msrs")
     if not isinstance(msrs, list) or not all(
         isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m) for m in msrs
     ):
@@ -182,7 +194,7 @@ def restore_machine(machine: Machine, state: State) -> None:
         raise StateFormatError(f"device state: {e}") from e
     restore_vm(machine.vm, vm)
     for vcpu, s in zip(machine.vcpus, vcpus, strict=True):
-        restore_vcpu(vcpu, s, machine.features)
+        restore_vcpu(vcpu, s, machine.features, machine.cpuid)
     machine.uart.restore(uart)
     machine.debug.restore(debug)
     if machine.confidential is not None and state.get("sev/launch") is not None:

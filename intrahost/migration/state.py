@@ -75,18 +75,19 @@ class VmState:
     pit: bytes
 
 
-def _cpuid_bytes(entries: list[uapi.kvm_cpuid_entry2]) -> bytes:
+def cpuid_bytes(entries: list[uapi.kvm_cpuid_entry2]) -> bytes:
     return b"".join(bytes(e) for e in entries)
 
 
-def _cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
+def cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
     size = ctypes.sizeof(uapi.kvm_cpuid_entry2)
     return [uapi.kvm_cpuid_entry2.from_bytes(data[i : i + size]) for i in range(0, len(data), size)]
 
 
-def save_vcpu(vcpu: Vcpu, index: int, features: VcpuFeatures) -> VcpuState:
+def save_vcpu(vcpu: Vcpu, index: int, features: VcpuFeatures, cpuid: bytes) -> VcpuState:
     """Export one parked vCPU. Every vCPU of the VM must be parked outside KVM_RUN: reading
-    VCPU_EVENTS while another vCPU runs could miss an event in flight."""
+    VCPU_EVENTS while another vCPU runs could miss an event in flight. ``cpuid``: the table
+    the VMM set on the vCPU (KVM never changes it, so it is not read back in the blackout)."""
     # MP_STATE first: reading it makes KVM accept pending INIT/SIPI events, which can change
     # the registers and the LAPIC; everything after must see the result.
     mp_state = vcpu.get_mp_state()
@@ -110,7 +111,7 @@ def save_vcpu(vcpu: Vcpu, index: int, features: VcpuFeatures) -> VcpuState:
     events = bytes(vcpu.get_vcpu_events())
     return VcpuState(
         index=index,
-        cpuid=_cpuid_bytes(vcpu.get_cpuid2()),
+        cpuid=cpuid,
         mp_state=mp_state,
         regs=regs,
         sregs=sregs,
@@ -127,17 +128,20 @@ def save_vcpu(vcpu: Vcpu, index: int, features: VcpuFeatures) -> VcpuState:
     )
 
 
-def restore_vcpu(vcpu: Vcpu, state: VcpuState, features: VcpuFeatures) -> None:
-    """Import one vCPU's state into a fresh vCPU of the destination, before it first runs."""
+def restore_vcpu(vcpu: Vcpu, state: VcpuState, features: VcpuFeatures, cpuid: bytes) -> None:
+    """Import one vCPU's state into a fresh vCPU of the destination, before it first runs.
+    ``cpuid``: the table this VMM already set on the vCPU when it built it."""
     try:
-        _restore_vcpu(vcpu, state, features)
+        _restore_vcpu(vcpu, state, features, cpuid)
     except KvmError as e:
         raise StateImportError(f"vCPU {state.index}: {e}") from e
 
 
-def _restore_vcpu(vcpu: Vcpu, state: VcpuState, features: VcpuFeatures) -> None:
-    # CPUID first: it defines which features (XSAVE components, MSRs) the rest may use.
-    vcpu.set_cpuid2(_cpuid_entries(state.cpuid))
+def _restore_vcpu(vcpu: Vcpu, state: VcpuState, features: VcpuFeatures, cpuid: bytes) -> None:
+    # CPUID first: it defines which features (XSAVE components, MSRs) the rest may use. The
+    # destination set its own table when it built the vCPU; only a different one is set again.
+    if state.cpuid != cpuid:
+        vcpu.set_cpuid2(cpuid_entries(state.cpuid))
     # MP_STATE before the registers: setting it can reset parts of the vCPU (INIT).
     vcpu.set_mp_state(state.mp_state)
     if state.regs is not None:

@@ -845,13 +845,23 @@ def _clear_stale(path: str) -> None:
 
 
 def _remove_if_ours(path: str, socket_id: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is the one with ``socket_id``.
+
+    Not "stat, then unlink": a new VMM renames its own socket over the path during an upgrade,
+    and a rename falling between the two would have its socket removed. Instead, whatever is
+    at the path is moved aside in one step (rename), and looked at there: ours is removed;
+    another's is linked back, unless yet another socket took the path meanwhile.
+    """
     if socket_id is None:
         return
+    aside = f"{path}.closing-{os.getpid()}"
     try:
-        st = os.lstat(path)
+        os.rename(path, aside)
     except FileNotFoundError:
         return
-    if (st.st_dev, st.st_ino) == socket_id:
-        os.unlink(path)
-    else:
+    st = os.lstat(aside)
+    if (st.st_dev, st.st_ino) != socket_id:
         log.info("control socket %s was replaced by someone else; leaving it", path)
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)  # unlike rename, never replaces what is there now
+    os.unlink(aside)

@@ -156,6 +156,7 @@ class Machine:
         self.vm: Vm = self.kvm.create_vm()
         self.vcpus: list[Vcpu] = []
         self.features: VcpuFeatures
+        self.cpuid = b""
         self.bus = IoBus()
         self.uart: Uart16550
         self.debug = DebugPort(current_vcpu=_current_vcpu)
@@ -223,6 +224,8 @@ class Machine:
             )
         self.memory.register(vm)
         cpuid = self.kvm.get_supported_cpuid()
+        #: The CPUID table every vCPU got (raw kvm_cpuid_entry2 bytes); KVM keeps it as set.
+        self.cpuid = b"".join(bytes(e) for e in cpuid)
         mmap_size = self.kvm.get_vcpu_mmap_size()
         for i in range(self.config.vcpus):
             vcpu = vm.create_vcpu(i, mmap_size)

@@ -16,6 +16,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import re
 import stat
 from dataclasses import dataclass
 from types import TracebackType
@@ -191,16 +192,11 @@ class GuestMemory:
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size), vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
-        ranges: list[tuple[int, int]] = []
-        start = -1
-        for i in range(pages + 1):
-            resident = i < pages and vec[i] & 1
-            if resident and start < 0:
-                start = i
-            elif not resident and start >= 0:
-                ranges.append((start * PAGE_SIZE, (i - start) * PAGE_SIZE))
-                start = -1
-        return ranges
+        # mincore sets bit 0 of a page's byte when the page is resident: find the runs.
+        return [
+            (m.start() * PAGE_SIZE, (m.end() - m.start()) * PAGE_SIZE)
+            for m in re.finditer(rb"[^\x00]+", bytes(vec))
+        ]
 
     def populate(self, ranges: list[tuple[int, int]]) -> int:
         """Fault these ranges into this process's page tables now (MADV_POPULATE_WRITE), so
@@ -210,6 +206,21 @@ class GuestMemory:
             self.buffer.madvise(MADV_POPULATE_WRITE, offset, length)
             total += length
         return total
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) extents of the backing file that hold data (SEEK_DATA /
+        SEEK_HOLE): the pages ever written. Holes read as zeros without being allocated."""
+        ranges: list[tuple[int, int]] = []
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            ranges.append((start, end - start))
+            offset = end
+        return ranges
 
     def is_fd_backed(self) -> bool:
         return self.fd >= 0

@@ -136,6 +136,22 @@ def _hand_off(source: Machine, sockdir: Path, env: dict[str, str] | None = None)
         return proc, e
 
 
+def _receive_in_thread(url: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """An in-process destination at ``url``; ``outcome`` gets "machine" or "error"."""
+    listener = listen(url)
+    outcome: dict[str, Any] = {}
+
+    def dest() -> None:
+        try:
+            outcome["machine"] = receive(url, listener=listener)
+        except IncomingError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=dest)
+    thread.start()
+    return thread, outcome
+
+
 def _counting(machine: Machine) -> bool:
     before = layout.read_slot(machine.memory.buffer, 0).counter
     time.sleep(0.1)
@@ -208,17 +224,7 @@ def test_a_source_that_is_not_sev_is_refused_by_the_move(sockdir: Path) -> None:
         machine.start()
         time.sleep(0.3)
         url = f"unix:{sockdir / 'mig.sock'}"
-        listener = listen(url)
-        outcome: dict[str, Any] = {}
-
-        def dest() -> None:
-            try:
-                outcome["machine"] = receive(url, listener=listener)
-            except IncomingError as e:
-                outcome["error"] = e
-
-        thread = threading.Thread(target=dest)
-        thread.start()
+        thread, outcome = _receive_in_thread(url)
         machine.pause()  # no KVM_RUN while the wrong VM is in place
         machine.confidential.vm = not_sev  # what travels in SEV_CONTEXT
         try:
@@ -280,17 +286,7 @@ def test_a_destination_that_is_already_sev_is_refused_by_the_move(
         time.sleep(0.3)
         assert _counting(machine)
         url = f"unix:{sockdir / 'mig.sock'}"
-        listener = listen(url)
-        outcome: dict[str, Any] = {}
-
-        def dest() -> None:
-            try:
-                outcome["machine"] = receive(url, listener=listener)
-            except IncomingError as e:
-                outcome["error"] = e
-
-        thread = threading.Thread(target=dest)
-        thread.start()
+        thread, outcome = _receive_in_thread(url)
         with pytest.raises(MigrationFailed, match="MOVE failed"):
             Sender(machine, url).run()
         thread.join(20)

@@ -365,7 +365,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if result["status"] == "failed":
-            new.wait(10)
+            try:
+                new.wait(10)
+            except subprocess.TimeoutExpired:
+                new.terminate()
             raise CliError(
                 "upgrade failed, the guest keeps running on the old VMM: "
                 f"{result.get('error-desc')}"
@@ -373,6 +376,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     phase("waiting for the old VMM to exit")
     if isinstance(old_pid, int):
         _wait_pid_gone(old_pid, 10)
+    _wait_served_by(args.api_socket, new.pid, 10)
     print(format_breakdown(result["blackout"]))
     where = f" (its output: {args.output})" if args.output else ""
     print(f"new VMM pid {new.pid} serves {args.api_socket}{where}")
@@ -398,6 +402,23 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     finally:
         platform.close()
     return 1 if failed else 0
+
+
+def _wait_served_by(path: str, pid: int, timeout: float) -> None:
+    """Wait until the control socket at ``path`` answers from ``pid`` (the new VMM renames its
+    socket into place right after it took the guest)."""
+    from intrahost.vmm.qmp_client import QmpConnectionError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with _client(path) as qmp:
+                if qmp.execute("query-vm").get("pid") == pid:
+                    return
+        except QmpConnectionError:
+            pass
+        time.sleep(0.005)
+    raise CliError(f"the new VMM (pid {pid}) did not take over {path} within {timeout} s")
 
 
 def _wait_pid_gone(pid: int, timeout: float) -> None:

@@ -16,9 +16,12 @@ Component names (the envelope's contract between VMM versions)::
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Any
 
+from intrahost.kvm import uapi
+from intrahost.kvm.constants import MAX_CPUID_ENTRIES
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component, State, StateFormatError
 from intrahost.migration.state import (
@@ -32,7 +35,7 @@ from intrahost.migration.state import (
 )
 from intrahost.vmm.devices.debugport import DebugPortState
 from intrahost.vmm.devices.uart import UartState
-from intrahost.vmm.machine import Machine, MachineConfig
+from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 
 #: The component name prefixes this VMM understands (see envelope.decode).
 UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/", "sev/")
@@ -113,7 +116,19 @@ def decode_state(data: bytes) -> State:
 
 
 def config_of(state: State) -> MachineConfig:
-    return MachineConfig.from_dict(state.need_json("config"))
+    try:
+        return MachineConfig.from_dict(state.need_json("config"))
+    except MachineConfigError as e:
+        raise StateFormatError(f"component 'config': {e}") from None
+
+
+def _sized(name: str, data: bytes | None, kind: type[ctypes.Structure]) -> None:
+    """StateFormatError unless ``data`` is None or exactly one ``kind`` struct."""
+    if data is not None and len(data) != ctypes.sizeof(kind):
+        raise StateFormatError(
+            f"component {name!r} holds {len(data)} bytes; a {kind.__name__} has "
+            f"{ctypes.sizeof(kind)}"
+        )
 
 
 def _int(meta: dict[str, Any], key: str, name: str) -> int:
@@ -146,6 +161,27 @@ def vcpu_state(state: State, index: int) -> VcpuState:
             raise StateFormatError(
                 f"the saved state lacks the required component 'vcpu/{index}/{part}'"
             )
+    sregs2 = bool(meta.get("sregs2", False))
+    structs: dict[str, type[ctypes.Structure]] = {
+        "regs": uapi.kvm_regs,
+        "sregs": uapi.kvm_sregs2 if sregs2 else uapi.kvm_sregs,
+        "xcrs": uapi.kvm_xcrs,
+        "debugregs": uapi.kvm_debugregs,
+        "lapic": uapi.kvm_lapic_state,
+        "events": uapi.kvm_vcpu_events,
+    }
+    for part, kind in structs.items():
+        _sized(f"vcpu/{index}/{part}", raw[part], kind)
+    entry = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+    cpuid = raw["cpuid"] or b""
+    if len(cpuid) % entry or len(cpuid) > MAX_CPUID_ENTRIES * entry:
+        raise StateFormatError(
+            f"component 'vcpu/{index}/cpuid' holds {len(cpuid)} bytes: not a list of at most "
+            f"{MAX_CPUID_ENTRIES} {entry}-byte entries"
+        )
+    for key in ("mp_state", "tsc_khz"):
+        if not 0 <= _int(meta, key, name) < 1 << 32:
+            raise StateFormatError(f"component {name!r}: {key!r} is out of range")
     return VcpuState(
         index=index,
         cpuid=raw["cpuid"] or b"",
@@ -167,7 +203,16 @@ def vcpu_state(state: State, index: int) -> VcpuState:
 
 def vm_state(state: State) -> VmState:
     meta = state.need_json("vm/meta")
+    structs: dict[str, type[ctypes.Structure]] = {
+        "clock": uapi.kvm_clock_data,
+        "pic_master": uapi.kvm_irqchip,
+        "pic_slave": uapi.kvm_irqchip,
+        "ioapic": uapi.kvm_irqchip,
+        "pit": uapi.kvm_pit_state2,
+    }
     raw = {name: state.need(f"vm/{name}") for name in _VM_RAW}
+    for name, kind in structs.items():
+        _sized(f"vm/{name}", raw[name], kind)
     return VmState(clock_saved_at_ns=_int(meta, "clock_saved_at_ns", "vm/meta"), **raw)
 
 
@@ -179,7 +224,11 @@ def restore_machine(machine: Machine, state: State) -> None:
     devices.
     """
     vcpus = [vcpu_state(state, i) for i in range(len(machine.vcpus))]
-    extra = [n for n in state.names("vcpu/") if int(n.split("/")[1]) >= len(machine.vcpus)]
+    indices = {n: n.split("/")[1] for n in state.names("vcpu/")}
+    bad = [n for n, i in indices.items() if not (i.isascii() and i.isdigit())]
+    if bad:
+        raise StateFormatError(f"state component {bad[0]!r} does not name a vCPU by number")
+    extra = [n for n, i in indices.items() if int(i) >= len(machine.vcpus)]
     if extra:
         raise StateImportError(
             f"the state holds {len(extra)} components of vCPUs this machine lacks"

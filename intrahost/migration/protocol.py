@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Sequence
@@ -77,6 +78,11 @@ class ProtocolError(IntrahostError):
     """The peer broke the protocol, went away, or did not answer in time."""
 
 
+class PayloadError(ProtocolError):
+    """A complete message whose payload is not the JSON object it must be: the receiver
+    refuses it with an error reply (unlike a broken connection, which it cannot answer)."""
+
+
 class PeerRefused(IntrahostError):
     """The destination answered a request with an error (it says why). ``body`` is the
     reply's JSON and ``fds`` the fds it carried (the catcher owns and closes them)."""
@@ -103,10 +109,12 @@ class Message:
             return {}
         try:
             value = json.loads(self.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"message payload is not JSON: {e}") from None
+        except RecursionError:
+            raise PayloadError("message payload nests too deeply") from None
+        except ValueError as e:  # not UTF-8, not JSON, or a number of over 4300 digits
+            raise PayloadError(f"message payload is not JSON: {e}") from None
         if not isinstance(value, dict):
-            raise ProtocolError("message payload is not a JSON object")
+            raise PayloadError("message payload is not a JSON object")
         return value
 
     def close_fds(self) -> None:
@@ -262,9 +270,39 @@ class Baton:
         data = os.pread(self.fd, self._WORD.size, 0)
         return int(self._WORD.unpack(data)[0]) if len(data) == self._WORD.size else -1
 
-    def swap(self, expected: int, new: int) -> int:
-        """Compare-and-swap; returns the value found (== expected when it swapped)."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+    @classmethod
+    def adopt(cls, fd: int) -> Baton:
+        """The baton a peer sent: refuse (and close) anything but a writable, unsealed,
+        8-byte regular file (the memfd the source created)."""
+        try:
+            st = os.fstat(fd)
+            writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            try:
+                sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+            except OSError:  # not a memfd: no seals
+                sealed = 0
+        except OSError as e:
+            os.close(fd)
+            raise PayloadError(f"the baton fd cannot be examined: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != cls._WORD.size or not writable or sealed:
+            os.close(fd)
+            raise PayloadError(
+                "the baton must be the writable 8-byte memfd the source created with START"
+            )
+        return cls(fd)
+
+    def swap(self, expected: int, new: int, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Compare-and-swap; returns the value found (== expected when it swapped). Raises
+        ProtocolError if the lock stays taken for ``timeout`` seconds (a stopped peer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except (BlockingIOError, PermissionError):
+                if time.monotonic() > deadline:
+                    raise ProtocolError("the baton stayed locked by the peer") from None
+                time.sleep(0.001)
         try:
             found = self.read()
             if found == expected:

@@ -58,6 +58,7 @@ from intrahost.migration.protocol import (
     Channel,
     Command,
     Message,
+    PayloadError,
     ProtocolError,
 )
 from intrahost.migration.state import StateImportError
@@ -194,7 +195,11 @@ class Receiver:
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
         point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{command.name.lower()}"
         faults.hit("destination", point, self.channel.close)
-        handler(msg)
+        try:
+            handler(msg)
+        except PayloadError as e:
+            msg.close_fds()
+            self._refuse(f"{command.name}: {e}")
 
     def _refuse(self, reason: str) -> NoReturn:
         with contextlib.suppress(ProtocolError):
@@ -204,10 +209,10 @@ class Receiver:
     # --- handlers ------------------------------------------------------------------------------
 
     def _on_start(self, msg: Message) -> None:
-        self.baton = Baton(msg.fds.pop())
         body = msg.json()
+        self.baton = Baton.adopt(msg.fds.pop())
         version = body.get("version")
-        if version not in ACCEPTED_VERSIONS:
+        if type(version) is not int or version not in ACCEPTED_VERSIONS:
             self._refuse(
                 f"protocol version {version} is not accepted; this VMM speaks "
                 f"{sorted(ACCEPTED_VERSIONS)}"
@@ -217,8 +222,8 @@ class Receiver:
         self.channel.ok({"version": protocol.PROTOCOL_VERSION})
 
     def _on_memory_fd(self, msg: Message) -> None:
-        fd = msg.fds.pop()
         body = msg.json()
+        fd = msg.fds.pop()
         size = body.get("size")
         path = body.get("path")
         st = os.fstat(fd)
@@ -327,11 +332,14 @@ class Receiver:
             state = decode_state(msg.payload)
             if config_of(state).guest_differences(self.machine.config):
                 raise StateImportError("the state's configuration differs from the CONFIG sent")
+            run_state = (
+                state.need_json("vmm/run-state") if "vmm/run-state" in state.components else None
+            )
             restore_machine(self.machine, state)
-        except (StateFormatError, StateImportError) as e:
+        except (StateFormatError, StateImportError, MachineConfigError) as e:
             self._refuse(f"cannot import the state: {e}")
-        if state.get("vmm/run-state") is not None:
-            self.running_after_commit = bool(state.need_json("vmm/run-state").get("running"))
+        if run_state is not None:
+            self.running_after_commit = bool(run_state.get("running"))
         imported = time.monotonic_ns()
         faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
@@ -405,7 +413,12 @@ class Receiver:
         whichever swap comes first wins. A source killed after the import thus loses no guest.
         """
         assert self.machine is not None and self.baton is not None
-        if self.baton.swap(Baton.PENDING, Baton.COMMITTED) != Baton.PENDING:
+        try:
+            found = self.baton.swap(Baton.PENDING, Baton.COMMITTED, self.options.timeout)
+        except ProtocolError as e:
+            self._fail(f"{reason}; {e}")
+            return
+        if found != Baton.PENDING:
             self._fail(f"{reason}; the source kept the guest")
             return
         log.warning("the source went away after the import (%s): this VMM took the guest", reason)
@@ -428,7 +441,10 @@ class Receiver:
     def _discard(self) -> None:
         # Make sure the baton can never say COMMITTED for this attempt.
         if self.baton is not None:
-            self.baton.swap(Baton.PENDING, Baton.ABANDONED)
+            try:
+                self.baton.swap(Baton.PENDING, Baton.ABANDONED, self.options.timeout)
+            except (OSError, ProtocolError) as e:
+                log.warning("could not mark the baton ABANDONED: %s", e)
         if self.machine is not None:
             self.machine.close()
             self.machine = None

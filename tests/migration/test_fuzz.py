@@ -21,21 +21,23 @@
 Seeds are real saved states: the format fixtures in fixtures/ and, on /dev/kvm, states a
 counter guest writes at module start (1 and 2 vCPUs).
 
-Budget. In ``make test`` every test has a fixed number of examples and the module takes
-about 30-40 s. For a longer run, multiply every budget:
+Budget. In ``make test`` every test has a fixed number of examples (about 2,500 in all) and
+the module takes about 15 s on an idle 2-CPU host, 40 s on a busy one. For a longer run,
+multiply every budget:
 
     INTRAHOST_FUZZ_SCALE=50 .venv/bin/pytest tests/migration/test_fuzz.py \\
         --hypothesis-show-statistics -p no:cacheprovider
 
-The rules some inputs still break are listed in ``fuzzkit.KNOWN_BUGS``; each has a strict
-xfail test below (``test_bug_*``) and the fuzz tests tolerate exactly those signatures.
-``INTRAHOST_FUZZ_STRICT=1`` tolerates none of them (and also sends non-memfd batons), to
-check a fix. The test session's summary prints examples and time per fuzz test.
+The bugs the fuzzing found are listed in ``fuzzkit.KNOWN_BUGS``, each pinned down by a
+``test_bug_*`` test below; all are fixed, and the fuzz tests tolerate none of them (nor do they
+spare the receiver non-memfd batons). ``INTRAHOST_FUZZ_STRICT=0`` tolerates them again, to tell
+a regression of a known bug from a new one. The test session's summary prints examples and
+time per fuzz test.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import socket
 import struct
@@ -63,7 +65,7 @@ from intrahost.migration.machine_state import (
     vcpu_state,
     vm_state,
 )
-from intrahost.migration.protocol import FRAME, Baton, Channel, Command, Status
+from intrahost.migration.protocol import FRAME, Baton, Channel, Command
 from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
 from intrahost.migration.state import StateImportError
 from intrahost.vmm.devices.debugport import DebugPortState, DebugPortStateError
@@ -87,6 +89,7 @@ def budget(examples: int) -> Callable[[Any], Any]:
             HealthCheck.data_too_large,
             HealthCheck.filter_too_much,
             HealthCheck.large_base_example,
+            HealthCheck.function_scoped_fixture,
         ],
     )
 
@@ -116,10 +119,8 @@ def _decode_or_refuse(data: bytes) -> envelope.State | None:
         state = envelope.decode(data)
     except StateFormatError:
         state = None
-    try:
+    with contextlib.suppress(StateFormatError):
         envelope.decode(data, UNDERSTOOD)
-    except StateFormatError:
-        pass
     return state
 
 
@@ -153,7 +154,7 @@ def test_decode_random_bodies_behind_a_valid_header(
         _reencodes(state)
 
 
-@budget(600)
+@budget(400)
 @given(data=st.data())
 def test_decode_mutated_real_envelopes(data: st.DataObject, stats: Callable[..., None]) -> None:
     stats()
@@ -169,7 +170,7 @@ def test_decode_mutated_real_envelopes(data: st.DataObject, stats: Callable[...,
         _reencodes(state)
 
 
-@budget(300)
+@budget(200)
 @given(
     components=st.lists(
         st.builds(Component, fuzzkit.COMPONENT_NAMES, st.binary(max_size=64), st.booleans()),
@@ -185,6 +186,17 @@ def test_encode_decode_round_trip(
     state = envelope.decode(envelope.encode(components, minor))
     assert state.minor == minor
     assert list(state.components.values()) == components
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"[" * 100_000, b'{"a":' * 5000 + b"}" * 5000, b'{"a":' + b"1" * 5000 + b"}", b"\xff"],
+    ids=["deep-array", "deep-object", "huge-number", "not-utf8"],
+)
+def test_a_json_component_that_json_cannot_read_is_a_format_error(payload: bytes) -> None:
+    state = envelope.decode(envelope.encode([Component("config", payload)]))
+    with pytest.raises(StateFormatError, match="component 'config'"):
+        state.need_json("config")
 
 
 # --- (b) the state parsers ----------------------------------------------------------------------
@@ -228,7 +240,7 @@ def _parse_everything(data: bytes, vcpus: int) -> list[str]:
     return accepted
 
 
-@budget(400)
+@budget(300)
 @given(data=st.data())
 def test_state_parsers_refuse_cleanly(data: st.DataObject, stats: Callable[..., None]) -> None:
     seed: Seed = data.draw(seeds)
@@ -297,7 +309,7 @@ def _known_restore_bug(e: Exception) -> str | None:
 
 
 @needs_kvm
-@budget(250)
+@budget(200)
 @given(session=fuzzkit.sessions(SEEDS))
 def test_receiver_survives_arbitrary_frames(session: Session, stats: Callable[..., None]) -> None:
     outcome = fuzzkit.run_session(session)
@@ -344,7 +356,7 @@ def test_a_huge_announced_payload_is_refused_without_allocating_it() -> None:
         tracemalloc.stop()
     assert not thread.is_alive() and "escaped" not in box
     assert receiver.state is ReceiveState.FAILED
-    assert "announced a 64424509440-byte message" in (receiver.error or "")
+    assert str(60 << 30) in (receiver.error or ""), receiver.error
     assert peak < 1 << 20, f"{peak} bytes allocated for a refused header"
     ours.close()
     assert fuzzkit.open_fds() == before
@@ -396,5 +408,144 @@ def test_more_fds_than_a_message_may_carry_are_all_closed() -> None:
     thread.join(10)
     ours.close()
     assert "escaped" not in box and receiver.state is ReceiveState.FAILED
-    assert "more fds than a message may carry" in (receiver.error or "")
+    assert "fds" in (receiver.error or ""), receiver.error
     assert fuzzkit.open_fds() == before
+
+
+@needs_kvm
+@budget(120)
+@given(session=fuzzkit.state_sessions(SEEDS))
+def test_receiver_imports_or_refuses_near_real_states(
+    session: Session, stats: Callable[..., None]
+) -> None:
+    outcome = fuzzkit.run_session(session)
+    broken = fuzzkit.unexplained(outcome)
+    stats(*fuzzkit.explained_by(outcome))
+    event(f"ended {outcome.state.value}")
+    assert not broken, f"{session.describe()}\n  " + "\n  ".join(f"{r}: {d}" for r, d in broken)
+
+
+# --- the bugs the fuzzing found -----------------------------------------------------------------
+# Each pins down a bug the fuzzing found (now fixed): it must keep passing.
+
+
+def _seed() -> Seed:
+    return SEEDS[-1]
+
+
+def _session(*frames: Frame, ending: str = "eof") -> Session:
+    return Session(_seed(), frames, ending)
+
+
+def _prefix(n: int) -> list[Frame]:
+    return fuzzkit.valid_prefix(_seed())[:n]
+
+
+def _assert_clean(outcome: fuzzkit.Outcome) -> None:
+    broken = fuzzkit.violations(outcome)
+    assert not broken, "\n".join(f"{r}: {d}" for r, d in broken)
+
+
+def _state_with(change: Callable[[list[Component]], list[Component]]) -> bytes:
+    components = list(envelope.decode(_seed().state).components.values())
+    return envelope.encode(change(components))
+
+
+def _replace(name: str, payload: bytes) -> Callable[[list[Component]], list[Component]]:
+    return lambda cs: [Component(c.name, payload, c.required) if c.name == name else c for c in cs]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"nope", b"[1]", b"[" * 100_000, b'{"version":' + b"1" * 5000 + b"}"],
+    ids=["garbage", "array", "deep", "huge-number"],
+)
+def test_bug_payload_not_json_gets_no_error_reply(payload: bytes) -> None:
+    start = Frame(Command.START, payload, ("baton",))
+    _assert_clean(fuzzkit.run_session(_session(start)))
+
+
+def test_bug_memory_fd_with_a_bad_payload_leaks_the_fd() -> None:
+    memory_fd = Frame(Command.MEMORY_FD, b"not json", ("memory",))
+    outcome = fuzzkit.run_session(_session(*_prefix(1), memory_fd))
+    assert not outcome.leaked_fds, outcome.leaked_fds
+
+
+def test_bug_start_version_of_the_wrong_type() -> None:
+    start = Frame(Command.START, fuzzkit.to_json({"version": [1]}), ("baton",))
+    _assert_clean(fuzzkit.run_session(_session(start)))
+
+
+@needs_kvm
+@pytest.mark.parametrize("name", ["vm/clock", "vcpu/0/regs", "vcpu/0/cpuid", "vcpu/0/events"])
+def test_bug_raw_component_of_the_wrong_size(name: str) -> None:
+    state = _state_with(lambda cs: [
+        Component(c.name, c.payload[:-1], c.required) if c.name == name else c for c in cs
+    ])  # fmt: skip
+    frames = [*_prefix(4), Frame(Command.STATE, state)]
+    _assert_clean(fuzzkit.run_session(_session(*frames)))
+
+
+@needs_kvm
+def test_bug_vcpu_component_name_not_a_number() -> None:
+    state = _state_with(lambda cs: [*cs, Component("vcpu/x/regs", b"", required=False)])
+    frames = [*_prefix(4), Frame(Command.STATE, state)]
+    _assert_clean(fuzzkit.run_session(_session(*frames)))
+
+
+@needs_kvm
+def test_bug_state_config_of_the_wrong_type() -> None:
+    config = _seed().config | {"serial": 5}
+    state = _state_with(_replace("config", fuzzkit.to_json(config)))
+    frames = [*_prefix(4), Frame(Command.STATE, state)]
+    _assert_clean(fuzzkit.run_session(_session(*frames)))
+
+
+@needs_kvm
+def test_bug_run_state_that_is_not_json() -> None:
+    state = _state_with(_replace("vmm/run-state", b"not json"))
+    frames = [*_prefix(4), Frame(Command.STATE, state)]
+    _assert_clean(fuzzkit.run_session(_session(*frames)))
+
+
+def test_bug_config_of_raises_machine_config_error() -> None:
+    state = decode_state(_state_with(_replace("config", b'{"vcpus": "two"}')))
+    with pytest.raises(StateFormatError):
+        config_of(state)
+
+
+@pytest.mark.parametrize("kind", fuzzkit.BAD_BATONS)
+def test_bug_baton_not_a_memfd(kind: str) -> None:
+    start = Frame(Command.START, fuzzkit.to_json({"version": 99}), (kind,))
+    _assert_clean(fuzzkit.run_session(_session(start)))
+
+
+def test_bug_a_peer_holding_the_baton_lock_stalls_the_receiver() -> None:
+    import fcntl
+
+    baton = Baton.create()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "source": takes the lock and keeps it for 3 s
+        fcntl.lockf(baton.fd, fcntl.LOCK_EX)
+        os.write(ready_w, b"x")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        ours, receiver, thread, _box = _receiver(timeout=0.5)
+        ours.sendmsg(
+            [FRAME.pack(Command.START, 1, 0, 2) + b"{}"],  # no version: refused
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", baton.fd))],
+        )
+        t0 = time.monotonic()
+        thread.join(10)
+        elapsed = time.monotonic() - t0
+        ours.close()
+    finally:
+        os.waitpid(pid, 0)
+        baton.close()
+        os.close(ready_r)
+        os.close(ready_w)
+    assert receiver.state is ReceiveState.FAILED
+    assert elapsed < 1.5, f"the refusal took {elapsed:.1f} s: the receiver waited for the lock"

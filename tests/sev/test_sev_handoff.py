@@ -167,6 +167,10 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
             sev_source.vm.get_clock()  # a real KVM ioctl on the old VM
         assert info.value.errno == errno.EIO
         assert sev_source.confidential is not None and sev_source.confidential.vm.is_dead()
+        deadline = time.monotonic() + 10  # the new VMM renames its control socket into place
+        while not (sockdir / "dst.sock").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with QmpClient(sockdir / "dst.sock") as qmp:
             assert qmp.execute("query-status")["status"] == "running"
     finally:
@@ -198,7 +202,9 @@ def test_a_failure_after_the_move_moves_the_context_back(
     assert proc.wait(20) == 1
     assert sev_source.vm is not old_vm, "the source did not build a fresh VM"
     assert sev_source.status == "running" and _counting(sev_source)
+    sev_source.pause()
     layout.verify_region(sev_source.memory.buffer, 0)
+    sev_source.resume()
     assert sev_source.confidential is not None and not sev_source.confidential.vm.is_dead()
 
 

@@ -575,11 +575,8 @@ class IntrahostGuest:
         )
         h.t_done = h.t_end = time.monotonic_ns()
         out = done.stdout + done.stderr
-        if (m := re.search(r"new VMM pid (\d+) serves .* \(its output: (.+)\)", out)) is not None:
+        if (m := re.search(r"new VMM pid (\d+) serves", out)) is not None:
             self.res.adopt_pid(int(m.group(1)))
-            logdir = Path(m.group(2)).parent
-            if logdir.name.startswith("intrahost-upgrade-"):
-                self.res.directory(logdir)
         if done.returncode != 0 or m is None:
             raise BenchError(f"intrahost upgrade failed (status {done.returncode}): {out.strip()}")
         # upgrade returns once the old VMM is gone, or after 10 s without saying so.

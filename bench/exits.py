@@ -2,7 +2,7 @@
 
 Both run the same guest — flat 32-bit code doing ``out dx, eax`` to port 0x500 in a loop —
 on one vCPU, in alternating rounds; the C loop is compiled from bench/exits_loop.c on the
-spot. Prints the medians and the ratio, and writes bench/out/exits.json.
+spot. Prints the medians and the ratio, and writes bench/out/exits.json and exits.png.
 
     python bench/exits.py [--seconds 1.0] [--rounds 5]
 """
@@ -87,7 +87,27 @@ def main() -> None:
     print(f"ratio python / C: {result['ratio_python_over_c']:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    png = Path(args.out).with_suffix(".png")
+    plot(py, c, png)
+    print(f"wrote {args.out} and {png}")
+
+
+def plot(py: list[float], c: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    medians = [statistics.median(py) / 1000, statistics.median(c) / 1000]
+    ax.bar(["intrahost (Python)", "minimal C loop"], medians, color=["tab:blue", "tab:gray"])
+    for i, samples in enumerate((py, c)):
+        ax.scatter([i] * len(samples), [s / 1000 for s in samples], color="black", s=8, zorder=3)
+    ax.set_ylabel("exits per second per vCPU (thousands)")
+    ax.set_title(f"OUT-loop exits: ratio Python / C = {medians[0] / medians[1]:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -198,17 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     values = RUN_DEFAULTS | {
         k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None
     }
-    config = MachineConfig(
-        memory=parse_size(values["memory"]),
-        vcpus=values["vcpus"],
-        guest=values["guest"],
-        guest_args=values["guest_args"],
-        memory_path=values["memory_path"],
-        serial=values["serial"],
-        sev=values["sev"],
-        sev_platform=values["sev_platform"],
-        sev_policy=values["sev_policy"],
-    )
+    config = MachineConfig(**(values | {"memory": parse_size(values["memory"])}))
     if args.api_socket:
         _check_api_path(args.api_socket)
     machine = Machine.create(config)
@@ -235,18 +225,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _socket_is_live(path: str) -> bool:
-    import socket
+    from intrahost.vmm.api import socket_state
 
-    if not os.path.exists(path):
-        return False
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(path)
-        return True
+        return socket_state(path) == "live"
     except OSError:
         return False
-    finally:
-        s.close()
 
 
 def _check_api_path(path: str) -> None:

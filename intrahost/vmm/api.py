@@ -809,39 +809,51 @@ def _bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
     return sock, (st.st_dev, st.st_ino)
 
 
-def _clear_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
+def socket_state(path: str) -> str:
+    """What is at ``path``: "absent", "not-a-socket", "stale" (a socket file nobody listens
+    on), "live" (a process accepts connections on it); raises OSError when it can't tell."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return "absent"
     if not stat.S_ISSOCK(st.st_mode):
-        raise ApiSocketError(
-            f"cannot create control socket {path!r}: the path exists and is not a socket; "
-            f"remove it or choose another path"
-        )
+        return "not-a-socket"
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        log.info("removing stale control socket %s (nothing listens on it)", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        return "stale"
     except FileNotFoundError:
-        return
+        return "absent"
+    finally:
+        probe.close()
+    return "live"
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
+    try:
+        state = socket_state(path)
     except OSError as error:
         raise ApiSocketError(
             f"cannot tell whether control socket {path!r} is in use ({error.strerror}); "
             f"if no VMM uses it, remove it"
         ) from error
-    finally:
-        probe.close()
-    raise ApiSocketError(
-        f"control socket {path!r} is live: another process is listening on it (another "
-        f"intrahost VMM?); stop that process or choose another path"
-    )
+    if state == "not-a-socket":
+        raise ApiSocketError(
+            f"cannot create control socket {path!r}: the path exists and is not a socket; "
+            f"remove it or choose another path"
+        )
+    if state == "stale":
+        log.info("removing stale control socket %s (nothing listens on it)", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    elif state == "live":
+        raise ApiSocketError(
+            f"control socket {path!r} is live: another process is listening on it (another "
+            f"intrahost VMM?); stop that process or choose another path"
+        )
 
 
 def _remove_if_ours(path: str, socket_id: tuple[int, int] | None) -> None:

@@ -33,7 +33,13 @@ from intrahost.kvm import KvmError
 from intrahost.migration.protocol import Channel, ProtocolError, parse_url
 from intrahost.migration.receiver import ReceiveOptions, Receiver
 from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
-from intrahost.vmm.api import MAX_SOCKET_PATH, ApiServer, CommandError, check_socket_directory
+from intrahost.vmm.api import (
+    MAX_SOCKET_PATH,
+    ApiServer,
+    CommandError,
+    check_socket_directory,
+    socket_state,
+)
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -247,24 +253,16 @@ def listen(url: str) -> socket.socket:
     live one refused, and anything else at the path (a file, a symlink) left alone."""
     path = parse_url(url)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        state = socket_state(path)
+    except OSError as e:
+        raise IncomingError(f"{path} exists and is not a usable socket: {e.strerror}") from None
+    if state == "not-a-socket":
         raise IncomingError(f"{path} exists and is not a socket: remove it or choose another path")
     check_socket_directory(path, "migration socket")
-    if st is not None:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        except OSError as e:
-            raise IncomingError(f"{path} exists and is not a usable socket: {e.strerror}") from None
-        else:
-            raise IncomingError(f"another VMM already waits at {path}")
-        finally:
-            probe.close()
+    if state == "live":
+        raise IncomingError(f"another VMM already waits at {path}")
+    if state == "stale":
+        os.unlink(path)
     # Bind beside the path, listen, then rename into place: the path appears only once a
     # connection to it can succeed (a source that sees the file may connect at once).
     staging = f"{path}.{os.getpid()}.tmp"

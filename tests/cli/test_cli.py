@@ -70,7 +70,7 @@ def test_run_status_pause_resume_stop(vmm_factory: Any, sockdir: Path) -> None:
     assert cli("stop", "--api-socket", str(api)).returncode == 0
     assert vmm.wait(10) == 0
     assert not api.exists()
-    assert "cpu0 count=" in serial.read_text()
+    assert " count=" in serial.read_text()
 
 
 @needs_kvm

@@ -109,8 +109,8 @@ def main() -> int:
     finally:
         if vmm.poll() is None:
             vmm.terminate()
-        for proc in ("intrahost run",):
-            subprocess.run(["pkill", "-f", f"{proc}.*{api}"], check=False)
+        # upgrade detaches each new VMM: end whichever one serves the socket now
+        subprocess.run(["pkill", "-f", f"intrahost run.*{api}"], check=False)
         ram.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
 

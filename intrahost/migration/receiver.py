@@ -148,9 +148,7 @@ class Receiver:
                 self._take_over(str(e))
             else:
                 self._fail(str(e))
-        except (HandoffRefused, StateImportError, StateFormatError) as e:
-            self._fail(str(e))
-        except IntrahostError as e:
+        except IntrahostError as e:  # a refusal, a bad or unimportable state, ...
             self._fail(str(e))
         except Exception as e:  # never leave a half-built VM behind
             log.exception("incoming hand-off failed")

@@ -20,7 +20,6 @@ snapshot restore) and not a jump:
 from __future__ import annotations
 
 import ctypes
-import errno
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +29,6 @@ from intrahost.kvm.constants import (
     KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE,
-    MpState,
 )
 from intrahost.kvm.features import VcpuFeatures
 
@@ -73,10 +71,6 @@ class VmState:
     pic_slave: bytes
     ioapic: bytes
     pit: bytes
-
-
-def cpuid_bytes(entries: list[uapi.kvm_cpuid_entry2]) -> bytes:
-    return b"".join(bytes(e) for e in entries)
 
 
 def cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
@@ -222,13 +216,7 @@ def restore_vm(vm: Vm, state: VmState) -> None:
         raise StateImportError(f"VM state: {e}") from e
 
 
-def is_dead_vm_error(e: KvmError) -> bool:
-    """EIO from a VM whose context moved away (SEV) or that belongs to another process."""
-    return e.errno == errno.EIO
-
-
 __all__ = [
-    "MpState",
     "StateImportError",
     "VcpuFeatures",
     "VcpuState",

@@ -41,8 +41,6 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 COM1_IRQ = 4
 MAX_VCPUS = 64
-#: The CLI's --serial words for the UART's console names.
-_CONSOLE_ALIASES = {"stdio": "stdout", "none": "null"}
 
 
 class MachineConfigError(IntrahostError):
@@ -201,7 +199,7 @@ class Machine:
     def _build(self) -> None:
         self._build_vm()
         self.uart = Uart16550(
-            open_console(_CONSOLE_ALIASES.get(self.config.serial, self.config.serial)),
+            open_console(self.config.serial),
             irq=self._uart_irq,
         )
         self.bus.register(COM1_BASE, self.uart.length, self.uart, "COM1")

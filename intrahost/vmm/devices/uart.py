@@ -370,10 +370,11 @@ class BufferConsole(Console):
 
 
 def open_console(spec: str) -> Console:
-    """Open the console named by ``spec``: ``stdout``, ``file:PATH``, ``pty`` or ``null``."""
-    if spec == "stdout":
+    """Open the console named by ``spec``: ``stdio`` (or ``stdout``), ``file:PATH``, ``pty``
+    or ``none`` (or ``null``) -- the words of the CLI's --serial."""
+    if spec in ("stdio", "stdout"):
         return StdoutConsole()
-    if spec == "null":
+    if spec in ("none", "null"):
         return NullConsole()
     if spec == "pty":
         return PtyConsole()
@@ -382,7 +383,7 @@ def open_console(spec: str) -> Console:
         if not path:
             raise ConsoleError("console 'file:' needs a path, e.g. file:/tmp/guest.log")
         return FileConsole(path)
-    raise ConsoleError(f"unknown console {spec!r}: use 'stdout', 'file:PATH', 'pty' or 'null'")
+    raise ConsoleError(f"unknown console {spec!r}: use 'stdio', 'file:PATH', 'pty' or 'none'")
 
 
 # -- state record ------------------------------------------------------------------------

@@ -57,9 +57,9 @@ from typing import Any
 import plot
 from observer import Observer, Stall
 
+from intrahost.service.qmp_client import QmpClient, QmpConnectionError
 from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.build import build_guest
-from intrahost.vmm.qmp_client import QmpClient, QmpConnectionError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

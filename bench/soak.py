@@ -62,8 +62,8 @@ from common import (
 )
 from observer import Observer, Stall
 
+from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
-from intrahost.vmm.qmp_client import QmpClient
 
 HERE = Path(__file__).resolve().parent
 INTRAHOST = [sys.executable, "-m", "intrahost"]

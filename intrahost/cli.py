@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "selftest":
             return cmd_selftest(args)
         if args.command == "platform":
-            from intrahost.sev.model.service import main as serve
+            from intrahost.sevmodel.service import main as serve
 
             return serve(list(args.service_args))
     except IntrahostError as e:
@@ -169,9 +169,9 @@ def explicit_run_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from intrahost.service.runner import Vmm, listen, receive
     from intrahost.vmm.machine import MachineConfig
     from intrahost.vmm.memory import parse_size
-    from intrahost.vmm.runner import Vmm, listen, receive
 
     if args.allow_uid and not args.incoming:
         raise CliError("--allow-uid applies only with --incoming (who may hand a guest in)")
@@ -225,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _socket_is_live(path: str) -> bool:
-    from intrahost.vmm.api import socket_state
+    from intrahost.service.api import socket_state
 
     try:
         return socket_state(path) == "live"
@@ -242,7 +242,7 @@ def _check_api_path(path: str) -> None:
 
 
 def _client(path: str) -> Any:
-    from intrahost.vmm.qmp_client import QmpClient
+    from intrahost.service.qmp_client import QmpClient
 
     return QmpClient(path)
 
@@ -331,7 +331,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
                 stderr=out,
             )
         try:
-            from intrahost.vmm.runner import wait_for_socket
+            from intrahost.service.runner import wait_for_socket
 
             deadline = time.monotonic() + 20
             while not os.path.exists(mig):
@@ -395,7 +395,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def _wait_served_by(path: str, pid: int, timeout: float) -> None:
     """Wait until the control socket at ``path`` answers from ``pid`` (the new VMM renames its
     socket into place right after it took the guest)."""
-    from intrahost.vmm.qmp_client import QmpConnectionError
+    from intrahost.service.qmp_client import QmpConnectionError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,8 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
-from intrahost.vmm.qmp_client import QmpClient
 
 VCPUS = 2
 UPGRADES = 3

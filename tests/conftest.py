@@ -8,12 +8,17 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sev_modelkit import make_model
+from sev_testlib import ServiceHandle, start_service
 from support import VmmProcess, wait_for_path
+
+from intrahost.sevmodel.client import ModelPlatform
+from intrahost.sevmodel.kvm_sev import KvmModel
 
 
 @pytest.fixture
@@ -100,3 +105,42 @@ def _fuzz_summary(terminalreporter: Any) -> None:
     for name, (examples, seconds, known) in stats.items():
         bugs = ", ".join(f"{k} x{v}" for k, v in sorted(known.items()))
         write(f"  {name:<52} {examples:>6} examples {seconds:>6.1f} s  {bugs}")
+
+
+# --- SEV: model platform services in their own processes ---------------------------------------
+
+
+@pytest.fixture
+def service_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServiceHandle]]:
+    started: list[ServiceHandle] = []
+
+    def factory(*extra: str) -> ServiceHandle:
+        handle = start_service(tmp_path_factory.mktemp("sev"), *extra)
+        started.append(handle)
+        return handle
+
+    yield factory
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def model_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
+    handle = start_service(tmp_path_factory.mktemp("sev-session"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def model(model_service: ServiceHandle) -> Iterator[ModelPlatform]:
+    platform = model_service.platform()
+    yield platform
+    platform.close()
+
+
+@pytest.fixture
+def kvm() -> KvmModel:
+    """A KVM model with default settings, driven in-process (no service)."""
+    return make_model()[0]

@@ -35,8 +35,8 @@ from support import HAVE_KVM, VmmProcess, needs_kvm, wait_for_path
 import intrahost
 from intrahost.migration.protocol import FRAME, Status
 from intrahost.migration.receiver import ReceiveOptions
-from intrahost.vmm import runner
-from intrahost.vmm.api import ApiServer, check_socket_directory
+from intrahost.service import runner
+from intrahost.service.api import ApiServer, check_socket_directory
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(os.getuid() != 0, reason="needs root (to become uid 65534)")

@@ -1,7 +1,7 @@
 """SEV and SEV-ES: one interface (``interface.py``), two platforms (``platforms.py``).
 
 ``open_platform("auto")`` gives the kernel platform where ``/dev/sev`` exists and the model
-platform (``intrahost.sev.model``) everywhere else.
+platform (``intrahost.sevmodel``) everywhere else.
 """
 
 from intrahost.sev.interface import (

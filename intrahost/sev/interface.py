@@ -2,7 +2,7 @@
 
 A *platform* is what creates SEV VMs and runs the SEV commands on them: the Linux kernel
 (``/dev/kvm`` + ``/dev/sev``, see ``intrahost.sev.kernel``) or the model platform
-(``intrahost.sev.model``), a software stand-in for KVM's SEV code and the AMD secure
+(``intrahost.sevmodel``), a software stand-in for KVM's SEV code and the AMD secure
 processor. A VMM only talks to :class:`SevPlatform` and :class:`SevVm`; it never needs to know
 which platform it has.
 

@@ -92,7 +92,7 @@ def _kernel_factory() -> SevPlatform:
 
 
 def _model_factory() -> SevPlatform:
-    from intrahost.sev.model.client import ModelPlatform
+    from intrahost.sevmodel.client import ModelPlatform
 
     return ModelPlatform()
 

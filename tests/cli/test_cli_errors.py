@@ -18,7 +18,7 @@ import pytest
 from support import needs_kvm
 
 from intrahost.migration import faults
-from intrahost.vmm.qmp_client import QmpClient
+from intrahost.service.qmp_client import QmpClient
 
 pytestmark = needs_kvm
 

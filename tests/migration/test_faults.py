@@ -30,8 +30,8 @@ import pytest
 from support import needs_kvm
 
 from intrahost.migration import faults
+from intrahost.service.qmp_client import QmpClient, QmpConnectionError
 from intrahost.vmm.guests import layout
-from intrahost.vmm.qmp_client import QmpClient, QmpConnectionError
 
 pytestmark = needs_kvm
 

@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from support import needs_kvm
 
+from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
-from intrahost.vmm.qmp_client import QmpClient
 
 pytestmark = needs_kvm
 

@@ -16,11 +16,11 @@ from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
 from intrahost.migration.machine_state import config_of, decode_state, restore_machine
 from intrahost.migration.sender import Sender
+from intrahost.service.runner import listen, receive
 from intrahost.vmm.devices import uart as U
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig
 from intrahost.vmm.memory import GuestMemory, MiB
-from intrahost.vmm.runner import listen, receive
 
 pytestmark = needs_kvm
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from intrahost.sev import SEV_POLICY_ES, SevError
-from intrahost.sev.model.client import ModelPlatform
+from intrahost.sevmodel.client import ModelPlatform
 
 
 def errno_of(call: Callable[[], object]) -> int:

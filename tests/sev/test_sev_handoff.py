@@ -18,11 +18,11 @@ from support import needs_kvm
 
 from intrahost.kvm import KvmError
 from intrahost.migration.sender import MigrationFailed, Sender
+from intrahost.service.qmp_client import QmpClient
+from intrahost.service.runner import IncomingError, listen, receive
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig
 from intrahost.vmm.memory import MiB
-from intrahost.vmm.qmp_client import QmpClient
-from intrahost.vmm.runner import IncomingError, listen, receive
 
 pytestmark = needs_kvm
 

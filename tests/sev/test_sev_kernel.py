@@ -50,7 +50,7 @@ from intrahost.sev import (
 )
 from intrahost.sev import kernel as kp
 from intrahost.sev import selftest as st
-from intrahost.sev.model.client import ModelPlatform
+from intrahost.sevmodel.client import ModelPlatform
 
 REPO = Path(__file__).resolve().parents[2]
 

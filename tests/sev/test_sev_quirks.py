@@ -1,6 +1,6 @@
 """Kernel quirks the model follows on purpose (spec marks them [O]), one test each.
 
-Each is named by a ``QUIRK`` comment at the place in ``intrahost/sev/model/kvm_sev.py`` where
+Each is named by a ``QUIRK`` comment at the place in ``intrahost/sevmodel/kvm_sev.py`` where
 the model follows the kernel.
 """
 
@@ -25,8 +25,8 @@ from sev_modelkit import (
 from sev_testlib import CHILD, expect
 
 from intrahost.sev import GuestState, SevCommand, VmType
-from intrahost.sev.model.client import ModelPlatform
-from intrahost.sev.model.kvm_sev import KvmModel
+from intrahost.sevmodel.client import ModelPlatform
+from intrahost.sevmodel.kvm_sev import KvmModel
 
 
 def test_quirk_sev_fd_is_not_moved(model: ModelPlatform) -> None:

@@ -14,7 +14,7 @@ from sev_testlib import ServiceHandle, start_service, wait_idle
 
 from intrahost.sev import SevPlatform, open_platform, unavailable_reason
 from intrahost.sev import selftest as st
-from intrahost.sev.model.client import ModelPlatform
+from intrahost.sevmodel.client import ModelPlatform
 
 
 @pytest.fixture(scope="module")

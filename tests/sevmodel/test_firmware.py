@@ -15,7 +15,7 @@ from intrahost.sev.interface import (
     FirmwareError,
     GuestState,
 )
-from intrahost.sev.model.firmware import (
+from intrahost.sevmodel.firmware import (
     SECRET_HEADER,
     FirmwareFailure,
     FirmwareVersion,

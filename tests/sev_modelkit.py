@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from intrahost.sev.interface import SEV_POLICY_ES, SevCommand, VmType
-from intrahost.sev.model.firmware import SecureProcessor
-from intrahost.sev.model.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
-from intrahost.sev.model.sync import Task
+from intrahost.sevmodel.firmware import SecureProcessor
+from intrahost.sevmodel.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
+from intrahost.sevmodel.sync import Task
 
 SEV_FD = 7
 

@@ -28,8 +28,8 @@ from sev_modelkit import (
 )
 
 from intrahost.sev.interface import SEV_NR_MAX, SEV_POLICY_ES, FirmwareError, SevCommand, VmType
-from intrahost.sev.model.kvm_sev import INVALID_PAGE, KvmError, KvmModel, Vm
-from intrahost.sev.model.sync import Task
+from intrahost.sevmodel.kvm_sev import INVALID_PAGE, KvmError, KvmModel, Vm
+from intrahost.sevmodel.sync import Task
 
 # ------------------------------------------------------------------------------------------
 # MOVE: each check, in order (spec 2.1)

@@ -31,8 +31,8 @@ from intrahost.sev.interface import (
     SevCommand,
     VmType,
 )
-from intrahost.sev.model.firmware import FirmwareFailure, FirmwareVersion, SecureProcessor
-from intrahost.sev.model.sync import ModelMutex, Task
+from intrahost.sevmodel.firmware import FirmwareFailure, FirmwareVersion, SecureProcessor
+from intrahost.sevmodel.sync import ModelMutex, Task
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12

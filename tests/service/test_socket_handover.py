@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from intrahost.vmm import api as api_module
-from intrahost.vmm.api import ApiServer
+from intrahost.service import api as api_module
+from intrahost.service.api import ApiServer
 
 
 def _answers(path: Path) -> bool:

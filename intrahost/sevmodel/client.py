@@ -4,7 +4,7 @@ Every operation is a request to the platform service (``service.py``) on one con
 platform object; requests from different threads are in flight at the same time (a MOVE that
 waits for a vCPU does not stop the vCPU thread from calling :meth:`ModelVm.vcpu_exit`).
 
-The service is found at :func:`~intrahost.sev.model.protocol.default_socket_path` (or the
+The service is found at :func:`~intrahost.sevmodel.protocol.default_socket_path` (or the
 path given) and started on demand, like an agent: under an exclusive lock on
 ``<socket>.lock`` so that two VMMs starting at once start one service, detached from the
 caller, logging to ``<socket>.log``.
@@ -42,8 +42,8 @@ from intrahost.sev.interface import (
     VmType,
     firmware_error_from_code,
 )
-from intrahost.sev.model import protocol
-from intrahost.sev.model.protocol import ProtocolError, recv_message, send_message
+from intrahost.sevmodel import protocol
+from intrahost.sevmodel.protocol import ProtocolError, recv_message, send_message
 
 
 class PlatformUnavailableError(IntrahostError):
@@ -156,14 +156,14 @@ _LAUNCHER = (
 
 
 def start_service(path: str, extra_args: Sequence[str] = ()) -> None:
-    """Start ``python -m intrahost.sev.model.service`` detached (reparented away from us)."""
+    """Start ``python -m intrahost.sevmodel.service`` detached (reparented away from us)."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(intrahost.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     command = [
         sys.executable,
         "-m",
-        "intrahost.sev.model.service",
+        "intrahost.sevmodel.service",
         *extra_args,
         "--log-file",
         path + ".log",

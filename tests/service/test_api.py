@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from intrahost.errors import IntrahostError
-from intrahost.vmm.api import (
+from intrahost.service.api import (
     MAX_MESSAGE,
     ApiError,
     ApiServer,
@@ -27,7 +27,7 @@ from intrahost.vmm.api import (
     CommandError,
     JsonStreamSplitter,
 )
-from intrahost.vmm.qmp_client import QmpClient, QmpConnectionError, QmpError, QmpTimeoutError
+from intrahost.service.qmp_client import QmpClient, QmpConnectionError, QmpError, QmpTimeoutError
 
 # -- a small device to drive -------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from intrahost.sev import SevError
-from intrahost.sev.model.client import ModelPlatform
+from intrahost.sevmodel.client import ModelPlatform
 
 HERE = __file__.rsplit("/", 1)[0]
-CHILD = f"{HERE}/sev_child.py"
+CHILD = f"{HERE}/sev/sev_child.py"
 
 
 def errno_of(call: Callable[[], object]) -> int:
@@ -92,7 +92,7 @@ def start_service(directory: Path, *extra: str) -> ServiceHandle:
         [
             sys.executable,
             "-m",
-            "intrahost.sev.model.service",
+            "intrahost.sevmodel.service",
             "--socket",
             path,
             "--test-hooks",

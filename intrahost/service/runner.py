@@ -33,7 +33,7 @@ from intrahost.kvm import KvmError
 from intrahost.migration.protocol import Channel, ProtocolError, parse_url
 from intrahost.migration.receiver import ReceiveOptions, Receiver
 from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
-from intrahost.vmm.api import (
+from intrahost.service.api import (
     MAX_SOCKET_PATH,
     ApiServer,
     CommandError,

@@ -33,16 +33,16 @@ from intrahost.sev import (
     open_platform,
     unavailable_reason,
 )
-from intrahost.sev.model import protocol
-from intrahost.sev.model.client import ModelPlatform, ModelVm, PlatformUnavailableError
-from intrahost.sev.model.firmware import (
+from intrahost.sev.platforms import PlatformNotAvailableError
+from intrahost.sevmodel import protocol
+from intrahost.sevmodel.client import ModelPlatform, ModelVm, PlatformUnavailableError
+from intrahost.sevmodel.firmware import (
     SECRET_HEADER,
     FirmwareVersion,
     derive_tik,
     expected_measurement,
     secret_mac,
 )
-from intrahost.sev.platforms import PlatformNotAvailableError
 
 
 def child(
@@ -328,7 +328,7 @@ def test_no_autostart_and_no_service(tmp_path: Path) -> None:
 
 def test_second_service_on_the_same_socket_refuses(model_service: ServiceHandle) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "intrahost.sev.model.service", "--socket", model_service.path],
+        [sys.executable, "-m", "intrahost.sevmodel.service", "--socket", model_service.path],
         capture_output=True,
         text=True,
         timeout=30,

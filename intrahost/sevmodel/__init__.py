@@ -5,6 +5,6 @@ reach over a unix socket (``client.py``). ``kvm_sev.py`` models ``arch/x86/kvm/s
 ``firmware.py`` the secure processor. See ``docs/sev.md`` for what is and is not modelled.
 """
 
-from intrahost.sev.model.client import ModelPlatform, ModelVm, PlatformUnavailableError
+from intrahost.sevmodel.client import ModelPlatform, ModelVm, PlatformUnavailableError
 
 __all__ = ["ModelPlatform", "ModelVm", "PlatformUnavailableError"]

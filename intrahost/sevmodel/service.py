@@ -42,18 +42,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intrahost.sev.interface import VmType
-from intrahost.sev.model import protocol
-from intrahost.sev.model.firmware import FirmwareVersion, SecureProcessor
-from intrahost.sev.model.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
-from intrahost.sev.model.protocol import (
+from intrahost.sevmodel import protocol
+from intrahost.sevmodel.firmware import FirmwareVersion, SecureProcessor
+from intrahost.sevmodel.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
+from intrahost.sevmodel.protocol import (
     ConnectionClosed,
     MalformedMessage,
     ProtocolError,
     recv_message,
 )
-from intrahost.sev.model.sync import Task
+from intrahost.sevmodel.sync import Task
 
-log = logging.getLogger("intrahost.sev.model")
+log = logging.getLogger("intrahost.sevmodel")
 
 _CAP_IPC_LOCK = 14
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from support import VmmProcess, needs_kvm
 
-from intrahost.vmm.api import MAX_CLIENTS, MAX_MESSAGE
+from intrahost.service.api import MAX_CLIENTS, MAX_MESSAGE
 
 pytestmark = needs_kvm
 

@@ -14,7 +14,7 @@ import pytest
 from qemu.qmp import QMPClient
 from support import needs_kvm
 
-from intrahost.vmm.qmp_client import QmpClient
+from intrahost.service.qmp_client import QmpClient
 
 pytestmark = needs_kvm
 

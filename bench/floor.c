@@ -5,14 +5,16 @@
  * has built its own VM on the same memfd, with vCPUs that never ran (or, with -p, that ran
  * once on a stub outside the guest's code path). A hand-off: the source parks its vCPU
  * threads, exports the vCPU and VM state with the KVM getters, sends it in one message;
- * the destination imports it with the setters and runs the guest. Then the two swap roles
- * (the old source builds a fresh destination VM, with memory mapped anew) and so on.
+ * the destination imports it with the setters and runs the guest. Then the two swap roles:
+ * the old source closes its VM and forks a new process, which builds the next destination
+ * VM (like a new VMM process; the old one exits), and so on.
  *
  * The guest: vCPU 0 runs a loop at CPL3 in long mode (no boot code: the vCPU starts there,
- * state set with KVM_SET_SREGS/REGS) that reads the TSC and keeps, in a status page, the
- * largest gap between two reads since the host last asked for a reset. On this host the
- * guest's RDTSC is the host's TSC, so the gap across the hand-off is the exact blackout.
- * With -v 4, vCPUs 1-3 sit in HLT at CPL0 (halts are handled in the kernel).
+ * state set with KVM_SET_SREGS/REGS) that reads the TSC and keeps, in a status page, a
+ * counter, its last stamp, the largest gap between two reads and the gap across the last
+ * hand-off (see the status page below). On this host the guest's RDTSC is the host's TSC,
+ * so that gap is the exact blackout. With -v 4, vCPUs 1-3 sit in HLT at CPL0 (halts are
+ * handled in the kernel: no exit to userspace).
  *
  * Output (stdout): one JSON object per line; first {"config": ...}, then one object per
  * hand-off with the steps in microseconds (CLOCK_MONOTONIC):
@@ -23,8 +25,10 @@
  *   import    setters: PIT2 CLOCK irqchips, then per vCPU MP_STATE REGS SREGS XSAVE XCRS
  *             DEBUGREGS LAPIC MSRS TSC-offset VCPU_EVENTS
  *   resume    last setter -> the guest's first RDTSC after the hand-off (TSC, converted)
- *   blackout  the guest's largest RDTSC gap across the hand-off
- *   stop      pause start -> the guest's last RDTSC before the hand-off
+ *   blackout  the guest's RDTSC gap across the hand-off
+ *   stop      pause start -> the guest's last RDTSC before the hand-off (negative: the
+ *             vCPU thread was off the CPU when the pause began)
+ * so blackout = pause + export + transfer + import + resume - stop.
  *
  * usage: floor [-n handoffs] [-v vcpus] [-p] [-s settle_ms]
  */
@@ -62,7 +66,9 @@
 #define HALT_ADDR 0x101000
 #define STUB_ADDR 0x3e00000
 #define STUB_PORT 0x80
-#define TSS_SIZE 256 /* per vCPU: 104 bytes, an I/O bitmap for ports 0-0x3ff, 0xff */
+/* Per vCPU: 104 bytes, an I/O bitmap for ports 0-0x3ff, 0xff. The stub's OUT at CPL3 needs
+ * the bitmap: on this host's KVM, IOPL=3 alone does not allow it (#GP, triple fault). */
+#define TSS_SIZE 256
 #define TSS_LIMIT (104 + 0x400 / 8)
 
 struct space {
@@ -133,7 +139,7 @@ __asm__(".pushsection .rodata\n"
         "1:hlt\n"
         "  jmp 1b\n"
         "floor_halt_end:\n"
-        "floor_stub:\n" /* CPL3, IOPL3: one exit to userspace */
+        "floor_stub:\n" /* CPL3, port allowed by the TSS: one exit to userspace */
         "  outb %al, $" STR(STUB_PORT) "\n"
         "floor_stub_end:\n"
         ".popsection\n");
@@ -341,8 +347,7 @@ static void run_stub(struct vcpu *v) {
 static int park(struct vcpu *v, unsigned *seen_gen) {
 	struct vm *vm = v->vm;
 	pthread_mutex_lock(&vm->lock);
-	vm->nparked++;
-	pthread_cond_signal(&vm->parked_cv);
+	if (++vm->nparked == nvcpus) pthread_cond_signal(&vm->parked_cv);
 	while (vm->gen == *seen_gen && !vm->exiting) pthread_cond_wait(&vm->wake, &vm->lock);
 	*seen_gen = vm->gen;
 	int go = !vm->exiting;
@@ -379,8 +384,8 @@ static void resume(struct vm *vm) {
 	for (int i = 0; i < nvcpus; i++) vm->vcpu[i].run->immediate_exit = 0;
 	vm->nparked = 0;
 	vm->gen++;
-	pthread_cond_broadcast(&vm->wake);
 	pthread_mutex_unlock(&vm->lock);
+	pthread_cond_broadcast(&vm->wake);
 }
 
 static void pause_vm(struct vm *vm) {
@@ -694,6 +699,10 @@ static void worker(int sock, int first_source) {
 			recv_small(sock, MSG_RESUMED, round);
 			destroy_vm(&vm);
 			if ((int)round + 1 == count) break;
+			/* The next destination is a new process; this one ends (main reaps it). */
+			pid_t child = fork();
+			if (child < 0) die("fork");
+			if (child > 0) _exit(0);
 			build_vm(&vm, 0);
 			send_small(sock, MSG_READY, round + 1);
 			source = 0;
@@ -857,17 +866,17 @@ int main(int argc, char **argv) {
 	       have_tsc_offset ? "true" : "false", msg_size, settle_ns / 1e6);
 	fflush(stdout);
 
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1ul) < 0) die("PR_SET_CHILD_SUBREAPER");
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
 	struct timeval timeout = {.tv_sec = 30};
 	for (int i = 0; i < 2; i++)
 		if (setsockopt(sv[i], SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) < 0)
 			die("setsockopt");
-	pid_t pid[2];
 	for (int i = 0; i < 2; i++) {
-		pid[i] = fork();
-		if (pid[i] < 0) die("fork");
-		if (pid[i] == 0) {
+		pid_t pid = fork();
+		if (pid < 0) die("fork");
+		if (pid == 0) {
 			close(sv[1 - i]);
 			worker(sv[i], i == 0);
 			_exit(0);
@@ -875,16 +884,17 @@ int main(int argc, char **argv) {
 	}
 	close(sv[0]);
 	close(sv[1]);
+	/* Every process of the chain ends here (a subreaper); when one fails, its peer's next
+	 * recv() sees the socket closed and fails too. */
 	int failed = 0;
-	for (int left = 2; left > 0; left--) {
+	for (;;) {
 		int st;
 		pid_t p = wait(&st);
+		if (p < 0 && errno == ECHILD) break;
 		if (p < 0) die("wait");
 		if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
 			if (!failed) fprintf(stderr, "floor: process %d failed\n", (int)p);
 			failed = 1;
-			for (int i = 0; i < 2; i++)
-				if (pid[i] != p) kill(pid[i], SIGKILL);
 		}
 	}
 	return failed;

@@ -1,12 +1,12 @@
 """The floor of a hand-off: the same blackout, done by a minimal C program on this host.
 
-bench/floor.c (compiled here with ``cc -O2``) hands a running KVM guest back and forth between
-two processes that share its memory (a memfd) and a unix socket, with nothing else: park the
+bench/floor.c (compiled here with ``cc -O2``) hands a running KVM guest along a chain of
+processes that share its memory (a memfd) and a unix socket, with nothing else: park the
 vCPU threads, export the vCPU and VM state with the KVM getters, send it in one message,
-import it with the setters in a fresh VM built beforehand, run. The guest, a loop at CPL3
-reading the TSC, measures each blackout itself: its gap between two RDTSCs across the
-hand-off (on this host the guest's RDTSC is the host's TSC). Each hand-off is split into
-steps, in CLOCK_MONOTONIC:
+import it with the setters into a VM that a new process built beforehand, run. The guest,
+a loop at CPL3 reading the TSC, measures each blackout itself: its gap between two RDTSCs
+across the hand-off (on this host the guest's RDTSC is the host's TSC). Each hand-off is
+split into steps, in CLOCK_MONOTONIC:
 
     pause     kick the vCPU threads until all are parked outside KVM_RUN
     export    KVM getters, vCPUs then VM (clock, irqchips, PIT)

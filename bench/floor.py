@@ -150,7 +150,9 @@ def describe(result: dict[str, Any]) -> str:
     lines.append(f"(sum of the step medians: {steps:.3f} ms)")
     idle = len(result["handoffs"]) - result["running_at_pause"]
     if idle:
-        lines.append(f"({idle} hand-offs began with the guest's vCPU off the CPU: busy host)")
+        lines.append(
+            f"({idle} of the hand-offs began with the guest's vCPU thread off the CPU: busy host)"
+        )
     return "\n".join(lines)
 
 

@@ -314,16 +314,11 @@ class Vcpu(_FdObject):
 
     @property
     def kvm_run(self) -> uapi.kvm_run:
+        """The mapped ``kvm_run``, for the fields userspace sets (``immediate_exit``); what
+        an exit reports comes decoded from :meth:`run`."""
         if self._run is None:
             raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
         return self._run
-
-    @property
-    def run_buffer(self) -> mmap.mmap:
-        """The raw kvm_run mapping (I/O exit data lives at ``io.data_offset``)."""
-        if self._map is None:
-            raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
-        return self._map
 
     def close(self) -> None:
         self._run = None

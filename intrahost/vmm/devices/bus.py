@@ -329,12 +329,12 @@ class _Range(Protocol):
     def end(self) -> int: ...
 
 
-R = TypeVar("R", bound=_Range)
+_R = TypeVar("_R", bound=_Range)
 
 
 def _with_range(
-    current: tuple[R, ...], new: R, error: type[IntrahostError]
-) -> tuple[tuple[int, ...], tuple[R, ...]]:
+    current: tuple[_R, ...], new: _R, error: type[IntrahostError]
+) -> tuple[tuple[int, ...], tuple[_R, ...]]:
     """A new (bases, ranges) table: ``current`` plus ``new``, sorted by base. Raises
     ``error`` if ``new`` overlaps a range of ``current``."""
     for existing in current:
@@ -344,7 +344,7 @@ def _with_range(
     return tuple(r.base for r in ranges), ranges
 
 
-def _find(table: tuple[tuple[int, ...], tuple[R, ...]], key: int) -> R | None:
+def _find(table: tuple[tuple[int, ...], tuple[_R, ...]], key: int) -> _R | None:
     """The range of ``table`` that contains ``key``, if any."""
     bases, ranges = table
     i = bisect.bisect_right(bases, key) - 1

@@ -24,7 +24,8 @@ from typing import Any, Self
 from intrahost.errors import IntrahostError
 from intrahost.kvm import constants as K
 from intrahost.kvm import uapi
-from intrahost.kvm.constants import Cap, ExitReason
+from intrahost.kvm.constants import Cap
+from intrahost.kvm.exits import INTERRUPTED, VcpuExit, decode
 
 #: The KVM device; INTRAHOST_KVM_DEVICE overrides it (tests use it to simulate a host
 #: without KVM).
@@ -313,16 +314,11 @@ class Vcpu(_FdObject):
 
     @property
     def kvm_run(self) -> uapi.kvm_run:
+        """The mapped ``kvm_run``, for the fields userspace sets (``immediate_exit``); what
+        an exit reports comes decoded from :meth:`run`."""
         if self._run is None:
             raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
         return self._run
-
-    @property
-    def run_buffer(self) -> mmap.mmap:
-        """The raw kvm_run mapping (I/O exit data lives at ``io.data_offset``)."""
-        if self._map is None:
-            raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
-        return self._map
 
     def close(self) -> None:
         self._run = None
@@ -333,24 +329,23 @@ class Vcpu(_FdObject):
 
     # --- running ---------------------------------------------------------------------------
 
-    def run(self) -> ExitReason | int:
-        """KVM_RUN once; returns the exit reason.
+    def run(self) -> VcpuExit:
+        """KVM_RUN once; returns the decoded exit (see :mod:`intrahost.kvm.exits`).
 
-        ``ExitReason.INTR`` means there is no exit to handle: a signal or ``immediate_exit``
+        :class:`Interrupted` means there is no exit to handle: a signal or ``immediate_exit``
         interrupted the call (EINTR), or a vCPU waiting for INIT/SIPI received an event and
-        asks to be entered again (EAGAIN).
+        asks to be entered again (EAGAIN). A :class:`PortIn` or :class:`MmioRead` must be
+        completed before the next ``run()``.
         """
         try:
             self._ioctl(K.KVM_RUN, "KVM_RUN")
         except KvmError as e:
             if e.errno in (errno.EINTR, errno.EAGAIN):
-                return ExitReason.INTR
+                return INTERRUPTED
             raise
-        reason = self.kvm_run.exit_reason
-        try:
-            return ExitReason(reason)
-        except ValueError:
-            return reason
+        if self._map is None:
+            raise KvmError(errno.EBADF, "mmap(kvm_run)", repr(self))
+        return decode(self._map)
 
     # --- register state ----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from intrahost.errors import IntrahostError
-from intrahost.kvm import ExitReason, Vcpu, uapi
+from intrahost.kvm import Vcpu, VcpuExit, uapi
 from intrahost.sev.interface import SEV_POLICY_ES, SevPlatform, SevVm
 from intrahost.sev.platforms import open_platform
 
@@ -186,20 +186,23 @@ class ConfidentialGuest:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, index: int, vcpu: Vcpu) -> ExitReason | int:
-        """One KVM_RUN of a vCPU whose context the model platform holds."""
+    def run(self, index: int, vcpu: Vcpu) -> VcpuExit:
+        """One KVM_RUN of a vCPU whose context the model platform holds. A read exit it
+        returns is completed by the caller before the next run, which loads nothing new in
+        between (the VMSA still in the vCPU is not loaded again), so KVM finishes the
+        instruction on the state it stopped in."""
         vmsa = self.vm.vcpu_enter(index)
         saved: bytes | None = None
         try:
             if vmsa is not None and self._in_vcpu.get(index) != vmsa:
                 load_vmsa(vcpu, vmsa)
-            reason = vcpu.run()
+            exit_ = vcpu.run()
             if vmsa is not None:
                 saved = capture_vmsa(vcpu)
                 self._in_vcpu[index] = saved
         finally:
             self.vm.vcpu_exit(index, saved)
-        return reason
+        return exit_
 
     # --- hand-off --------------------------------------------------------------------------------
 

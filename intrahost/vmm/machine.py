@@ -25,11 +25,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from intrahost.errors import IntrahostError
-from intrahost.kvm import ExitReason, Kvm, Vcpu, Vm
-from intrahost.kvm.constants import KVM_EXIT_IO_OUT
+from intrahost.kvm import (
+    FailEntry,
+    Halt,
+    InternalErrorExit,
+    Kvm,
+    MmioRead,
+    MmioWrite,
+    PortIn,
+    PortOut,
+    Shutdown,
+    SystemEvent,
+    Vcpu,
+    VcpuExit,
+    Vm,
+)
 from intrahost.kvm.features import VcpuFeatures, probe_features
 from intrahost.vmm.confidential import ConfidentialGuest
-from intrahost.vmm.devices.bus import IoBus
+from intrahost.vmm.devices.bus import IoBus, MmioBus
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
 from intrahost.vmm.memory import GuestMemory, MiB, parse_size
@@ -167,7 +180,8 @@ class Machine:
         #: Called (on a vCPU thread) when the guest stops by itself: exit port, shutdown,
         #: an internal error. The control API uses it to emit SHUTDOWN.
         self.on_guest_stop: Callable[[], None] | None = None
-        self._mmio_warned: set[int] = set()
+        #: Guest-physical MMIO: devices register here; unclaimed addresses read all ones.
+        self.mmio = MmioBus()
         try:
             self._build()
         except BaseException:
@@ -300,58 +314,32 @@ class Machine:
             if self.on_guest_stop is not None:
                 self.on_guest_stop()
 
-    def _handle_exit(self, vcpu: Vcpu, reason: ExitReason | int) -> bool:
-        run = vcpu.kvm_run
-        if reason is ExitReason.IO:
-            io = run.io
-            buf = vcpu.run_buffer
-            for i in range(io.count):
-                at = io.data_offset + i * io.size
-                if io.direction == KVM_EXIT_IO_OUT:
-                    value = int.from_bytes(buf[at : at + io.size], "little")
-                    self.bus.write(io.port, io.size, value)
-                else:
-                    value = self.bus.read(io.port, io.size)
-                    buf[at : at + io.size] = value.to_bytes(io.size, "little")
+    def _handle_exit(self, vcpu: Vcpu, exit_: VcpuExit) -> bool:
+        """Handle one exit of ``vcpu``; False stops the vCPU. Device accesses go to the buses,
+        which complete reads before this returns (the next KVM_RUN hands them to the guest)."""
+        if isinstance(exit_, PortOut | PortIn):
+            self.bus.dispatch(exit_)
             return not self._stopped.is_set()
-        if reason is ExitReason.MMIO:
-            mmio = run.mmio
-            if mmio.phys_addr not in self._mmio_warned and len(self._mmio_warned) < 64:
-                self._mmio_warned.add(mmio.phys_addr)
-                log.warning(
-                    "vCPU %d: unhandled MMIO %s at %#x (%d bytes)",
-                    vcpu.vcpu_id,
-                    "write" if mmio.is_write else "read",
-                    mmio.phys_addr,
-                    mmio.len,
-                )
-            if not mmio.is_write:
-                for i in range(8):
-                    mmio.data[i] = 0xFF
+        if isinstance(exit_, MmioWrite | MmioRead):
+            self.mmio.dispatch(exit_)
             return True
-        if reason is ExitReason.HLT:
+        if isinstance(exit_, Halt):
             return True
-        if reason is ExitReason.SHUTDOWN:
+        if isinstance(exit_, Shutdown):
             log.error("vCPU %d: the guest shut down (triple fault)", vcpu.vcpu_id)
-        elif reason is ExitReason.INTERNAL_ERROR:
-            internal = run.internal
-            data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+        elif isinstance(exit_, InternalErrorExit):
             log.error(
                 "vCPU %d: KVM internal error, suberror %d [%s]",
                 vcpu.vcpu_id,
-                internal.suberror,
-                data,
+                exit_.suberror,
+                " ".join(f"{word:#x}" for word in exit_.data),
             )
-        elif reason is ExitReason.FAIL_ENTRY:
-            log.error(
-                "vCPU %d: VM entry failed, reason %#x",
-                vcpu.vcpu_id,
-                run.fail_entry.hardware_entry_failure_reason,
-            )
-        elif reason is ExitReason.SYSTEM_EVENT:
-            log.info("vCPU %d: system event %d", vcpu.vcpu_id, run.system_event.type)
+        elif isinstance(exit_, FailEntry):
+            log.error("vCPU %d: VM entry failed, reason %#x", vcpu.vcpu_id, exit_.hardware_reason)
+        elif isinstance(exit_, SystemEvent):
+            log.info("vCPU %d: system event %d", vcpu.vcpu_id, exit_.type)
         else:
-            log.error("vCPU %d: unexpected exit %s", vcpu.vcpu_id, reason)
+            log.error("vCPU %d: unexpected exit %r", vcpu.vcpu_id, exit_)
         return False
 
     # --- queries -------------------------------------------------------------------------------

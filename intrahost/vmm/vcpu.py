@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
-from intrahost.kvm import ExitReason, KvmError, Vcpu
+from intrahost.kvm import Interrupted, KvmError, Vcpu, VcpuExit
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RunState(Enum):
 
 
 #: Handles one exit; returns False to stop this vCPU (the guest asked to, or it failed).
-ExitHandler = Callable[[Vcpu, ExitReason | int], bool]
+ExitHandler = Callable[[Vcpu, VcpuExit], bool]
 
 
 class VcpuGroup:
@@ -75,7 +75,7 @@ class VcpuGroup:
         self,
         vcpus: list[Vcpu],
         handle_exit: ExitHandler,
-        run: Callable[[int, Vcpu], ExitReason | int] | None = None,
+        run: Callable[[int, Vcpu], VcpuExit] | None = None,
     ) -> None:
         """``run(index, vcpu)`` replaces a plain ``vcpu.run()`` (the SEV model platform wraps
         KVM_RUN to load and save a protected vCPU's state)."""
@@ -205,13 +205,13 @@ class VcpuGroup:
             if not self._park(i):
                 return
             while True:
-                reason = vcpu.run() if self._run is None else self._run(i, vcpu)
-                if reason is ExitReason.INTR:
+                exit_ = vcpu.run() if self._run is None else self._run(i, vcpu)
+                if isinstance(exit_, Interrupted):
                     if not self._park(i):
                         break
                     continue
                 self.exits[i] += 1
-                if not self._handle_exit(vcpu, reason):
+                if not self._handle_exit(vcpu, exit_):
                     stopped_by_guest = True
                     break
         except KvmError as e:

@@ -1,19 +1,23 @@
-"""Port-I/O devices: the I/O bus, the 16550A UART and its consoles, the debug port."""
+"""Devices: the I/O and MMIO buses, the 16550A UART and its consoles, the debug port."""
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import needs_kvm
 
 from intrahost.errors import IntrahostError
+from intrahost.kvm import MmioRead, MmioWrite, PortIn, PortOut
 from intrahost.vmm.devices import (
     COM1_BASE,
     BufferConsole,
@@ -25,6 +29,8 @@ from intrahost.vmm.devices import (
     FileConsole,
     IoBus,
     IoBusError,
+    MmioBus,
+    MmioBusError,
     PtyConsole,
     ReportKind,
     Uart16550,
@@ -34,6 +40,9 @@ from intrahost.vmm.devices import (
     open_console,
 )
 from intrahost.vmm.devices import uart as u
+from intrahost.vmm.devices.bus import MMIO_UNCLAIMED_WARN_LIMIT
+from intrahost.vmm.machine import Machine, MachineConfig
+from intrahost.vmm.memory import MiB
 
 # -- helpers -----------------------------------------------------------------------------
 
@@ -164,6 +173,95 @@ def test_bus_is_safe_to_read_while_registering() -> None:
     stop.set()
     thread.join()
     assert not errors
+
+
+def _page() -> mmap.mmap:
+    """A stand-in for a vCPU's kvm_run page that read exits complete into."""
+    return mmap.mmap(-1, 4096)
+
+
+def test_bus_dispatches_port_exit_records() -> None:
+    bus = IoBus()
+    device = Recorder(0x1234)
+    bus.register(0x500, 16, device, "debug")
+    bus.dispatch(PortOut(0x504, 4, 1, (0xCAFE).to_bytes(4, "little")))
+    bus.dispatch(PortOut(0x500, 1, 3, b"abc"))  # rep outsb: every item, in order
+    assert device.calls == [
+        ("w", 0x504, 4, 0xCAFE),
+        ("w", 0x500, 1, 0x61),
+        ("w", 0x500, 1, 0x62),
+        ("w", 0x500, 1, 0x63),
+    ]
+    page = _page()
+    bus.dispatch(PortIn(0x502, 2, 1, page, 0x100))
+    assert page[0x100:0x102] == b"\x34\x12"
+    bus.dispatch(PortIn(0x502, 2, 3, page, 0x200))  # rep insw
+    assert page[0x200:0x206] == b"\x34\x12" * 3
+    bus.dispatch(PortIn(0x80, 4, 1, page, 0x300))  # nobody there: all ones
+    assert page[0x300:0x304] == b"\xff" * 4
+
+
+class MmioRecorder:
+    def __init__(self, answer: int = 0x5A) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, int, int, int]] = []
+
+    def mmio_read(self, address: int, size: int) -> int:
+        self.calls.append(("r", address, size, 0))
+        return self.answer
+
+    def mmio_write(self, address: int, size: int, value: int) -> None:
+        self.calls.append(("w", address, size, value))
+
+
+def test_mmio_bus_dispatches_with_absolute_addresses() -> None:
+    bus = MmioBus()
+    device = MmioRecorder(0x1_2345_6789)
+    bus.register(0xD000_0000, 0x200, device, "virtio0")
+    page = _page()
+    read = MmioRead(0xD000_0008, 4, page)
+    bus.dispatch(read)  # masked to the access size
+    assert page[40:44] == (0x2345_6789).to_bytes(4, "little")  # kvm_run.mmio.data
+    bus.dispatch(MmioWrite(0xD000_0010, 8, (0x1122_3344_5566_7788).to_bytes(8, "little")))
+    assert device.calls == [("r", 0xD000_0008, 4, 0), ("w", 0xD000_0010, 8, 0x1122_3344_5566_7788)]
+    assert [str(r) for r in bus.ranges] == ["virtio0 at 0xd0000000..0xd00001ff"]
+    assert bus.find(0xD000_0200) is None and bus.find(0xCFFF_FFFF) is None
+
+
+def test_mmio_bus_refuses_overlaps_and_bad_ranges() -> None:
+    bus = MmioBus()
+    bus.register(0xD000_0000, 0x200, MmioRecorder(), "virtio0")
+    with pytest.raises(MmioBusError, match=r"overlaps virtio0 at 0xd0000000\.\.0xd00001ff"):
+        bus.register(0xD000_01FF, 2, MmioRecorder(), "late")
+    bus.register(0xD000_0200, 0x200, MmioRecorder(), "virtio1")
+    with pytest.raises(MmioBusError, match="2\\*\\*64"):
+        bus.register((1 << 64) - 1, 2, MmioRecorder())
+    with pytest.raises(MmioBusError, match="length must be positive"):
+        bus.register(0, 0, MmioRecorder())
+    with pytest.raises(MmioBusError, match="size must be 1 to 8"):
+        bus.read(0xD000_0000, 16)
+    assert isinstance(MmioBusError("x"), IntrahostError)
+
+
+def test_mmio_bus_unclaimed_reads_all_ones_and_warns_once_per_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = MmioBus()
+    page = _page()
+    with caplog.at_level(logging.DEBUG, logger="intrahost.vmm.devices.bus"):
+        for _ in range(3):
+            bus.dispatch(MmioRead(0xFEB0_0000, 2, page))
+            assert page[40:42] == b"\xff\xff"
+            page[40:42] = b"\0\0"
+        bus.dispatch(MmioWrite(0xFEB0_0010, 1, b"\x12"))
+        for i in range(MMIO_UNCLAIMED_WARN_LIMIT + 10):  # a guest probing memory
+            bus.read(0x1_0000_0000 + 8 * i, 8)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "read at 0xfeb00000 (2 bytes)" in messages[0]
+    assert "write at 0xfeb00010 (1 bytes)" in messages[1]
+    assert len(messages) == MMIO_UNCLAIMED_WARN_LIMIT + 1  # one per address, then one notice
+    assert "further ones are not logged" in messages[-1]
+    assert bus.unclaimed_accesses == 3 + 1 + MMIO_UNCLAIMED_WARN_LIMIT + 10
 
 
 # -- UART registers ----------------------------------------------------------------------
@@ -791,3 +889,37 @@ def test_devices_on_one_bus() -> None:
     assert console.data == b"ok"
     assert bus.read(COM1_BASE + u.LSR, 1) == 0x60
     assert debug.exit_code == 0 and debug.reports[0].value == 42
+
+
+@needs_kvm
+def test_machine_routes_guest_mmio_to_registered_devices(tmp_path: Path) -> None:
+    """A flat 32-bit guest loads from a device, stores the value plus one back, stores what an
+    unclaimed address reads, and exits through the debug port."""
+    guest = tmp_path / "mmio.bin"
+    guest.write_bytes(
+        bytes.fromhex(
+            "a1000000d0"  # mov eax, [0xd0000000]
+            "40"  # inc eax
+            "a3040000d0"  # mov [0xd0000004], eax
+            "a1001000d0"  # mov eax, [0xd0001000]   (no device there)
+            "a3080000d0"  # mov [0xd0000008], eax
+            "66ba0c05"  # mov dx, 0x50c
+            "b007"  # mov al, 7
+            "ee"  # out dx, al
+            "ebfe"  # jmp $
+        )
+    )
+    machine = Machine.create(MachineConfig(memory=16 * MiB, guest=str(guest), serial="none"))
+    device = MmioRecorder(0x4100)
+    try:
+        machine.mmio.register(0xD000_0000, 0x100, device, "test")
+        machine.start()
+        assert machine.wait(20), "the guest did not exit"
+        assert machine.exit_code == 7
+    finally:
+        machine.close()
+    assert device.calls == [
+        ("r", 0xD000_0000, 4, 0),
+        ("w", 0xD000_0004, 4, 0x4101),
+        ("w", 0xD000_0008, 4, 0xFFFF_FFFF),
+    ]

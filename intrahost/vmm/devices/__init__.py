@@ -1,6 +1,16 @@
-"""Port-I/O devices on an I/O bus: a 16550A UART and the test guests' debug port."""
+"""The I/O and MMIO buses, and the port-I/O devices: a 16550A UART and the test guests'
+debug port."""
 
-from intrahost.vmm.devices.bus import IoBus, IoBusError, PioDevice, PortRange
+from intrahost.vmm.devices.bus import (
+    IoBus,
+    IoBusError,
+    MmioBus,
+    MmioBusError,
+    MmioDevice,
+    MmioRange,
+    PioDevice,
+    PortRange,
+)
 from intrahost.vmm.devices.debugport import (
     DEBUG_PORT_BASE,
     DebugPort,
@@ -39,6 +49,10 @@ __all__ = [
     "FileConsole",
     "IoBus",
     "IoBusError",
+    "MmioBus",
+    "MmioBusError",
+    "MmioDevice",
+    "MmioRange",
     "NullConsole",
     "PioDevice",
     "PortRange",

@@ -6,7 +6,9 @@
    Each hand-off is measured three ways:
 
    - the VMM's own breakdown (pause, export, transfer, import, resume; ``query-migrate``);
-   - the guest-observed pause: the counter guest's largest gap between two RDTSC reads;
+   - the guest-observed pause: the counter guest's largest gap between two RDTSC reads, read
+     with its probe (``intrahost.vmm.guests.probe``): the gap record is reset right before
+     ``migrate`` and read once every vCPU counted again on the destination;
    - the **progress blackout**: bench/observer.py, a separate process, samples the guest's
      counters through the memory file. The hand-off shows as an interval in which no vCPU's
      counter moved; the progress blackout is the longest stall of any vCPU overlapping it.
@@ -63,6 +65,7 @@ from observer import Observer, Stall
 
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
+from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting, host_tsc_khz
 
 HERE = Path(__file__).resolve().parent
 INTRAHOST = [sys.executable, "-m", "intrahost"]
@@ -182,10 +185,18 @@ def start_destination(ws: Workspace, name: str, prefault: bool = False) -> tuple
     return vmm, mig
 
 
-def hand_off(src: Vmm, mig: Path, timeout: float = 300.0) -> tuple[dict[str, Any], int, int]:
+def hand_off(
+    src: Vmm, mig: Path, probe: CounterProbe | None = None, timeout: float = 300.0
+) -> tuple[dict[str, Any], int, int]:
     """``migrate`` on ``src``; returns its blackout breakdown and CLOCK_MONOTONIC ns of the
-    command and of its MIGRATION completed event."""
+    command and of its MIGRATION completed event. With ``probe``, the breakdown also gets the
+    guest-observed pause (``guest_pause_us``): the guest's gap record is reset right before
+    the command and read, after it, once every vCPU counted again."""
     with QmpClient(src.api, timeout=timeout) as qmp:
+        gaps_from = None
+        if probe is not None:
+            probe.reset_gaps()
+            gaps_from = probe.status()
         t_cmd = time.monotonic_ns()
         qmp.execute("migrate", uri=f"unix:{mig}")
         while True:
@@ -197,8 +208,21 @@ def hand_off(src: Vmm, mig: Path, timeout: float = 300.0) -> tuple[dict[str, Any
         result: dict[str, Any] = qmp.execute("query-migrate")
     if result.get("status") != "completed":
         raise BenchError(f"hand-off from {src.name} failed: {result.get('error-desc', result)}")
-    blackout: dict[str, Any] = result["blackout"]
+    blackout: dict[str, Any] = dict(result["blackout"])
+    if probe is not None:
+        blackout["guest_pause_us"] = guest_pause_us(probe, gaps_from, src.name)
     return blackout, t_cmd, t_done
+
+
+def guest_pause_us(probe: CounterProbe, before: layout.CounterStatus | None, src: str) -> float:
+    """The largest gap the guest recorded since its status was ``before`` (its gap record
+    reset just then), once every vCPU counted again: the pause as the guest saw it."""
+    if before is None:
+        raise BenchError(f"the guest of {src} wrote no status page")
+    try:
+        return probe.observed_pause_us(before)
+    except GuestNotCounting as e:
+        raise BenchError(f"after the hand-off from {src}: {e}") from None
 
 
 def quit_vmm(ws: Workspace, vmm: Vmm) -> None:
@@ -336,11 +360,13 @@ def run_chain(
         preallocate(shm, point.memory, (16 + sweep_mib) * MiB)
     src = start_source(ws, f"{tag}-0", point, guest_args(sweep_mib), shm)
     counters: GuestCounters | None = None
+    probe: CounterProbe | None = None
     observer: Observer | None = None
     records: list[dict[str, Any]] = []
     try:
         wait_until(shm.exists, 30, "the memory file", src.proc)
         counters = GuestCounters(shm, point.vcpus)
+        probe = CounterProbe.open(shm, host_tsc_khz())
         wait_counting(counters, src.proc, point.label)
         wait_sweeps(counters, sweep_mib, 2, src.proc)
         observer = Observer(str(shm), point.vcpus, interval_us=OBSERVER_INTERVAL_US)
@@ -351,7 +377,7 @@ def run_chain(
             dst, mig = start_destination(ws, f"{tag}-{i}")
             t_listen = time.monotonic_ns()
             before = counters.counters()
-            blackout, t0, t1 = hand_off(src, mig)
+            blackout, t0, t1 = hand_off(src, mig, probe)
             wait_moved(counters, before, dst.proc)
             time.sleep(0.02)  # the observer has sampled the move
             pick = pick_handoff_stall(observer.collect(), point.vcpus, t0, t1)
@@ -390,6 +416,8 @@ def run_chain(
             observer.stop()
         if counters is not None:
             counters.close()
+        if probe is not None:
+            probe.close()
         quit_vmm(ws, src)
     return records
 
@@ -527,7 +555,7 @@ def copy_source_main(spec_json: str) -> int:
     hands it off with ``copy_memory=True`` when told, stopping once more just before the pause
     so that the bench can start its observer on the destination's memfd (which exists only
     once the destination is READY). Talks JSON lines on stdin/stdout."""
-    from intrahost.migration.sender import Sender, SendOptions, reset_guest_gaps
+    from intrahost.migration.sender import Sender, SendOptions
     from intrahost.vmm.machine import Machine, MachineConfig
 
     spec = json.loads(spec_json)
@@ -547,7 +575,8 @@ def copy_source_main(spec_json: str) -> int:
             if phase == "before-pause":
                 tell("ready")
                 told()
-                reset_guest_gaps(self.machine)  # forget the gaps of the wait above
+                # Forget the gaps of the wait above: the next one is the pause.
+                CounterProbe(self.machine.memory.buffer).reset_gaps()
             super()._checkpoint(phase, *args, **kwargs)
 
     config = MachineConfig(
@@ -729,12 +758,14 @@ def run_brownout(
     shm = ws.shm_file(tag)
     preallocate(shm, memory, (16 + sweep_mib) * MiB)
     src = start_source(ws, f"{tag}-0", point, guest_args(sweep_mib), shm)
-    opened: list[GuestCounters] = []
+    opened: list[GuestCounters | CounterProbe] = []
     records: list[dict[str, Any]] = []
     try:
         wait_until(shm.exists, 30, "the memory file", src.proc)
         counters = GuestCounters(shm, 1)
         opened.append(counters)
+        probe = CounterProbe.open(shm, host_tsc_khz())
+        opened.append(probe)
         wait_counting(counters, src.proc, f"brownout W={sweep_mib}")
         wait_sweeps(counters, sweep_mib, 2, src.proc)
         for i in range(1, 2 * runs + 1):
@@ -745,8 +776,11 @@ def run_brownout(
             sampler.start()
             try:
                 time.sleep(PRE_WINDOW_S + 0.05)
+                probe.reset_gaps()
+                gaps_from = probe.status()
                 blackout, t0, t1 = hand_off(src, mig)
                 old_gone = ExitClock(src.proc)
+                blackout["guest_pause_us"] = guest_pause_us(probe, gaps_from, name)
                 # Two passes after the resume (the slow one, then one at full speed), then
                 # 0.3 s more of the rate after the recovery.
                 wait_sweeps(counters, sweep_mib, 2, dst.proc)

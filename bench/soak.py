@@ -5,7 +5,9 @@ A 4-vCPU counter guest boots under ``intrahost run`` with its memory in a file u
 a freshly started VMM. Measured for every hand-off:
 
 - the blackout the VMM reports (pause to resume; ``query-migrate``), the guest-observed pause
-  (its largest RDTSC gap), the wall time of the upgrade command;
+  (its largest RDTSC gap over the upgrade command, read with the counter guest's probe: the
+  gap record is reset before the command and read once every vCPU counted again after it),
+  the wall time of the upgrade command;
 - the **progress blackout**: bench/observer.py samples the counters through the memory file;
   the longest interval inside the upgrade in which *no* vCPU's counter moved;
 - the new VMM at the same point of its life as every other one (the upgrade returned, plus
@@ -64,6 +66,7 @@ from observer import Observer, Stall
 
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
+from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting
 
 HERE = Path(__file__).resolve().parent
 INTRAHOST = [sys.executable, "-m", "intrahost"]
@@ -156,6 +159,7 @@ class Chain:
         self.shm = ws.shm_file(f"{args.memory}-soak")
         self.log = ws.path("vmms.log")
         self.counters: GuestCounters | None = None
+        self.probe: CounterProbe | None = None
         self.pids: list[int] = []
 
     def boot(self) -> Footprint:
@@ -168,6 +172,7 @@ class Chain:
         )  # fmt: skip
         wait_until(self.api.exists, 30, "the first VMM's control socket", proc)
         self.counters = GuestCounters(self.shm, a.vcpus)
+        self.probe = CounterProbe.open(self.shm)
         counters = self.counters
         wait_until(lambda: counters.running() == a.vcpus, 30, "the guest's vCPUs to count", proc)
         self.pids.append(proc.pid)
@@ -175,8 +180,12 @@ class Chain:
         return Footprint.of(proc.pid)
 
     def upgrade(self) -> tuple[int, dict[str, Any], float]:
-        """Hand the guest to a new VMM; (its pid, the breakdown, wall seconds)."""
+        """Hand the guest to a new VMM; (its pid, the breakdown with the guest-observed pause,
+        wall seconds)."""
+        assert self.probe is not None
         env = os.environ | {"TMPDIR": str(self.ws.dir)}  # its temporary directories
+        self.probe.reset_gaps()
+        before = self.probe.status()
         t0 = time.monotonic()
         result = subprocess.run(
             [*INTRAHOST, "upgrade", "--api-socket", str(self.api), "--output", str(self.log)],
@@ -194,7 +203,14 @@ class Chain:
             raise BenchError(f"upgrade printed no pid: {result.stdout!r}")
         pid = int(match.group(1))
         self.pids.append(pid)
-        return pid, parse_breakdown(result.stdout), wall
+        breakdown = parse_breakdown(result.stdout)
+        try:
+            breakdown["guest_pause_us"] = (
+                self.probe.observed_pause_us(before) if before is not None else None
+            )
+        except GuestNotCounting as e:
+            raise BenchError(f"after upgrade {len(self.pids) - 1}: {e}") from None
+        return pid, breakdown, wall
 
     def verify(self) -> list[str]:
         """Pause the guest, check every vCPU's region, resume; the problems found."""
@@ -232,6 +248,9 @@ class Chain:
         for pid in self.strays():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
 
     def strays(self) -> list[int]:
         """Live VMM processes of this run: their command lines name its directory."""
@@ -266,14 +285,9 @@ def _map(path: Path) -> Any:
 
 
 def parse_breakdown(text: str) -> dict[str, Any]:
-    """The numbers of ``intrahost upgrade``'s "blackout: pause 1 µs, ..., total 9 µs;
-    guest-observed pause 1.0 µs" line."""
+    """The numbers of ``intrahost upgrade``'s "blackout: pause 1 µs, ..., total 9 µs" line."""
     line = next((li for li in text.splitlines() if li.startswith("blackout:")), "")
-    values: dict[str, Any] = {
-        f"{k}_us": int(v) for k, v in re.findall(r"(\w+) (\d+) µs", line.split(";")[0])
-    }
-    guest = re.search(r"guest-observed pause ([\d.]+) µs", line)
-    values["guest_pause_us"] = float(guest.group(1)) if guest else None
+    values: dict[str, Any] = {f"{k}_us": int(v) for k, v in re.findall(r"(\w+) (\d+) µs", line)}
     if "total_us" not in values:
         raise BenchError(f"no blackout in the upgrade's output: {text!r}")
     return values

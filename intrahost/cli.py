@@ -169,9 +169,12 @@ def explicit_run_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from intrahost.migration.faults import from_environment
     from intrahost.service.runner import Vmm, listen, receive
     from intrahost.vmm.machine import MachineConfig
     from intrahost.vmm.memory import parse_size
+
+    faults = from_environment()  # none unless the fault tests ask for one
 
     if args.allow_uid and not args.incoming:
         raise CliError("--allow-uid applies only with --incoming (who may hand a guest in)")
@@ -187,9 +190,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             _check_api_path(vmm_api)
         options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
         machine = receive(
-            args.incoming, options, args.incoming_timeout, listener, allow_uids=args.allow_uid
+            args.incoming,
+            options,
+            args.incoming_timeout,
+            listener,
+            allow_uids=args.allow_uid,
+            faults=faults,
         )
-        vmm = Vmm(machine, vmm_api)
+        vmm = Vmm(machine, vmm_api, faults)
         vmm.open_api(take_over=True)
         return vmm.serve()
 
@@ -214,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "intrahost: notice: the model platform does not encrypt guest memory",
                 file=sys.stderr,
             )
-    vmm = Vmm(machine, args.api_socket)
+    vmm = Vmm(machine, args.api_socket, faults)
     try:
         vmm.open_api()
     except BaseException:
@@ -278,10 +286,7 @@ def _wait_migration(qmp: Any, timeout: float = 120.0) -> dict[str, Any]:
 def format_breakdown(blackout: dict[str, Any]) -> str:
     keys = ("pause_us", "export_us", "transfer_us", "import_us", "resume_us", "total_us")
     parts = [f"{k[:-3]} {blackout[k]} µs" for k in keys if k in blackout]
-    text = "blackout: " + ", ".join(parts)
-    if blackout.get("guest_pause_us") is not None:
-        text += f"; guest-observed pause {blackout['guest_pause_us']} µs"
-    return text
+    return "blackout: " + ", ".join(parts)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

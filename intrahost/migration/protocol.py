@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intrahost.errors import IntrahostError
-from intrahost.migration import faults
+from intrahost.migration.faults import NO_FAULTS, Faults
 
 PROTOCOL_VERSION = 1
 #: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
@@ -130,9 +130,13 @@ def to_json(value: dict[str, Any]) -> bytes:
 class Channel:
     """One end of a migration connection: framed send/receive with fds and deadlines."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+    def __init__(
+        self, sock: socket.socket, timeout: float = 10.0, faults: Faults = NO_FAULTS
+    ) -> None:
         self.sock = sock
         self.timeout = timeout
+        #: Injects the fault tests' truncated or corrupted frames (none by default).
+        self.faults = faults
 
     def close(self) -> None:
         self.sock.close()
@@ -143,7 +147,7 @@ class Channel:
         if len(payload) > MAX_PAYLOAD or len(fds) > MAX_FDS:
             raise ProtocolError(f"message of {len(payload)} bytes / {len(fds)} fds is too large")
         header = FRAME.pack(kind, len(fds), 0, len(payload))
-        injected = faults.take_frame_fault(("truncate", "corrupt"))
+        injected = self.faults.frame_fault()
         if injected == "corrupt" and payload:
             payload = payload[:-1] + bytes([payload[-1] ^ 0x5A])
         try:

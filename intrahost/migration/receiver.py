@@ -14,11 +14,11 @@ States and the one message each accepts (ABANDON is accepted in every state)::
                                              moved in (MOVE); then the vCPUs released)
 
 SEV guests: MOVE is the point of no return for the context (the source VM is dead after it).
-It runs after the baton swap, when everything that can fail was validated. If MOVE itself
-fails, nothing moved: this side hands the guest back (baton COMMITTED -> ABANDONED) and the
-source resumes. If this side fails after MOVE, before the guest ran here, it gives the
-context back: the error reply carries this VM's fd, and the source builds a fresh VM and
-moves the context into it (see the sender).
+It runs after the baton swap, when everything that can fail was validated: the state is
+imported, the VM and its vCPUs are built. If MOVE itself fails (the kernel refuses it: EBUSY,
+EINVAL, ...), nothing moved: this side hands the guest back (baton COMMITTED -> ABANDONED) and
+the source resumes. After a successful MOVE this side only releases its vCPUs and answers;
+nothing there can fail short of this process dying (docs/migration.md).
 
 If the source goes silent (EOF, timeout) *after* the state was imported, the destination
 tries to commit on its own (see :meth:`Receiver._take_over`): the baton decides between it and
@@ -44,8 +44,9 @@ from typing import Any, NoReturn
 
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Kvm
-from intrahost.migration import faults, protocol
+from intrahost.migration import protocol
 from intrahost.migration.envelope import StateFormatError
+from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.machine_state import (
     config_of,
     decode_state,
@@ -106,12 +107,20 @@ class _Memory:
 
 
 class Receiver:
-    """Runs one incoming hand-off on an accepted connection."""
+    """Runs one incoming hand-off on an accepted connection. ``faults``: the fault tests'
+    hooks (see :mod:`intrahost.migration.faults`); none by default."""
 
-    def __init__(self, channel: Channel, options: ReceiveOptions, kvm: Kvm | None = None) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        options: ReceiveOptions,
+        kvm: Kvm | None = None,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
         self.channel = channel
         self.options = options
         self.kvm = kvm
+        self.faults = faults
         self.state = ReceiveState.ESTABLISHED
         self.baton: Baton | None = None
         self.memory: list[_Memory] = []
@@ -192,7 +201,7 @@ class Receiver:
         handler = getattr(self, f"_on_{command.name.lower()}")
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
         point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{command.name.lower()}"
-        faults.hit("destination", point, self.channel.close)
+        self.faults.hit("destination", point, self.channel.close)
         try:
             handler(msg)
         except PayloadError as e:
@@ -339,7 +348,7 @@ class Receiver:
         if run_state is not None:
             self.running_after_commit = bool(run_state.get("running"))
         imported = time.monotonic_ns()
-        faults.hit("destination", "after-import", self.channel.close)
+        self.faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
         self.channel.ok({"received_ns": received, "imported_ns": imported})
 
@@ -351,7 +360,7 @@ class Receiver:
         if found != Baton.PENDING:
             self._refuse("the source abandoned the hand-off before the commit")
         self.state = ReceiveState.COMMITTED
-        faults.hit("destination", "at-commit", self.channel.close)
+        self.faults.hit("destination", "at-commit", self.channel.close)
         if not self._move_context():
             return
         if self.running_after_commit:
@@ -361,7 +370,7 @@ class Receiver:
             self.channel.ok({"resumed_ns": resumed})
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
-        faults.hit("destination", "after-commit", self.channel.close)
+        self.faults.hit("destination", "after-commit", self.channel.close)
 
     def _move_context(self) -> bool:
         """SEV: move the encryption context in (after the commit point). False if it could
@@ -371,9 +380,9 @@ class Receiver:
         if machine.confidential is None:
             return True
         try:
-            faults.hit("destination", "before-move", self.channel.close)
+            self.faults.hit("destination", "before-move", self.channel.close)
             machine.confidential.move_from(machine, self.sev_source_fd)
-        except (IntrahostError, faults.InjectedFailure) as e:
+        except IntrahostError as e:
             # Nothing moved: the source VM is intact. Hand the guest back.
             self.baton.swap(Baton.COMMITTED, Baton.ABANDONED)
             self.state = ReceiveState.FAILED
@@ -383,25 +392,7 @@ class Receiver:
                 self.channel.error(f"MOVE failed: {e}; the guest stays on the source")
             self._discard()
             return False
-        try:
-            faults.hit("destination", "after-move", self.channel.close)
-        except faults.InjectedFailure as e:
-            # The context is here but the guest can't run here: give it back to the source.
-            self.baton.swap(Baton.COMMITTED, Baton.ABANDONED)
-            self.state = ReceiveState.FAILED
-            self.error = f"failed after MOVE: {e}"
-            log.warning("%s; giving the SEV context back to the source", self.error)
-            with contextlib.suppress(ProtocolError):
-                self.channel.send(
-                    protocol.Status.ERROR,
-                    protocol.to_json({"error": self.error, "give_back": True}),
-                    [machine.confidential.vm.fd],
-                )
-                # Wait until the source has taken the context back (or gone).
-                with contextlib.suppress(ProtocolError):
-                    self.channel.receive(6 * self.options.timeout).close_fds()
-            self._discard()
-            return False
+        self.faults.hit("destination", "after-move", self.channel.close)
         return True
 
     def _take_over(self, reason: str) -> None:

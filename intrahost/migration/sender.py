@@ -14,6 +14,10 @@ swap the baton to ABANDONED and resume the guest (if it was running). If that sw
 COMMITTED, the destination took the guest even though its acknowledgement never arrived: this
 side must not resume, and reports it. Never both; never neither unless the VMM that held the
 guest at that moment dies.
+
+This side never touches guest memory (only the copy-based baseline reads it, to send it), and
+it returns as soon as the destination acknowledges COMMIT: how the guest itself saw the pause
+is for tools that know the guest (:mod:`intrahost.vmm.guests.probe`) to measure.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from intrahost.errors import IntrahostError
-from intrahost.migration import faults, protocol
+from intrahost.migration import protocol
+from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.machine_state import save_machine, warm_up_export
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.vmm.machine import Machine
@@ -52,7 +57,6 @@ class Breakdown:
     total_us: int
     state_bytes: int
     prepare_us: int
-    guest_pause_us: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,18 +76,26 @@ COPY_CHUNK = 8 << 20
 
 
 class Sender:
-    """Hands ``machine`` to the destination listening at ``url``."""
+    """Hands ``machine`` to the destination listening at ``url``. ``faults``: the fault
+    tests' hooks (see :mod:`intrahost.migration.faults`); none by default."""
 
-    def __init__(self, machine: Machine, url: str, options: SendOptions | None = None) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        url: str,
+        options: SendOptions | None = None,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
         self.machine = machine
         self.path = protocol.parse_url(url)
         self.options = options or SendOptions()
+        self.faults = faults
         self.phase = "connect"
         self.committed = False
 
     def _checkpoint(self, phase: str, channel: Channel | None = None) -> None:
         self.phase = phase
-        faults.hit("source", phase, channel.close if channel is not None else None)
+        self.faults.hit("source", phase, channel.close if channel is not None else None)
 
     def run(self) -> Breakdown:
         machine = self.machine
@@ -118,7 +130,6 @@ class Sender:
             channel.request(Command.READY, timeout=self.options.ready_timeout)
             warm_up_export(machine)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
-            reset_guest_gaps(machine)
 
             # --- the blackout starts here ---
             self._checkpoint("before-pause", channel)
@@ -135,8 +146,7 @@ class Sender:
             data = save_machine(machine, was_running)
             t2 = time.monotonic_ns()
             self._checkpoint("state", channel)
-            if faults.take_frame_fault(("badstate",)):
-                data = _without_a_lapic(data)
+            data = self.faults.state(data)
             imported = channel.request(Command.STATE, data)
             self._checkpoint("after-state", channel)
             self._checkpoint("commit", channel)
@@ -145,13 +155,7 @@ class Sender:
             self._checkpoint("after-commit", channel)
             self.phase = "committed"
         except (ProtocolError, PeerRefused, OSError) as e:
-            if isinstance(e, PeerRefused) and e.body.get("give_back") and e.fds:
-                # The destination failed after the SEV context moved to it: take it back.
-                try:
-                    self._take_back(channel, e.fds[0], data)
-                finally:
-                    e.close_fds()
-            elif isinstance(e, PeerRefused):
+            if isinstance(e, PeerRefused):
                 e.close_fds()
             found = baton.swap(Baton.PENDING, Baton.ABANDONED)
             if found == Baton.COMMITTED:
@@ -187,29 +191,7 @@ class Sender:
             total_us=max(0, resumed_ns - t0) // 1000,
             state_bytes=len(data),
             prepare_us=prepare_us,
-            guest_pause_us=(
-                guest_observed_pause_us(machine)
-                if was_running and not self.options.copy_memory
-                else None
-            ),
         )
-
-    def _take_back(self, channel: Channel | None, dest_fd: int, state: bytes) -> None:
-        """MOVE the SEV context back from the destination's VM into a fresh VM here: the
-        source VM died with the first MOVE. The own saved state is imported first, then the
-        context moves in, then the guest can resume on this side."""
-        from intrahost.migration.machine_state import decode_state, restore_machine
-
-        machine = self.machine
-        assert machine.confidential is not None
-        log.warning("the destination gave the SEV context back; moving it into a fresh VM")
-        machine.rebuild_vm()
-        restore_machine(machine, decode_state(state))
-        assert machine.confidential is not None
-        machine.confidential.move_from(machine, dest_fd)
-        if channel is not None:
-            with contextlib.suppress(ProtocolError):
-                channel.send(Command.ABANDON, timeout=1.0)
 
     def _connect(self) -> Channel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -228,7 +210,7 @@ class Sender:
         except OSError as e:
             sock.close()
             raise MigrationFailed(f"cannot connect to {self.path}: {e.strerror}") from None
-        return Channel(sock, self.options.timeout)
+        return Channel(sock, self.options.timeout, self.faults)
 
     @staticmethod
     def _close(channel: Channel | None, baton: Baton, abandon: bool = False) -> None:
@@ -240,15 +222,6 @@ class Sender:
         baton.close()
 
 
-def _without_a_lapic(data: bytes) -> bytes:
-    """Fault injection: a well-formed state the destination cannot import."""
-    from intrahost.migration import envelope
-
-    state = envelope.decode(data)
-    kept = [c for n, c in state.components.items() if n != "vcpu/0/lapic"]
-    return envelope.encode(kept)
-
-
 def copy_memory(channel: Channel, machine: Machine) -> None:
     """The baseline's memory transfer: every extent of the memory file that holds data goes
     through the socket in chunks (holes are skipped without being read, as a VMM skips zero
@@ -258,40 +231,3 @@ def copy_memory(channel: Channel, machine: Machine) -> None:
         for offset in range(start, start + length, COPY_CHUNK):
             end = min(offset + COPY_CHUNK, start + length)
             channel.request(Command.MEMORY_DATA, struct.pack("<Q", offset) + mem[offset:end])
-
-
-# --- the counter guest's own view of the pause ---------------------------------------------------
-
-
-def reset_guest_gaps(machine: Machine) -> None:
-    """Zero the counter guest's largest-RDTSC-gap words, so the next gap it records is the
-    hand-off's. A harmless race with the running guest: it re-reads the word every iteration."""
-    from intrahost.vmm.guests import layout
-
-    try:
-        status = layout.read_status(machine.memory.buffer)
-    except IntrahostError:
-        return
-    for i in range(len(status.slots)):
-        layout.reset_max_gap(machine.memory.buffer, i)
-
-
-def guest_observed_pause_us(machine: Machine, wait: float = 0.2) -> float | None:
-    """The counter guest's largest RDTSC gap since :func:`reset_guest_gaps`, in µs, once the
-    guest has run again (its counter moved) on the destination."""
-    from intrahost.vmm.guests import layout
-
-    mem = machine.memory.buffer
-    try:
-        before = layout.read_status(mem)
-    except IntrahostError:
-        return None
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        now = layout.read_status(mem)
-        if all(a.counter != b.counter for a, b in zip(before.slots, now.slots, strict=True)):
-            break
-        time.sleep(0.001)
-    khz = machine.features.tsc_khz
-    gap = max(s.max_gap for s in layout.read_status(mem).slots)
-    return round(gap * 1000 / khz, 1)

@@ -30,6 +30,7 @@ from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.kvm import KvmError
+from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Channel, ProtocolError, parse_url
 from intrahost.migration.receiver import ReceiveOptions, Receiver
 from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
@@ -40,6 +41,7 @@ from intrahost.service.api import (
     check_socket_directory,
     socket_state,
 )
+from intrahost.vmm.guests.probe import CounterProbe
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,16 @@ class IncomingError(IntrahostError):
 
 
 class Vmm:
-    """Serves ``machine`` on the control socket at ``api_path`` (if any)."""
+    """Serves ``machine`` on the control socket at ``api_path`` (if any). ``faults``: the
+    fault tests' hooks for its hand-offs out (the process builds them from its environment
+    with :func:`intrahost.migration.faults.from_environment`); none by default."""
 
-    def __init__(self, machine: Machine, api_path: str | None = None) -> None:
+    def __init__(
+        self, machine: Machine, api_path: str | None = None, faults: Faults = NO_FAULTS
+    ) -> None:
         self.machine = machine
         self.api_path = api_path
+        self.faults = faults
         self.api: ApiServer | None = None
         self._done = threading.Event()
         self._quit = False
@@ -91,7 +98,7 @@ class Vmm:
         api.register("stop", lambda _a: self._stop())
         api.register("cont", lambda _a: self._cont())
         api.register("quit", lambda _a: self._request_quit())
-        api.register("query-vm", lambda _a: self.machine.query())
+        api.register("query-vm", lambda _a: self._query_vm())
         api.register("migrate", self._migrate, {"uri": (str, True)})
         api.register("query-migrate", lambda _a: self._query_migrate())
 
@@ -102,6 +109,16 @@ class Vmm:
     def _query_status(self) -> dict[str, Any]:
         status = "postmigrate" if self._handed_off else self.machine.status
         return {"status": status, "running": status == "running"}
+
+    def _query_vm(self) -> dict[str, Any]:
+        """The machine's own description, plus the built-in counter guest's view of itself
+        (its status slots, read from guest memory) when that guest runs."""
+        info = self.machine.query()
+        if self.machine.config.guest == "counter":
+            counters = CounterProbe(self.machine.memory.buffer).counters()
+            if counters is not None:
+                info["counter"] = counters
+        return info
 
     def _stop(self) -> None:
         self._check_not_migrating()
@@ -168,7 +185,7 @@ class Vmm:
     def _run_migration(self, uri: str, options: SendOptions | None = None) -> None:
         self._emit("MIGRATION", {"status": "active"})
         log.info("migration to %s started", uri)
-        sender = Sender(self.machine, uri, options)
+        sender = Sender(self.machine, uri, options, self.faults)
         try:
             breakdown = sender.run()
         except MigrationFailed as e:
@@ -295,10 +312,12 @@ def receive(
     timeout: float | None = None,
     listener: socket.socket | None = None,
     allow_uids: Collection[int] = (),
+    faults: Faults = NO_FAULTS,
 ) -> Machine:
     """Wait for one hand-off at ``url`` and return the machine it brought (running, or
     paused if the guest was paused on the source). Connections from a uid other than this
-    process's and not in ``allow_uids`` are refused (see the module docstring)."""
+    process's and not in ``allow_uids`` are refused (see the module docstring). ``faults``:
+    the fault tests' hooks (see :class:`Vmm`)."""
     options = options or ReceiveOptions()
     sock = listener or listen(url)
     path = parse_url(url)
@@ -308,8 +327,8 @@ def receive(
             # An allowed sender of another uid: the console is this VMM's choice, not its.
             overrides = {**options.overrides, "serial": options.overrides.get("serial", "stdio")}
             options = dataclasses.replace(options, overrides=overrides)
-        channel = Channel(conn, options.timeout)
-        receiver = Receiver(channel, options)
+        channel = Channel(conn, options.timeout, faults)
+        receiver = Receiver(channel, options, faults=faults)
         try:
             machine = receiver.run()
         finally:

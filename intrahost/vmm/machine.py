@@ -255,24 +255,6 @@ class Machine:
         self.group = VcpuGroup(self.vcpus, self._handle_exit, run)
         self.group.on_stop = self._guest_stopped
 
-    def rebuild_vm(self) -> None:
-        """Replace the KVM VM and vCPUs with fresh ones on the same memory and devices, for a
-        context to be moved in (an SEV guest taken back after a failed hand-off). The vCPU
-        threads must be parked; the new ones start parked."""
-        self.group.stop()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vcpus = []
-        if self.confidential is not None:
-            self.confidential.close()
-            self.confidential = None
-        self.vm.close()
-        self.vm = self.kvm.create_vm()
-        self.incoming = True
-        self._build_vm()
-        self._build_group()
-        self.group.start(paused=True)
-
     def _uart_irq(self, level: bool) -> None:
         self.vm.irq_line(COM1_IRQ, 1 if level else 0)
 
@@ -345,7 +327,9 @@ class Machine:
     # --- queries -------------------------------------------------------------------------------
 
     def query(self) -> dict[str, Any]:
-        """The control API's ``query-vm``."""
+        """The control API's ``query-vm``: what the VMM knows of the VM. Nothing here reads
+        guest memory (the service adds the built-in guests' own view, see
+        :mod:`intrahost.vmm.guests.probe`)."""
         info: dict[str, Any] = {
             "memory": self.config.memory,
             "memory-backend": self.memory.path or "memfd",
@@ -364,17 +348,6 @@ class Machine:
             info["sev"] = {"mode": self.confidential.mode, "platform": self.config.sev_platform}
             if record is not None:
                 info["sev"] |= record.to_dict()
-        from intrahost.vmm.guests import layout
-
-        try:
-            status = layout.read_status(self.memory.buffer)
-        except IntrahostError:
-            status = None
-        if status is not None:
-            info["counter"] = [
-                {"vcpu": i, "count": s.counter, "max-gap-ticks": s.max_gap}
-                for i, s in enumerate(status.slots)
-            ]
         return info
 
     # --- teardown ------------------------------------------------------------------------------

@@ -48,12 +48,13 @@ CASES += [
     for point in faults.DESTINATION_POINTS
     for kind in ("kill", "close", "stall", "truncate", "corrupt")
 ]
-#: SEV-ES guests (model platform): just before and just after MOVE on the destination.
+#: SEV-ES guests (model platform): just before and just after MOVE on the destination, and
+#: MOVE refused (as a real kernel can: EBUSY, EINVAL, ...).
 CASES += [
     ("destination", point, kind)
     for point in faults.SEV_DESTINATION_POINTS
-    for kind in ("kill", "close", "stall", "fail")
-]
+    for kind in ("kill", "close", "stall")
+] + [("destination", "before-move", "fail")]
 
 #: (side, point, fault) -> outcome, printed by conftest's terminal summary.
 MATRIX: dict[tuple[str, str, str], str] = {}
@@ -236,3 +237,71 @@ def _both_undecided(api_src: Path, api_dst: Path) -> bool:
 
 def _logs(*vmms: Vmm) -> str:
     return "\n".join(f"--- {v.log.name}\n{v.log.read_text(errors='replace')}" for v in vmms)
+
+
+# --- the plan itself (no processes) ------------------------------------------------------------
+
+
+def test_without_the_variable_nothing_is_injected() -> None:
+    assert faults.from_environment({}) is faults.NO_FAULTS
+    assert faults.from_environment({faults.ENV: ""}) is faults.NO_FAULTS
+    faults.NO_FAULTS.hit("source", "state", close=lambda: pytest.fail("closed"))
+    assert faults.NO_FAULTS.frame_fault() is None
+    assert faults.NO_FAULTS.state(b"state") == b"state"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "source",
+        "sideways:start:kill",
+        "source:nowhere:kill",
+        "source:recv-start:kill",
+        "source:start:explode",
+        "source:start:badstate",
+        "destination:after-move:fail",
+    ],
+)
+def test_a_fault_this_vmm_cannot_inject_is_refused(spec: str) -> None:
+    with pytest.raises(faults.FaultPlanError, match=faults.ENV):
+        faults.from_environment({faults.ENV: spec})
+
+
+def test_frame_faults_apply_once_to_the_next_frame() -> None:
+    plan = faults.from_environment({faults.ENV: "destination:recv-state:truncate"})
+    plan.hit("destination", "recv-ready")
+    assert plan.frame_fault() is None
+    plan.hit("destination", "recv-state")
+    assert plan.state(b"state") == b"state"  # not a state fault
+    assert plan.frame_fault() == "truncate"
+    assert plan.frame_fault() is None
+
+
+def test_badstate_drops_the_lapic_and_nothing_else() -> None:
+    from intrahost.migration import envelope
+
+    data = envelope.encode(
+        [envelope.Component("vcpu/0/lapic", b"x" * 1024), envelope.Component("vm/clock", b"y")]
+    )
+    plan = faults.from_environment({faults.ENV: "source:state:badstate"})
+    assert plan.state(data) == data  # the point not reached yet
+    plan.hit("source", "state")
+    assert plan.frame_fault() is None
+    assert envelope.decode(plan.state(data)).names() == ["vm/clock"]
+    assert plan.state(data) == data
+
+
+def test_fail_raises_an_error_the_receiver_handles_as_a_refused_move() -> None:
+    from intrahost.errors import IntrahostError
+
+    plan = faults.from_environment({faults.ENV: "destination:before-move:fail"})
+    plan.hit("destination", "after-import")
+    with pytest.raises(IntrahostError, match="before-move"):
+        plan.hit("destination", "before-move")
+
+
+def test_close_closes_the_socket() -> None:
+    closed: list[bool] = []
+    plan = faults.from_environment({faults.ENV: "source:commit:close"})
+    plan.hit("source", "commit", close=lambda: closed.append(True))
+    assert closed == [True]

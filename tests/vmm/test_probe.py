@@ -1,0 +1,112 @@
+"""The counter guest's probe: its status slots, its gap record and the pause it observed, on a
+real guest; and the machine's own query, which no longer reads guest memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import needs_kvm
+
+from intrahost.vmm.guests import layout
+from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting, host_tsc_khz
+from intrahost.vmm.machine import Machine, MachineConfig
+from intrahost.vmm.memory import MiB
+
+pytestmark = needs_kvm
+
+
+@pytest.fixture
+def counter(sockdir: Path) -> Iterator[Machine]:
+    config = MachineConfig(
+        memory=32 * MiB,
+        vcpus=2,
+        guest="counter",
+        guest_args="progress=1073741824",
+        memory_path=str(sockdir / "memory"),
+        serial="none",
+    )
+    machine = Machine.create(config)
+    machine.start()
+    probe = CounterProbe(machine.memory.buffer)
+    deadline = time.monotonic() + 20
+    while (status := probe.status()) is None or not all(s.counter for s in status.slots):
+        assert time.monotonic() < deadline, "the guest did not start counting"
+        time.sleep(0.01)
+    yield machine
+    machine.close()
+
+
+def test_counters_are_the_status_slots(counter: Machine) -> None:
+    probe = CounterProbe(counter.memory.buffer)
+    view = probe.counters()
+    assert view is not None and [c["vcpu"] for c in view] == [0, 1]
+    assert all(c["count"] > 0 and c["max-gap-ticks"] >= 0 for c in view)
+
+
+def test_a_guest_without_a_status_page_has_no_view() -> None:
+    probe = CounterProbe(bytearray(8 * MiB))
+    assert probe.status() is None and probe.counters() is None
+    probe.reset_gaps()  # nothing to reset: no error, nothing written
+
+
+def test_the_machine_query_reads_no_guest_memory(counter: Machine) -> None:
+    assert "counter" not in counter.query()
+
+
+def test_the_observed_pause_is_the_gap_across_a_pause(counter: Machine, sockdir: Path) -> None:
+    """Through the memory file, as the tests and benchmarks of other processes do."""
+    with CounterProbe.open(sockdir / "memory", counter.features.tsc_khz) as probe:
+        probe.reset_gaps()
+        status = probe.status()
+        assert status is not None
+        t0 = time.monotonic()
+        counter.pause()
+        time.sleep(0.05)
+        counter.resume()
+        pause_us = probe.observed_pause_us(status)
+        elapsed_us = (time.monotonic() - t0) * 1e6
+    # At most the time since the reset, plus the vCPU's scheduling slack on this busy host
+    # (it may have been preempted just before the pause).
+    assert 50_000 <= pause_us <= elapsed_us + 50_000, (pause_us, elapsed_us)
+
+
+def test_reset_gaps_forgets_older_gaps(counter: Machine) -> None:
+    probe = CounterProbe(counter.memory.buffer)
+    counter.pause()
+    time.sleep(0.05)
+    counter.resume()
+    status = probe.status()
+    assert status is not None
+    deadline = time.monotonic() + 10
+    while max(s.max_gap for s in status.slots) * 1000 // counter.features.tsc_khz < 50_000:
+        assert time.monotonic() < deadline, "the guest did not record the pause"
+        time.sleep(0.01)
+        status = probe.status()
+        assert status is not None
+    probe.reset_gaps()
+    status = probe.status()
+    assert status is not None
+    assert probe.observed_pause_us(status) < 50_000
+
+
+def test_a_paused_guest_is_not_counting(counter: Machine) -> None:
+    probe = CounterProbe(counter.memory.buffer, counter.features.tsc_khz)
+    counter.pause()
+    status = probe.status()
+    assert status is not None
+    with pytest.raises(GuestNotCounting, match="did not all count again"):
+        probe.observed_pause_us(status, timeout=0.2)
+    counter.resume()
+
+
+def test_the_host_tsc_frequency_is_the_guests(counter: Machine) -> None:
+    assert host_tsc_khz() == counter.features.tsc_khz
+
+
+def test_reset_needs_a_writable_view(counter: Machine) -> None:
+    probe = CounterProbe(bytes(counter.memory.buffer[: layout.STATUS_END]))
+    with pytest.raises(layout.GuestLayoutError, match="writable"):
+        probe.reset_gaps()

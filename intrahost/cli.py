@@ -377,6 +377,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
+    import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
     from intrahost.sev.platforms import open_platform
     from intrahost.sev.selftest import CASES, run_case
 

@@ -10,7 +10,7 @@ import pytest
 
 from intrahost.sev.interface import SEV_POLICY_ES, SevCommand, VmType
 from intrahost.sevmodel.firmware import SecureProcessor
-from intrahost.sevmodel.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
+from intrahost.sevmodel.kvm_sev import IoctlFailure, KvmModel, ModelConfig, StructKvm
 from intrahost.sevmodel.sync import Task
 
 SEV_FD = 7
@@ -38,10 +38,10 @@ class FakeCaller:
         return self.memlock
 
 
-def make_model(**config: Any) -> tuple[KvmModel, list[Vm]]:
+def make_model(**config: Any) -> tuple[KvmModel, list[StructKvm]]:
     cfg = ModelConfig(**config)
     fw = SecureProcessor(b"k" * 32, cfg.max_sev_asid, cfg.min_sev_asid, cfg.firmware)
-    dead: list[Vm] = []
+    dead: list[StructKvm] = []
     return KvmModel(cfg, fw, on_dead=dead.append), dead
 
 
@@ -52,15 +52,15 @@ def task(name: str = "t", cgroup: str = "/") -> Task:
     return Task(name, cgroup=cgroup)
 
 
-def kerr(call: Callable[[], object]) -> KvmError:
-    with pytest.raises(KvmError) as info:
+def kerr(call: Callable[[], object]) -> IoctlFailure:
+    with pytest.raises(IoctlFailure) as info:
         call()
     return info.value
 
 
 def op(
     kvm: KvmModel,
-    vm: Vm,
+    vm: StructKvm,
     cmd: SevCommand | int,
     data: dict[str, Any] | None = None,
     caller: FakeCaller = ME,
@@ -71,7 +71,7 @@ def op(
 
 def vm_with_vcpus(
     kvm: KvmModel, n: int, vm_type: VmType = VmType.DEFAULT, caller: FakeCaller = ME
-) -> Vm:
+) -> StructKvm:
     vm = kvm.create_vm(caller, vm_type)
     for i in range(n):
         kvm.create_vcpu(task(), caller, vm, i)
@@ -85,7 +85,7 @@ def sev_vm(
     launch: bool = True,
     caller: FakeCaller = ME,
     t: Task | None = None,
-) -> Vm:
+) -> StructKvm:
     vm = kvm.create_vm(caller, VmType.DEFAULT)
     op(kvm, vm, SevCommand.ES_INIT if es else SevCommand.INIT, caller=caller, t=t)
     for i in range(vcpus):
@@ -104,10 +104,14 @@ def sev_vm(
 
 
 def move(
-    kvm: KvmModel, dst: Vm, src: Vm | None, caller: FakeCaller = ME, t: Task | None = None
+    kvm: KvmModel,
+    dst: StructKvm,
+    src: StructKvm | None,
+    caller: FakeCaller = ME,
+    t: Task | None = None,
 ) -> None:
     kvm.sev_vm_move_enc_context_from(t or task(), caller, dst, src)
 
 
-def copy(kvm: KvmModel, dst: Vm, src: Vm | None, caller: FakeCaller = ME) -> None:
+def copy(kvm: KvmModel, dst: StructKvm, src: StructKvm | None, caller: FakeCaller = ME) -> None:
     kvm.sev_vm_copy_enc_context_from(task(), caller, dst, src)

@@ -4,6 +4,10 @@ Each owns its file descriptor, closes it on ``close()`` or at the end of a ``wit
 offers typed methods for the ioctls that are legal on it. Every failed ioctl raises
 :class:`KvmError` with the errno, the ioctl's name and the object.
 
+Every ioctl goes through one method, ``_ioctl``. A layer that needs a VM to answer as another
+kernel would (the SEV model makes a plain VM answer as an SEV VM) subclasses :class:`Vm` and
+:class:`Vcpu` and overrides that method; the classes here carry no such behaviour.
+
 Arguments are passed to libc's ``ioctl`` through ctypes: integers as ``unsigned long`` and
 structs by reference, so the kernel reads and writes them in place. (``fcntl.ioctl`` takes
 only a C ``int`` and copies immutable buffers into a 1 KiB scratch area, too small for
@@ -12,12 +16,11 @@ only a C ``int`` and copies immutable buffers into a 1 KiB scratch area, too sma
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -83,6 +86,12 @@ class _FdObject:
         if ret < 0:
             raise KvmError(ctypes.get_errno(), name, repr(self))
         return int(ret)
+
+    def detach(self) -> int:
+        """Give up the fd without closing it and return it (its new owner closes it); this
+        object is closed afterwards."""
+        fd, self._fd = self._fd, -1
+        return fd
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -170,15 +179,6 @@ class Vm(_FdObject):
     def __init__(self, fd: int, kvm: Kvm | None = None) -> None:
         super().__init__(fd)
         self.kvm = kvm
-        #: Called before every ioctl on this VM and its vCPUs. A platform that can kill the
-        #: VM from outside (the SEV model, after the encryption context moved away) installs
-        #: a guard that raises KvmError(EIO), as the kernel answers for a dead VM.
-        self.guard: Callable[[str, str], None] | None = None
-
-    def _check(self, name: str) -> None:
-        super()._check(name)
-        if self.guard is not None:
-            self.guard(name, repr(self))
 
     def check_extension(self, cap: Cap | int) -> int:
         return self._ioctl(K.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int(cap))
@@ -188,10 +188,15 @@ class Vm(_FdObject):
         if mmap_size is None:
             mmap_size = self.kvm.get_vcpu_mmap_size() if self.kvm is not None else 3 * 4096
         try:
-            return Vcpu(fd, self, vcpu_id, mmap_size)
+            return self._vcpu_object(fd, vcpu_id, mmap_size)
         except BaseException:
             os.close(fd)
             raise
+
+    def _vcpu_object(self, fd: int, vcpu_id: int, mmap_size: int) -> Vcpu:
+        """The object for a new vCPU fd of this VM. A subclass whose ioctls behave otherwise
+        gives its vCPUs a matching :class:`Vcpu` subclass here."""
+        return Vcpu(fd, self, vcpu_id, mmap_size)
 
     def set_tss_addr(self, addr: int) -> None:
         self._ioctl(K.KVM_SET_TSS_ADDR, "KVM_SET_TSS_ADDR", addr)
@@ -279,11 +284,6 @@ class Vcpu(_FdObject):
         super().__init__(fd)
         self.vm = vm
         self.vcpu_id = vcpu_id
-        #: Set once the vCPU's register state belongs to the platform (SEV-ES after
-        #: LAUNCH_UPDATE_VMSA): register getters and setters then fail with EINVAL, as on
-        #: kernels whose VM has protected state.
-        self.protected = False
-        self._platform_access = False
         self._map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         if mmap_size:
@@ -292,25 +292,6 @@ class Vcpu(_FdObject):
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.vcpu_id}, fd={self._fd})"
-
-    def _check(self, name: str) -> None:
-        super()._check(name)
-        if self.vm is not None and self.vm.guard is not None:
-            self.vm.guard(name, repr(self))
-
-    @contextlib.contextmanager
-    def platform_access(self) -> Iterator[None]:
-        """Register access for the platform layer itself (the SEV model's VMSA save and
-        load around KVM_RUN), which owns a protected vCPU's state."""
-        self._platform_access = True
-        try:
-            yield
-        finally:
-            self._platform_access = False
-
-    def _check_unprotected(self, name: str) -> None:
-        if self.protected and not self._platform_access:
-            raise KvmError(errno.EINVAL, name, repr(self), "the vCPU's register state is protected")
 
     @property
     def kvm_run(self) -> uapi.kvm_run:
@@ -350,49 +331,40 @@ class Vcpu(_FdObject):
     # --- register state ----------------------------------------------------------------------
 
     def get_regs(self) -> uapi.kvm_regs:
-        self._check_unprotected("KVM_GET_REGS")
         regs = uapi.kvm_regs()
         self._ioctl(K.KVM_GET_REGS, "KVM_GET_REGS", regs)
         return regs
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._check_unprotected("KVM_SET_REGS")
         self._ioctl(K.KVM_SET_REGS, "KVM_SET_REGS", _copy(regs))
 
     def get_sregs(self) -> uapi.kvm_sregs:
-        self._check_unprotected("KVM_GET_SREGS")
         sregs = uapi.kvm_sregs()
         self._ioctl(K.KVM_GET_SREGS, "KVM_GET_SREGS", sregs)
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._check_unprotected("KVM_SET_SREGS")
         self._ioctl(K.KVM_SET_SREGS, "KVM_SET_SREGS", _copy(sregs))
 
     def get_sregs2(self) -> uapi.kvm_sregs2:
-        self._check_unprotected("KVM_GET_SREGS2")
         sregs = uapi.kvm_sregs2()
         self._ioctl(K.KVM_GET_SREGS2, "KVM_GET_SREGS2", sregs)
         return sregs
 
     def set_sregs2(self, sregs: uapi.kvm_sregs2) -> None:
-        self._check_unprotected("KVM_SET_SREGS2")
         self._ioctl(K.KVM_SET_SREGS2, "KVM_SET_SREGS2", _copy(sregs))
 
     def get_fpu(self) -> uapi.kvm_fpu:
-        self._check_unprotected("KVM_GET_FPU")
         fpu = uapi.kvm_fpu()
         self._ioctl(K.KVM_GET_FPU, "KVM_GET_FPU", fpu)
         return fpu
 
     def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
-        self._check_unprotected("KVM_SET_FPU")
         self._ioctl(K.KVM_SET_FPU, "KVM_SET_FPU", _copy(fpu))
 
     def get_xsave(self, size: int = ctypes.sizeof(uapi.kvm_xsave)) -> bytes:
         """The XSAVE area: KVM_GET_XSAVE2 when ``size`` exceeds 4 KiB (its size comes from
         ``check_extension(Cap.XSAVE2)``), else KVM_GET_XSAVE."""
-        self._check_unprotected("KVM_GET_XSAVE")
         buf = (ctypes.c_uint8 * max(size, ctypes.sizeof(uapi.kvm_xsave)))()
         if size > ctypes.sizeof(uapi.kvm_xsave):
             self._ioctl(K.KVM_GET_XSAVE2, "KVM_GET_XSAVE2", buf)
@@ -401,7 +373,6 @@ class Vcpu(_FdObject):
         return bytes(buf)
 
     def set_xsave(self, data: bytes) -> None:
-        self._check_unprotected("KVM_SET_XSAVE")
         buf = (ctypes.c_uint8 * max(len(data), ctypes.sizeof(uapi.kvm_xsave))).from_buffer_copy(
             data.ljust(ctypes.sizeof(uapi.kvm_xsave), b"\0")
         )
@@ -416,13 +387,11 @@ class Vcpu(_FdObject):
         self._ioctl(K.KVM_SET_XCRS, "KVM_SET_XCRS", _copy(xcrs))
 
     def get_debugregs(self) -> uapi.kvm_debugregs:
-        self._check_unprotected("KVM_GET_DEBUGREGS")
         dbg = uapi.kvm_debugregs()
         self._ioctl(K.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", dbg)
         return dbg
 
     def set_debugregs(self, dbg: uapi.kvm_debugregs) -> None:
-        self._check_unprotected("KVM_SET_DEBUGREGS")
         self._ioctl(K.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", _copy(dbg))
 
     def get_lapic(self) -> uapi.kvm_lapic_state:

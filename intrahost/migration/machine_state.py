@@ -49,8 +49,10 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
     """Export a paused machine (every vCPU parked, the UART's drain paused). ``running``:
     whether the guest ran before the hand-off paused it (it runs again after)."""
     vm_state = save_vm(machine.vm)
+    protected = machine.confidential is not None and machine.confidential.registers_protected
     vcpu_states = [
-        save_vcpu(v, i, machine.features, machine.cpuid) for i, v in enumerate(machine.vcpus)
+        save_vcpu(v, i, machine.features, machine.cpuid, protected=protected)
+        for i, v in enumerate(machine.vcpus)
     ]
     components = [Component("config", envelope.json_payload(machine.config.to_dict()))]
     components.append(

@@ -26,7 +26,6 @@ VMMs, and a source that cannot tell whether its COMMIT arrived learns it from th
 
 from __future__ import annotations
 
-import array
 import enum
 import fcntl
 import json
@@ -41,6 +40,10 @@ from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.migration.faults import NO_FAULTS, Faults
+from intrahost.wire import ConnectionBroken as ConnectionBroken
+from intrahost.wire import Framing
+from intrahost.wire import PayloadError as PayloadError
+from intrahost.wire import ProtocolError as ProtocolError
 
 PROTOCOL_VERSION = 1
 #: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
@@ -74,13 +77,13 @@ class Status(enum.IntEnum):
     ERROR = 1
 
 
-class ProtocolError(IntrahostError):
-    """The peer broke the protocol, went away, or did not answer in time."""
+def _announced(header: tuple[Any, ...]) -> tuple[int, int]:
+    _kind, nfds, _reserved, length = header
+    return length, nfds
 
 
-class PayloadError(ProtocolError):
-    """A complete message whose payload is not the JSON object it must be: the receiver
-    refuses it with an error reply (unlike a broken connection, which it cannot answer)."""
+#: Requests and responses alike: the header is :data:`FRAME` (see the module docstring).
+FRAMING = Framing(FRAME, _announced, max_payload=MAX_PAYLOAD, max_fds=MAX_FDS)
 
 
 class PeerRefused(IntrahostError):
@@ -128,7 +131,8 @@ def to_json(value: dict[str, Any]) -> bytes:
 
 
 class Channel:
-    """One end of a migration connection: framed send/receive with fds and deadlines."""
+    """One end of a migration connection: framed send/receive with fds and deadlines
+    (:data:`FRAMING`, read and written by :mod:`intrahost.wire`)."""
 
     def __init__(
         self, sock: socket.socket, timeout: float = 10.0, faults: Faults = NO_FAULTS
@@ -144,76 +148,27 @@ class Channel:
     def send(
         self, kind: int, payload: bytes = b"", fds: Sequence[int] = (), timeout: float | None = None
     ) -> None:
-        if len(payload) > MAX_PAYLOAD or len(fds) > MAX_FDS:
-            raise ProtocolError(f"message of {len(payload)} bytes / {len(fds)} fds is too large")
-        header = FRAME.pack(kind, len(fds), 0, len(payload))
+        FRAMING.check(payload, fds)
         injected = self.faults.frame_fault()
         if injected == "corrupt" and payload:
             payload = payload[:-1] + bytes([payload[-1] ^ 0x5A])
-        try:
-            self.sock.settimeout(self.timeout if timeout is None else timeout)
-            if injected == "truncate":
+        timeout = self.timeout if timeout is None else timeout
+        if injected == "truncate":
+            header = FRAME.pack(kind, len(fds), 0, len(payload))
+            try:
+                self.sock.settimeout(timeout)
                 self.sock.sendall((header + payload)[: (FRAME.size + len(payload)) // 2])
+            except OSError as e:
+                raise ConnectionBroken(f"connection lost while sending: {e}") from None
+            finally:
                 self.sock.close()
-                raise ProtocolError("fault injected: truncated frame")
-            ancillary = []
-            if fds:
-                ancillary = [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-                ]
-            sent = self.sock.sendmsg([header, payload], ancillary)
-            if sent < FRAME.size + len(payload):
-                self.sock.sendall((header + payload)[sent:])
-        except TimeoutError:
-            raise ProtocolError("timed out sending to the peer") from None
-        except OSError as e:
-            raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
+            raise ConnectionBroken("fault injected: truncated frame")
+        FRAMING.send(self.sock, (kind, len(fds), 0, len(payload)), payload, fds, timeout)
 
     def receive(self, timeout: float | None = None) -> Message:
         """One message; its fds are owned by the caller (close them if unexpected)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        fds: list[int] = []
-        try:
-            header = self._recv_exact(FRAME.size, deadline, fds)
-            kind, nfds, _reserved, length = FRAME.unpack(header)
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"peer announced a {length}-byte message (cap {MAX_PAYLOAD})")
-            if nfds != len(fds):
-                raise ProtocolError(f"peer announced {nfds} fds and sent {len(fds)}")
-            payload = self._recv_exact(length, deadline, fds) if length else b""
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return Message(kind, payload, fds)
-
-    def _recv_exact(self, n: int, deadline: float, fds: list[int]) -> bytes:
-        chunks: list[bytes] = []
-        got = 0
-        fd_space = socket.CMSG_SPACE(MAX_FDS * 4)
-        while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ProtocolError("timed out waiting for the peer")
-            try:
-                self.sock.settimeout(left)
-                data, ancdata, flags, _ = self.sock.recvmsg(min(n - got, 1 << 20), fd_space)
-            except TimeoutError:
-                raise ProtocolError("timed out waiting for the peer") from None
-            except OSError as e:
-                raise ProtocolError(f"connection lost: {e.strerror or e}") from None
-            for level, kind, blob in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(blob[: len(blob) - len(blob) % arr.itemsize])
-                    fds.extend(arr)
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("peer sent more fds than a message may carry")
-            if not data:
-                raise ProtocolError("the peer closed the connection")
-            chunks.append(data)
-            got += len(data)
-        return b"".join(chunks)
+        frame = FRAMING.receive(self.sock, self.timeout if timeout is None else timeout)
+        return Message(frame.header[0], frame.payload, frame.fds)
 
     # --- request / response (source side) ------------------------------------------------------
 

@@ -78,14 +78,17 @@ def cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
     return [uapi.kvm_cpuid_entry2.from_bytes(data[i : i + size]) for i in range(0, len(data), size)]
 
 
-def save_vcpu(vcpu: Vcpu, index: int, features: VcpuFeatures, cpuid: bytes) -> VcpuState:
+def save_vcpu(
+    vcpu: Vcpu, index: int, features: VcpuFeatures, cpuid: bytes, *, protected: bool
+) -> VcpuState:
     """Export one parked vCPU. Every vCPU of the VM must be parked outside KVM_RUN: reading
     VCPU_EVENTS while another vCPU runs could miss an event in flight. ``cpuid``: the table
-    the VMM set on the vCPU (KVM never changes it, so it is not read back in the blackout)."""
+    the VMM set on the vCPU (KVM never changes it, so it is not read back in the blackout).
+    ``protected``: the vCPU's register state belongs to the SEV platform
+    (``ConfidentialGuest.registers_protected``); the register parts are left out."""
     # MP_STATE first: reading it makes KVM accept pending INIT/SIPI events, which can change
     # the registers and the LAPIC; everything after must see the result.
     mp_state = vcpu.get_mp_state()
-    protected = vcpu.protected
     regs = None if protected else bytes(vcpu.get_regs())
     if protected:
         sregs = None

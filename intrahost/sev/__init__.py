@@ -1,13 +1,16 @@
 """SEV and SEV-ES: one interface (``interface.py``), two platforms (``platforms.py``).
 
-``open_platform("auto")`` gives the kernel platform where ``/dev/sev`` exists and the model
-platform (``intrahost.sevmodel``) everywhere else.
+``open_platform("auto")`` gives the kernel platform where ``/dev/sev`` works and the model
+platform (``intrahost.sevmodel``, registered by importing it) everywhere else.
 """
 
+# Imported for its registration of the "kernel" platform.
+import intrahost.sev.kernel  # noqa: F401
 from intrahost.sev.interface import (
     SEV_NR_MAX,
     SEV_POLICY_ES,
     SEV_POLICY_NODBG,
+    Attachment,
     FirmwareError,
     GuestState,
     GuestStatus,
@@ -19,7 +22,7 @@ from intrahost.sev.interface import (
     VmType,
 )
 from intrahost.sev.platforms import (
-    PlatformNotAvailableError,
+    PlatformUnavailableError,
     open_platform,
     platform_names,
     register_platform,
@@ -30,11 +33,12 @@ __all__ = [
     "SEV_NR_MAX",
     "SEV_POLICY_ES",
     "SEV_POLICY_NODBG",
+    "Attachment",
     "FirmwareError",
     "GuestState",
     "GuestStatus",
     "PlatformInfo",
-    "PlatformNotAvailableError",
+    "PlatformUnavailableError",
     "SevCommand",
     "SevError",
     "SevPlatform",

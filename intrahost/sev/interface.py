@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, NamedTuple, Self
 
 from intrahost.errors import IntrahostError
 
@@ -428,6 +428,14 @@ class SevVm(ABC):
         self.close()
 
 
+class Attachment(NamedTuple):
+    """What :meth:`SevPlatform.attach` gives the VMM: the SEV VM, and the KVM VM object the
+    VMM uses from then on in place of the one it attached."""
+
+    sev: SevVm
+    kvm: Vm
+
+
 class SevPlatform(ABC):
     """A place where SEV VMs can be created: the kernel, or the model."""
 
@@ -450,13 +458,16 @@ class SevPlatform(ABC):
         """Wrap a VM fd received from another process (takes ownership of ``fd``)."""
 
     @abstractmethod
-    def attach(self, vm: Vm) -> SevVm:
+    def attach(self, vm: Vm) -> Attachment:
         """The SEV VM for a KVM VM the VMM created itself (before its vCPUs).
 
-        The VMM keeps owning ``vm`` and creates the vCPUs on it; it reports each one with
-        :meth:`SevVm.create_vcpu` (by index) and runs KVM ioctls on ``vm`` as usual. After the
-        context moves away, every KVM ioctl on ``vm`` and its vCPUs fails with ``EIO`` (the
-        kernel does this itself; the model installs ``vm.guard`` to do the same).
+        From then on the VMM uses ``attachment.kvm`` for the KVM VM, not ``vm``: the kernel
+        platform gives ``vm`` back; the model takes over its fd in an object that answers as
+        the kernel's SEV VM does (see :mod:`intrahost.sevmodel.attached`). The VMM owns that
+        object, creates the vCPUs on it and reports each one with :meth:`SevVm.create_vcpu`
+        (by index). Once the context moved away, every KVM ioctl on it and its vCPUs fails
+        with ``EIO``; once a vCPU's state is protected (SEV-ES), its register ioctls fail with
+        ``EINVAL`` and KVM_RUN loads and saves that state itself.
         """
 
     @abstractmethod

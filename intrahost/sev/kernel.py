@@ -44,6 +44,7 @@ from intrahost.kvm import Cap, Kvm, KvmError, KvmUnavailableError, Vcpu, Vm, uap
 from intrahost.kvm import constants as K
 from intrahost.sev.interface import (
     SEV_POLICY_ES,
+    Attachment,
     FirmwareError,
     GuestState,
     GuestStatus,
@@ -55,7 +56,7 @@ from intrahost.sev.interface import (
     VmType,
     firmware_error_from_code,
 )
-from intrahost.sev.platforms import PlatformNotAvailableError
+from intrahost.sev.platforms import PlatformUnavailableError, register_platform
 
 #: The SEV firmware device of the ``ccp`` driver.
 DEV_SEV = "/dev/sev"
@@ -363,7 +364,7 @@ class KernelPlatform(SevPlatform):
         try:
             self._sev_fd = os.open(sev_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
-            raise PlatformNotAvailableError(
+            raise PlatformUnavailableError(
                 f"cannot open {sev_path}: {err.strerror}; the kernel SEV platform needs the "
                 "AMD SEV firmware device (or use --platform model)"
             ) from None
@@ -412,13 +413,14 @@ class KernelPlatform(SevPlatform):
         with (the kernel will not say: every query from this process is answered ``EIO``)."""
         return KernelSevVm(Vm(fd, self._kvm), self._sev_fd, vm_type, adopted=True)
 
-    def attach(self, vm: Vm, vm_type: VmType = VmType.DEFAULT) -> KernelSevVm:
-        """The SEV side of a VM the VMM created (with ``vm_type``) and keeps owning.
+    def attach(self, vm: Vm, vm_type: VmType = VmType.DEFAULT) -> Attachment:
+        """The SEV side of a VM the VMM created (with ``vm_type``) and keeps owning (the
+        kernel does all SEV behaviour of the VM itself: ``vm`` is the VMM's object still).
 
         The VMM creates the vCPUs itself and reports each with ``create_vcpu(index)``, which
         here only records the index; ``close()`` leaves the VM and its vCPUs open.
         """
-        return KernelSevVm(vm, self._sev_fd, vm_type, attached=True)
+        return Attachment(KernelSevVm(vm, self._sev_fd, vm_type, attached=True), vm)
 
     def close(self) -> None:
         if self._sev_fd >= 0:
@@ -725,3 +727,6 @@ class KernelSevVm(SevVm):
         for vcpu in self._vcpus:
             vcpu.close()
         self._vm.close()
+
+
+register_platform("kernel", KernelPlatform, unavailable_reason)

@@ -1,29 +1,28 @@
 """Which SEV platforms exist here, and how to open one.
 
-Each platform registers a factory and an availability check (``None`` when usable, else the
-reason it is not). ``"auto"`` is the kernel where it is available, else the model.
+A platform registers itself under a name with a factory and an availability check (``None``
+when usable, else the reason it is not):
 
-The kernel platform lives in ``intrahost.sev.kernel`` (written separately): that module must
-define ``KernelPlatform`` (a :class:`~intrahost.sev.interface.SevPlatform` whose constructor
-takes no arguments) and may define ``unavailable_reason() -> str | None`` for checks beyond
-the presence of ``/dev/sev`` (e.g. ``KVM_CHECK_EXTENSION`` and supported VM types).
+* ``"kernel"``, the real ``/dev/kvm`` and ``/dev/sev`` (:mod:`intrahost.sev.kernel`), is
+  registered when :mod:`intrahost.sev` is imported;
+* ``"model"``, the software model (:mod:`intrahost.sevmodel`, a layer above this one), is
+  registered when that package is imported: whoever offers it (the VMM) imports it.
+
+``"auto"`` is the kernel where it is available, else the model.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from intrahost.errors import IntrahostError
 from intrahost.sev.interface import SevPlatform
 
-KERNEL_MODULE = "intrahost.sev.kernel"
 
-
-class PlatformNotAvailableError(IntrahostError):
-    """The requested SEV platform cannot be used on this host."""
+class PlatformUnavailableError(IntrahostError):
+    """The requested SEV platform cannot be used here (not registered, no device, no
+    service to reach)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,8 @@ def unavailable_reason(name: str) -> str | None:
     """``None`` if platform ``name`` can be opened here, else why not."""
     entry = _REGISTRY.get(name)
     if entry is None:
-        return f"unknown SEV platform {name!r} (known: {', '.join(_REGISTRY)})"
+        known = ", ".join(_REGISTRY) or "none"
+        return f"unknown SEV platform {name!r} (known here: {known})"
     return entry.unavailable_reason()
 
 
@@ -63,39 +63,7 @@ def open_platform(name: str = "auto") -> SevPlatform:
         name = "kernel" if unavailable_reason("kernel") is None else "model"
     reason = unavailable_reason(name)
     if reason is not None:
-        raise PlatformNotAvailableError(
+        raise PlatformUnavailableError(
             f"the {name} SEV platform is not available: {reason}; use --platform model"
         )
     return _REGISTRY[name].factory()
-
-
-def _kernel_unavailable() -> str | None:
-    if not os.path.exists("/dev/sev"):
-        return "this host has no /dev/sev (no AMD SEV firmware)"
-    try:
-        module = importlib.import_module(KERNEL_MODULE)
-    except ImportError as err:
-        return f"{KERNEL_MODULE} cannot be imported: {err}"
-    check = getattr(module, "unavailable_reason", None)
-    if callable(check):
-        reason = check()
-        return None if reason is None else str(reason)
-    return None
-
-
-def _kernel_factory() -> SevPlatform:
-    module = importlib.import_module(KERNEL_MODULE)
-    platform = module.KernelPlatform()
-    if not isinstance(platform, SevPlatform):
-        raise PlatformNotAvailableError(f"{KERNEL_MODULE}.KernelPlatform is not a SevPlatform")
-    return platform
-
-
-def _model_factory() -> SevPlatform:
-    from intrahost.sevmodel.client import ModelPlatform
-
-    return ModelPlatform()
-
-
-register_platform("kernel", _kernel_factory, _kernel_unavailable)
-register_platform("model", _model_factory)

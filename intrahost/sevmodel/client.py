@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import intrahost
-from intrahost.errors import IntrahostError
-from intrahost.kvm import KvmError, Vm
+from intrahost.kvm import Vm
 from intrahost.sev.interface import (
     LAUNCH_MEASURE_BLOB_LEN,
+    Attachment,
     GuestState,
     GuestStatus,
     PlatformInfo,
@@ -42,13 +42,11 @@ from intrahost.sev.interface import (
     VmType,
     firmware_error_from_code,
 )
+from intrahost.sev.platforms import PlatformUnavailableError
 from intrahost.sevmodel import protocol
-from intrahost.sevmodel.protocol import ProtocolError, recv_message, send_message
-
-
-class PlatformUnavailableError(IntrahostError):
-    """The model platform service cannot be reached or started."""
-
+from intrahost.sevmodel.attached import AttachedVm
+from intrahost.sevmodel.protocol import ServiceSocketError, recv_message, send_message
+from intrahost.wire import ProtocolError
 
 # ------------------------------------------------------------------------------------------
 # the connection
@@ -188,7 +186,7 @@ def connect(path: str, autostart: bool = True, timeout: float = 15.0) -> socket.
     directory = os.path.dirname(os.path.abspath(path))
     try:
         protocol.ensure_private_dir(directory)
-    except (OSError, ProtocolError) as err:
+    except (OSError, ServiceSocketError) as err:
         raise PlatformUnavailableError(f"cannot use {directory} for the service: {err}") from err
     with open(path + ".lock", "a+b") as lock:
         os.fchmod(lock.fileno(), 0o600)
@@ -349,31 +347,17 @@ class ModelPlatform(SevPlatform):
         result, _ = self.call("inspect", {}, [fd], "adopt_vm")
         return ModelVm(self, fd, VmType[result["type"]], result["vm"])
 
-    def attach(self, vm: Vm) -> ModelVm:
-        """A new model VM bound to ``vm``, a real KVM VM the VMM built (and keeps owning).
+    def attach(self, vm: Vm) -> Attachment:
+        """A new model VM bound to ``vm``, a real KVM VM the VMM built, with no vCPUs yet.
 
-        The model cannot stop the real KVM from serving a VM whose context moved away, so it
-        installs ``vm.guard``: before every KVM ioctl on ``vm`` and its vCPUs it checks the
-        model VM (a zero-timeout poll) and, once that is dead, fails with ``EIO`` as the
-        kernel does. Dead is final: the guard keeps failing after the model VM is closed.
+        The KVM VM comes back as an :class:`~intrahost.sevmodel.attached.AttachedVm` that took
+        over ``vm``'s fd (``vm`` is closed): the VMM owns and uses that one, which answers as
+        the kernel's SEV VM does (dead after a MOVE away, protected vCPU state).
         """
         model_vm = self.create_vm()
-        dead = False
-
-        def guard(ioctl: str, obj: str) -> None:
-            nonlocal dead
-            if not dead and model_vm.fd >= 0:
-                dead = model_vm.is_dead()
-            if dead:
-                raise KvmError(
-                    errno.EIO,
-                    ioctl,
-                    obj,
-                    "the VM is dead: its SEV context was moved to another VM (model platform)",
-                )
-
-        vm.guard = guard
-        return model_vm
+        kvm_vm = AttachedVm(vm.detach(), vm.kvm, model_vm)
+        model_vm.kvm_vm = kvm_vm
+        return Attachment(model_vm, kvm_vm)
 
     def platform_state(self) -> dict[str, Any]:
         """ASIDs in use and to reclaim, firmware guests, cgroup usage (model only)."""
@@ -400,6 +384,8 @@ class ModelVm(SevVm):
         self._vm_type = vm_type
         #: The service's number for this VM (diagnostics only).
         self.vm_id = vm_id
+        #: The VMM's KVM VM, for a VM made by :meth:`ModelPlatform.attach`.
+        self.kvm_vm: AttachedVm | None = None
 
     def __repr__(self) -> str:
         return f"<ModelVm {self.vm_id} fd={self._fd} {self._vm_type.name}>"
@@ -463,8 +449,15 @@ class ModelVm(SevVm):
         self._enc(SevCommand.LAUNCH_UPDATE_DATA, {"uaddr": uaddr, "len": length, "bytes": content})
 
     def launch_update_vmsa(self, vmsas: Sequence[bytes] | None = None) -> None:
+        """On an attached VM, ``None`` stands for the register state of its KVM vCPUs, which
+        is protected afterwards."""
+        if vmsas is None and self.kvm_vm is not None:
+            vmsas = [vcpu.capture_vmsa() for vcpu in self.kvm_vm.vcpus]
         data = None if vmsas is None else {"vmsas": [bytes(v) for v in vmsas]}
         self._enc(SevCommand.LAUNCH_UPDATE_VMSA, data)
+        if self.kvm_vm is not None:
+            for vcpu in self.kvm_vm.vcpus:
+                vcpu.protected = True
 
     def launch_measure(self) -> bytes:
         result = self._enc(SevCommand.LAUNCH_MEASURE, {"len": LAUNCH_MEASURE_BLOB_LEN})
@@ -505,7 +498,13 @@ class ModelVm(SevVm):
         return [src_fd]
 
     def move_enc_context_from(self, src_fd: int) -> None:
-        self._call("move", {}, self._source(src_fd))
+        """On an attached VM, the KVM vCPUs' state is protected afterwards if the context
+        that moved in is SEV-ES (the service answers which vCPUs are protected)."""
+        result = self._call("move", {}, self._source(src_fd))
+        if self.kvm_vm is not None:
+            protected = result.get("protected", [])
+            for vcpu in self.kvm_vm.vcpus:
+                vcpu.protected = vcpu.index < len(protected) and bool(protected[vcpu.index])
 
     def copy_enc_context_from(self, src_fd: int) -> None:
         self._call("copy", {}, self._source(src_fd))

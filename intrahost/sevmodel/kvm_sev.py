@@ -52,8 +52,9 @@ MISC_CG_RES_SEV = "sev"
 MISC_CG_RES_SEV_ES = "sev_es"
 
 
-class KvmError(Exception):
-    """What an ioctl returns when it fails: ``-errno``, and ``kvm_sev_cmd.error``."""
+class IoctlFailure(Exception):
+    """What a modelled ioctl returns when it fails: ``-errno``, and ``kvm_sev_cmd.error``.
+    (The service answers it to the client; the VMM never sees this type.)"""
 
     def __init__(
         self,
@@ -134,7 +135,9 @@ class SevEsState:
 
 
 @dataclass(eq=False)
-class Vcpu:
+class StructKvmVcpu:
+    """``struct kvm_vcpu``: what the model keeps of one vCPU."""
+
     index: int
     vcpu_id: int
     mutex: ModelMutex
@@ -169,8 +172,8 @@ class SevInfo:
     policy: int = 0
     pages_locked: int = 0
     regions: list[EncRegion] = field(default_factory=list)
-    enc_context_owner: Vm | None = None
-    mirror_vms: list[Vm] = field(default_factory=list)
+    enc_context_owner: StructKvm | None = None
+    mirror_vms: list[StructKvm] = field(default_factory=list)
     migration_in_progress: bool = False
     vmsa_features: int = 0
     ghcb_version: int = 0
@@ -178,15 +181,15 @@ class SevInfo:
 
 
 @dataclass(eq=False)
-class Vm:
-    """``struct kvm`` with its ``kvm_sev_info``."""
+class StructKvm:
+    """``struct kvm`` with its ``kvm_sev_info``: what the model keeps of one VM."""
 
     vm_id: int
     vm_type: VmType
     creator: tuple[int, int]
     lock: ModelMutex
     sev: SevInfo = field(default_factory=SevInfo)
-    vcpus: list[Vcpu] = field(default_factory=list)
+    vcpus: list[StructKvmVcpu] = field(default_factory=list)
     created_vcpus: int = 0
     users: int = 1
     dead: bool = False
@@ -202,15 +205,15 @@ class Vm:
         return f"<vm {self.vm_id}>"
 
 
-def sev_guest(vm: Vm) -> bool:
+def sev_guest(vm: StructKvm) -> bool:
     return vm.sev.active
 
 
-def sev_es_guest(vm: Vm) -> bool:
+def sev_es_guest(vm: StructKvm) -> bool:
     return vm.sev.active and vm.sev.es_active
 
 
-def is_mirroring_enc_context(vm: Vm) -> bool:
+def is_mirroring_enc_context(vm: StructKvm) -> bool:
     return vm.sev.enc_context_owner is not None
 
 
@@ -249,12 +252,12 @@ class MiscCgroups:
 
     def try_charge(self, res: str, cgroup: str, amount: int = 1) -> None:
         if not self.capacity.get(res):
-            raise KvmError(errno.EINVAL, f"misc cgroup resource {res} has no capacity")
+            raise IoctlFailure(errno.EINVAL, f"misc cgroup resource {res} has no capacity")
         for level in self._levels(cgroup):
             new = self.usage.get((level, res), 0) + amount
             limit = self.limits.get(level, {}).get(res)
             if new > self.capacity[res] or (limit is not None and new > limit):
-                raise KvmError(errno.EBUSY, f"misc cgroup {level} has no {res} ASID left")
+                raise IoctlFailure(errno.EBUSY, f"misc cgroup {level} has no {res} ASID left")
         for level in self._levels(cgroup):
             self.usage[(level, res)] = self.usage.get((level, res), 0) + amount
 
@@ -284,8 +287,8 @@ class KvmModel:
         self,
         config: ModelConfig,
         firmware: SecureProcessor,
-        on_dead: Callable[[Vm], None] = lambda vm: None,
-        on_destroyed: Callable[[Vm], None] = lambda vm: None,
+        on_dead: Callable[[StructKvm], None] = lambda vm: None,
+        on_destroyed: Callable[[StructKvm], None] = lambda vm: None,
     ) -> None:
         self.config = config
         self.fw = firmware
@@ -293,7 +296,7 @@ class KvmModel:
         self.on_destroyed = on_destroyed
         #: The service's big lock: every model field is read and written under it.
         self.cond = threading.Condition(threading.RLock())
-        self.vms: dict[int, Vm] = {}
+        self.vms: dict[int, StructKvm] = {}
         self._next_vm = 1
         self.asid_bitmap: set[int] = set()
         self.reclaim_asid_bitmap: set[int] = set()
@@ -306,18 +309,18 @@ class KvmModel:
         self.kernel_task = Task("kernel")
 
     # -- VM lifetime ------------------------------------------------------------------------
-    def create_vm(self, caller: Caller, vm_type: VmType | int) -> Vm:
+    def create_vm(self, caller: Caller, vm_type: VmType | int) -> StructKvm:
         """``KVM_CREATE_VM``."""
         with self.cond:
             try:
                 kind = VmType(vm_type)
             except ValueError:
-                raise KvmError(errno.EINVAL, f"unsupported VM type {vm_type}") from None
+                raise IoctlFailure(errno.EINVAL, f"unsupported VM type {vm_type}") from None
             if kind not in self.supported_vm_types():
-                raise KvmError(errno.EINVAL, f"VM type {kind.name} is not supported here")
+                raise IoctlFailure(errno.EINVAL, f"VM type {kind.name} is not supported here")
             vm_id = self._next_vm
             self._next_vm += 1
-            vm = Vm(
+            vm = StructKvm(
                 vm_id=vm_id,
                 vm_type=kind,
                 creator=caller.identity,
@@ -336,12 +339,12 @@ class KvmModel:
             types.append(VmType.SEV_ES)
         return tuple(types)
 
-    def kvm_get_kvm(self, vm: Vm) -> None:
+    def kvm_get_kvm(self, vm: StructKvm) -> None:
         with self.cond:
             assert not vm.destroyed, f"{vm} used after destruction"
             vm.users += 1
 
-    def kvm_put_kvm(self, vm: Vm) -> None:
+    def kvm_put_kvm(self, vm: StructKvm) -> None:
         """Drop a reference; the last one destroys the VM (``kvm_destroy_vm``)."""
         with self.cond:
             vm.users -= 1
@@ -349,7 +352,7 @@ class KvmModel:
             if vm.users == 0:
                 self._destroy_vm(vm)
 
-    def _destroy_vm(self, vm: Vm) -> None:
+    def _destroy_vm(self, vm: StructKvm) -> None:
         vm.destroyed = True
         self.sev_vm_destroy(vm)
         # kvm_destroy_vcpus -> sev_free_vcpu: nothing to do in the model (the VMSA blobs of a
@@ -358,7 +361,7 @@ class KvmModel:
         del self.vms[vm.vm_id]
         self.on_destroyed(vm)
 
-    def sev_vm_destroy(self, vm: Vm) -> None:
+    def sev_vm_destroy(self, vm: StructKvm) -> None:
         sev = vm.sev
         if not sev_guest(vm):
             # Also a moved-from source: active is false, so nothing SEV-related is freed.
@@ -381,16 +384,16 @@ class KvmModel:
 
     # -- the generic ioctl gate --------------------------------------------------------------
     @staticmethod
-    def _ioctl_gate(caller: Caller, vm: Vm) -> None:
+    def _ioctl_gate(caller: Caller, vm: StructKvm) -> None:
         """``kvm_vm_ioctl``/``kvm_vcpu_ioctl``: -EIO if ``kvm->mm != current->mm`` or dead."""
         if vm.creator != caller.identity:
-            raise KvmError(
+            raise IoctlFailure(
                 errno.EIO,
                 f"{vm} was created by process {vm.creator[0]}, not by the caller "
                 f"(process {caller.pid})",
             )
         if vm.dead:
-            raise KvmError(errno.EIO, f"{vm} is dead: its encryption context was moved away")
+            raise IoctlFailure(errno.EIO, f"{vm} is dead: its encryption context was moved away")
 
     # -- ASIDs --------------------------------------------------------------------------------
     def sev_asid_new(self, sev: SevInfo, task: Task) -> None:
@@ -398,11 +401,11 @@ class KvmModel:
         min_asid = 1 if sev.es_active else cfg.min_sev_asid
         max_asid = cfg.min_sev_asid - 1 if sev.es_active else cfg.max_sev_asid
         if min_asid > max_asid:
-            raise KvmError(errno.ENOTTY, "no ASIDs are set aside for this kind of guest")
+            raise IoctlFailure(errno.ENOTTY, "no ASIDs are set aside for this kind of guest")
         sev.misc_cg = task.cgroup
         try:
             self.misc.try_charge(_misc_res(sev), sev.misc_cg)
-        except KvmError:
+        except IoctlFailure:
             sev.misc_cg = None
             raise
         retry = True
@@ -416,7 +419,7 @@ class KvmModel:
             self.misc.uncharge(_misc_res(sev), sev.misc_cg)
             sev.misc_cg = None
             kind = "SEV-ES" if sev.es_active else "SEV"
-            raise KvmError(errno.EBUSY, f"all {kind} ASIDs ({min_asid}..{max_asid}) are in use")
+            raise IoctlFailure(errno.EBUSY, f"all {kind} ASIDs ({min_asid}..{max_asid}) are in use")
         sev.asid = free[0]
         self.asid_bitmap.add(sev.asid)
 
@@ -455,50 +458,52 @@ class KvmModel:
                     "; KVM records the /dev/sev fd number at LAUNCH_START and a move does not"
                     " carry it, so after a move it resolves fd 0 of the caller"
                 )
-            raise KvmError(errno.EBADF, detail)
+            raise IoctlFailure(errno.EBADF, detail)
 
     def _fw(self, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except FirmwareFailure as failure:
             result = {"length": failure.length} if failure.length is not None else None
-            raise KvmError(errno.EIO, failure.why, failure.code, result) from None
+            raise IoctlFailure(errno.EIO, failure.why, failure.code, result) from None
 
     # -- pinning --------------------------------------------------------------------------------
-    def sev_pin_memory(self, caller: Caller, vm: Vm, uaddr: int, ulen: int) -> int:
+    def sev_pin_memory(self, caller: Caller, vm: StructKvm, uaddr: int, ulen: int) -> int:
         """``sev_pin_memory``: returns the number of pages pinned (and accounted)."""
         if ulen == 0 or uaddr + ulen > ULONG_MAX + 1:
-            raise KvmError(errno.EINVAL, f"invalid range {uaddr:#x}+{ulen:#x}")
+            raise IoctlFailure(errno.EINVAL, f"invalid range {uaddr:#x}+{ulen:#x}")
         first = uaddr >> PAGE_SHIFT
         last = (uaddr + ulen - 1) >> PAGE_SHIFT
         npages = last - first + 1
         locked = vm.sev.pages_locked + npages
         limit = caller.memlock_limit_pages()
         if limit is not None and locked > limit:
-            raise KvmError(errno.ENOMEM, f"{locked} locked pages exceed the lock limit of {limit}")
+            raise IoctlFailure(
+                errno.ENOMEM, f"{locked} locked pages exceed the lock limit of {limit}"
+            )
         if not caller.range_mapped_writable(first << PAGE_SHIFT, npages * PAGE_SIZE):
-            raise KvmError(
+            raise IoctlFailure(
                 errno.ENOMEM, f"failure locking {npages} pages at {uaddr:#x} (not mapped)"
             )
         vm.sev.pages_locked = locked
         return npages
 
     @staticmethod
-    def sev_unpin_memory(vm: Vm, npages: int) -> None:
+    def sev_unpin_memory(vm: StructKvm, npages: int) -> None:
         vm.sev.pages_locked -= npages
 
     # -- vCPUs --------------------------------------------------------------------------------
-    def create_vcpu(self, task: Task, caller: Caller, vm: Vm, vcpu_id: int | None) -> int:
+    def create_vcpu(self, task: Task, caller: Caller, vm: StructKvm, vcpu_id: int | None) -> int:
         """``kvm_vm_ioctl_create_vcpu``: returns the new vCPU's index."""
         with self.cond:
             self._ioctl_gate(caller, vm)
             vid = vm.created_vcpus if vcpu_id is None else vcpu_id
             if not 0 <= vid < KVM_MAX_VCPU_IDS:
-                raise KvmError(errno.EINVAL, f"vCPU id {vid} is out of range")
+                raise IoctlFailure(errno.EINVAL, f"vCPU id {vid} is out of range")
             vm.lock.lock(task, killable=False)
             try:
                 if vm.created_vcpus >= KVM_MAX_VCPUS:
-                    raise KvmError(errno.EINVAL, "too many vCPUs")
+                    raise IoctlFailure(errno.EINVAL, "too many vCPUs")
                 vm.created_vcpus += 1
             finally:
                 vm.lock.unlock(task.holder)
@@ -519,10 +524,10 @@ class KvmModel:
             try:
                 if any(v.vcpu_id == vid for v in vm.vcpus):
                     vm.created_vcpus -= 1
-                    raise KvmError(errno.EEXIST, f"vCPU id {vid} already exists")
+                    raise IoctlFailure(errno.EEXIST, f"vCPU id {vid} already exists")
                 index = len(vm.vcpus)
                 vm.vcpus.append(
-                    Vcpu(
+                    StructKvmVcpu(
                         index=index,
                         vcpu_id=vid,
                         mutex=ModelMutex(self.cond, f"vm{vm.vm_id}.vcpu{index}.mutex"),
@@ -533,35 +538,35 @@ class KvmModel:
             finally:
                 vm.lock.unlock(task.holder)
 
-    def _vcpu(self, vm: Vm, index: int) -> Vcpu:
+    def _vcpu(self, vm: StructKvm, index: int) -> StructKvmVcpu:
         if not 0 <= index < len(vm.vcpus):
-            raise KvmError(errno.EBADF, f"{vm} has no vCPU with index {index}")
+            raise IoctlFailure(errno.EBADF, f"{vm} has no vCPU with index {index}")
         return vm.vcpus[index]
 
     def vcpu_enter(
-        self, task: Task, caller: Caller, vm: Vm, index: int, holder: Hashable
+        self, task: Task, caller: Caller, vm: StructKvm, index: int, holder: Hashable
     ) -> bytes | None:
         """The part of ``KVM_RUN`` before guest entry; the vCPU mutex stays held."""
         with self.cond:
             self._ioctl_gate(caller, vm)
             vcpu = self._vcpu(vm, index)
             if vcpu.mutex.owner == holder:
-                raise KvmError(errno.EDEADLK, f"vCPU {index} is already entered by this thread")
+                raise IoctlFailure(errno.EDEADLK, f"vCPU {index} is already entered by this thread")
             if not vcpu.mutex.lock(task, killable=True, owner=holder):
-                raise KvmError(errno.EINTR, "interrupted while waiting for the vCPU mutex")
+                raise IoctlFailure(errno.EINTR, "interrupted while waiting for the vCPU mutex")
             try:
                 if vm.dead:
                     # KVM_REQ_VM_DEAD: the VM died while we waited for the mutex.
-                    raise KvmError(errno.EIO, f"{vm} is dead: its context was moved away")
+                    raise IoctlFailure(errno.EIO, f"{vm} is dead: its context was moved away")
                 if vm.sev.need_init:
                     # svm_vcpu_pre_run.
-                    raise KvmError(
+                    raise IoctlFailure(
                         errno.EINVAL, f"{vm} is a typed SEV VM that was never initialised"
                     )
                 if sev_es_guest(vm) and not vcpu.vmsa_valid:
                     # pre_sev_run.
-                    raise KvmError(errno.EINVAL, f"vCPU {index} has no valid VMSA")
-            except KvmError:
+                    raise IoctlFailure(errno.EINVAL, f"vCPU {index} has no valid VMSA")
+            except IoctlFailure:
                 vcpu.mutex.unlock(holder)
                 raise
             if vcpu.guest_state_protected:
@@ -569,22 +574,22 @@ class KvmModel:
                 return vcpu.sev_es.vmsa
             return None
 
-    def vcpu_exit(self, vm: Vm, index: int, holder: Hashable, vmsa: bytes | None) -> None:
+    def vcpu_exit(self, vm: StructKvm, index: int, holder: Hashable, vmsa: bytes | None) -> None:
         """The part of ``KVM_RUN`` after guest exit: save the protected state, unlock."""
         with self.cond:
             vcpu = self._vcpu(vm, index)
             if vcpu.mutex.owner != holder:
-                raise KvmError(errno.EPERM, f"vCPU {index} was not entered by this thread")
+                raise IoctlFailure(errno.EPERM, f"vCPU {index} was not entered by this thread")
             if vcpu.guest_state_protected:
                 if vmsa is None:
-                    raise KvmError(
+                    raise IoctlFailure(
                         errno.EINVAL, f"vCPU {index} is protected: its VMSA must be returned"
                     )
                 assert vcpu.sev_es is not None
                 vcpu.sev_es.vmsa = vmsa
             vcpu.mutex.unlock(holder)
 
-    def vcpu_protected(self, caller: Caller, vm: Vm, index: int) -> bool:
+    def vcpu_protected(self, caller: Caller, vm: StructKvm, index: int) -> bool:
         with self.cond:
             self._ioctl_gate(caller, vm)
             return self._vcpu(vm, index).guest_state_protected
@@ -602,7 +607,7 @@ class KvmModel:
                         released.append((vm.vm_id, vcpu.index))
         return released
 
-    def kvm_lock_all_vcpus(self, task: Task, vm: Vm) -> None:
+    def kvm_lock_all_vcpus(self, task: Task, vm: StructKvm) -> None:
         """``kvm_lock_all_vcpus``: every vCPU mutex, killably, in index order.
 
         On failure only the mutexes actually taken are released: the loop compares with the
@@ -620,10 +625,10 @@ class KvmModel:
             if j == failed_at:
                 break
             vcpu.mutex.unlock(task.holder)
-        raise KvmError(errno.EINTR, f"interrupted while locking the vCPUs of {vm}")
+        raise IoctlFailure(errno.EINTR, f"interrupted while locking the vCPUs of {vm}")
 
     @staticmethod
-    def kvm_unlock_all_vcpus(task: Task, vm: Vm) -> None:
+    def kvm_unlock_all_vcpus(task: Task, vm: StructKvm) -> None:
         for vcpu in vm.vcpus:
             vcpu.mutex.unlock(task.holder)
 
@@ -632,7 +637,7 @@ class KvmModel:
         self,
         task: Task,
         caller: Caller,
-        vm: Vm,
+        vm: StructKvm,
         cmd: int,
         data: dict[str, Any] | None,
         sev_fd: int,
@@ -641,21 +646,21 @@ class KvmModel:
         with self.cond:
             self._ioctl_gate(caller, vm)
             if not self.config.sev_enabled:
-                raise KvmError(errno.ENOTTY, "SEV is not enabled on this platform")
+                raise IoctlFailure(errno.ENOTTY, "SEV is not enabled on this platform")
             vm.lock.lock(task, killable=False)
             try:
                 if is_mirroring_enc_context(vm) and not is_cmd_allowed_from_mirror(cmd):
-                    raise KvmError(
+                    raise IoctlFailure(
                         errno.EINVAL, f"command {_cmd_name(cmd)} is not allowed on a mirror VM"
                     )
                 handler = self._handlers().get(cmd)
                 if handler is None:
-                    raise KvmError(errno.EINVAL, f"unknown SEV command {cmd}")
+                    raise IoctlFailure(errno.EINVAL, f"unknown SEV command {cmd}")
                 return handler(task, caller, vm, data, sev_fd)
             finally:
                 vm.lock.unlock(task.holder)
 
-    _Handler = Callable[[Task, Caller, Vm, "dict[str, Any] | None", int], "dict[str, Any]"]
+    _Handler = Callable[[Task, Caller, StructKvm, "dict[str, Any] | None", int], "dict[str, Any]"]
 
     def _handlers(self) -> dict[int, KvmModel._Handler]:
         c = SevCommand
@@ -688,20 +693,20 @@ class KvmModel:
         }
 
     def _es_init(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not self.config.sev_es_supported:
-            raise KvmError(errno.ENOTTY, "SEV-ES is not enabled on this platform")
+            raise IoctlFailure(errno.ENOTTY, "SEV-ES is not enabled on this platform")
         return self._sev_guest_init(task, vm, SevCommand.ES_INIT)
 
     def sev_guest_init(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         return self._sev_guest_init(task, vm, SevCommand.INIT)
 
-    def _sev_guest_init(self, task: Task, vm: Vm, cmd: SevCommand) -> dict[str, Any]:
+    def _sev_guest_init(self, task: Task, vm: StructKvm, cmd: SevCommand) -> dict[str, Any]:
         if vm.vm_type != VmType.DEFAULT:
-            raise KvmError(
+            raise IoctlFailure(
                 errno.EINVAL, f"{cmd.name} is for default-type VMs; use INIT2 on {vm.vm_type.name}"
             )
         vm_type = VmType.SEV if cmd == SevCommand.INIT else VmType.SEV_ES
@@ -711,14 +716,14 @@ class KvmModel:
         return {}
 
     def sev_guest_init2(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not vm.sev.need_init:
-            raise KvmError(errno.EINVAL, "INIT2 needs a typed SEV VM that is not initialised")
+            raise IoctlFailure(errno.EINVAL, "INIT2 needs a typed SEV VM that is not initialised")
         if vm.vm_type not in (VmType.SEV, VmType.SEV_ES):
-            raise KvmError(errno.EINVAL, "INIT2 is for SEV and SEV-ES VM types")
+            raise IoctlFailure(errno.EINVAL, "INIT2 is for SEV and SEV-ES VM types")
         if data is None:
-            raise KvmError(errno.EFAULT, "INIT2 needs a struct kvm_sev_init")
+            raise IoctlFailure(errno.EFAULT, "INIT2 needs a struct kvm_sev_init")
         self.__sev_guest_init(
             task,
             vm,
@@ -730,28 +735,28 @@ class KvmModel:
         return {}
 
     def __sev_guest_init(
-        self, task: Task, vm: Vm, flags: int, vmsa_features: int, ghcb: int, vm_type: VmType
+        self, task: Task, vm: StructKvm, flags: int, vmsa_features: int, ghcb: int, vm_type: VmType
     ) -> None:
         sev = vm.sev
         es_active = vm_type != VmType.SEV
         valid_features = self.config.supported_vmsa_features if es_active else 0
         if vm.created_vcpus:
-            raise KvmError(errno.EINVAL, "SEV must be initialised before vCPUs are created")
+            raise IoctlFailure(errno.EINVAL, "SEV must be initialised before vCPUs are created")
         if flags:
-            raise KvmError(errno.EINVAL, f"unknown flags {flags:#x}")
+            raise IoctlFailure(errno.EINVAL, f"unknown flags {flags:#x}")
         if vmsa_features & ~valid_features:
-            raise KvmError(errno.EINVAL, f"unsupported VMSA features {vmsa_features:#x}")
+            raise IoctlFailure(errno.EINVAL, f"unsupported VMSA features {vmsa_features:#x}")
         if ghcb > GHCB_VERSION_MAX or (not es_active and ghcb):
-            raise KvmError(errno.EINVAL, f"unsupported GHCB version {ghcb}")
+            raise IoctlFailure(errno.EINVAL, f"unsupported GHCB version {ghcb}")
         if sev.active:
-            raise KvmError(errno.EINVAL, f"{vm} is already an SEV guest")
+            raise IoctlFailure(errno.EINVAL, f"{vm} is already an SEV guest")
         sev.active = True
         sev.es_active = es_active
         sev.vmsa_features = vmsa_features
         sev.ghcb_version = ghcb or (GHCB_VERSION_DEFAULT if es_active else 0)
         try:
             self.sev_asid_new(sev, task)
-        except KvmError:
+        except IoctlFailure:
             sev.vmsa_features = 0
             sev.es_active = False
             sev.active = False
@@ -763,15 +768,15 @@ class KvmModel:
 
     def _launch_payload(self, data: dict[str, Any] | None, what: str) -> dict[str, Any]:
         if data is None:
-            raise KvmError(errno.EFAULT, f"{what} needs its parameter struct")
+            raise IoctlFailure(errno.EFAULT, f"{what} needs its parameter struct")
         return data
 
     def sev_launch_start(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         sev = vm.sev
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         params = self._launch_payload(data, "LAUNCH_START")
         policy = int(params.get("policy", 0))
         sev.policy = policy
@@ -779,7 +784,7 @@ class KvmModel:
         session = bytes(params.get("session", b""))
         for name, blob in (("dh_cert", dh_cert), ("session", session)):
             if len(blob) > SEV_FW_BLOB_MAX_SIZE:
-                raise KvmError(errno.EINVAL, f"{name} is larger than {SEV_FW_BLOB_MAX_SIZE}")
+                raise IoctlFailure(errno.EINVAL, f"{name} is larger than {SEV_FW_BLOB_MAX_SIZE}")
         # Unlike every later command, LAUNCH_START uses the sev_fd passed with this call.
         self._sev_issue_cmd(caller, sev_fd, "LAUNCH_START")
         handle: int = self._fw(
@@ -787,7 +792,7 @@ class KvmModel:
         )
         try:
             self._fw(lambda: self.fw.activate(handle, sev.asid))
-        except KvmError:
+        except IoctlFailure:
             self.fw.decommission(handle)
             raise
         sev.handle = handle
@@ -795,10 +800,10 @@ class KvmModel:
         return {"handle": handle}
 
     def sev_launch_update_data(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         params = self._launch_payload(data, "LAUNCH_UPDATE_DATA")
         uaddr, length = int(params.get("uaddr", 0)), int(params.get("len", 0))
         npages = self.sev_pin_memory(caller, vm, uaddr, length)
@@ -806,25 +811,27 @@ class KvmModel:
             self._sev_issue_cmd(caller, vm.sev.fd, "LAUNCH_UPDATE_DATA")
             content = bytes(params.get("bytes", b""))
             if len(content) != length:
-                raise KvmError(errno.EFAULT, f"could not read {length} bytes at {uaddr:#x}")
+                raise IoctlFailure(errno.EFAULT, f"could not read {length} bytes at {uaddr:#x}")
             self._fw(lambda: self.fw.launch_update_data(vm.sev.handle, uaddr, content))
         finally:
             self.sev_unpin_memory(vm, npages)
         return {}
 
     def sev_launch_update_vmsa(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_es_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV-ES guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV-ES guest")
         vmsas: list[bytes] | None = None
         if data is not None and data.get("vmsas") is not None:
             vmsas = [bytes(v) for v in data["vmsas"]]
             if len(vmsas) != len(vm.vcpus):
-                raise KvmError(errno.EINVAL, f"{len(vmsas)} VMSAs given for {len(vm.vcpus)} vCPUs")
+                raise IoctlFailure(
+                    errno.EINVAL, f"{len(vmsas)} VMSAs given for {len(vm.vcpus)} vCPUs"
+                )
         for vcpu in vm.vcpus:
             if not vcpu.mutex.lock(task, killable=True):
-                raise KvmError(errno.EINTR, "interrupted while waiting for a vCPU mutex")
+                raise IoctlFailure(errno.EINTR, "interrupted while waiting for a vCPU mutex")
             try:
                 self.__sev_launch_update_vmsa(caller, vm, vcpu, vmsas)
             finally:
@@ -832,7 +839,7 @@ class KvmModel:
         return {}
 
     def __sev_launch_update_vmsa(
-        self, caller: Caller, vm: Vm, vcpu: Vcpu, vmsas: list[bytes] | None
+        self, caller: Caller, vm: StructKvm, vcpu: StructKvmVcpu, vmsas: list[bytes] | None
     ) -> None:
         assert vcpu.sev_es is not None, "vCPUs of an SEV-ES VM have a VMSA"
         # sev_es_sync_vmsa: the VMSA becomes the vCPU's current register state. QUIRK
@@ -845,23 +852,25 @@ class KvmModel:
         vcpu.guest_state_protected = True
 
     def sev_launch_measure(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         params = self._launch_payload(data, "LAUNCH_MEASURE")
         length = int(params.get("len", 0))
         if length > SEV_FW_BLOB_MAX_SIZE:
-            raise KvmError(errno.EINVAL, f"length {length} is larger than {SEV_FW_BLOB_MAX_SIZE}")
+            raise IoctlFailure(
+                errno.EINVAL, f"length {length} is larger than {SEV_FW_BLOB_MAX_SIZE}"
+            )
         self._sev_issue_cmd(caller, vm.sev.fd, "LAUNCH_MEASURE")
         blob: bytes = self._fw(lambda: self.fw.launch_measure(vm.sev.handle, length))
         return {"len": LAUNCH_MEASURE_BLOB_LEN, "blob": blob}
 
     def sev_launch_secret(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         params = self._launch_payload(data, "LAUNCH_SECRET")
         guest_uaddr, guest_len = int(params.get("guest_uaddr", 0)), int(params.get("guest_len", 0))
         header = bytes(params.get("hdr", b""))
@@ -870,7 +879,7 @@ class KvmModel:
         try:
             for name, blob in (("transport data", trans), ("packet header", header)):
                 if not blob or len(blob) > SEV_FW_BLOB_MAX_SIZE:
-                    raise KvmError(errno.EINVAL, f"invalid {name} length {len(blob)}")
+                    raise IoctlFailure(errno.EINVAL, f"invalid {name} length {len(blob)}")
             self._sev_issue_cmd(caller, vm.sev.fd, "LAUNCH_SECRET")
             self._fw(lambda: self.fw.launch_secret(vm.sev.handle, header, trans, guest_len))
         finally:
@@ -878,83 +887,83 @@ class KvmModel:
         return {}
 
     def sev_launch_finish(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         self._sev_issue_cmd(caller, vm.sev.fd, "LAUNCH_FINISH")
         self._fw(lambda: self.fw.launch_finish(vm.sev.handle))
         return {}
 
     def sev_guest_status(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         self._sev_issue_cmd(caller, vm.sev.fd, "GUEST_STATUS")
         policy, state, _asid = self._fw(lambda: self.fw.guest_status(vm.sev.handle))
         if data is None:
-            raise KvmError(errno.EFAULT, "GUEST_STATUS needs a struct to write to")
+            raise IoctlFailure(errno.EFAULT, "GUEST_STATUS needs a struct to write to")
         return {"handle": vm.sev.handle, "policy": policy, "state": int(state)}
 
     def sev_dbg_crypt(
-        self, task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
     ) -> dict[str, Any]:
         if not sev_guest(vm):
-            raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+            raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
         params = self._launch_payload(data, "DBG_DECRYPT/DBG_ENCRYPT")
         length, src, dst = (int(params.get(k, 0)) for k in ("len", "src_uaddr", "dst_uaddr"))
         if not length or src + length > ULONG_MAX or not dst:
-            raise KvmError(errno.EINVAL, "invalid debug range")
+            raise IoctlFailure(errno.EINVAL, "invalid debug range")
         self._sev_issue_cmd(caller, vm.sev.fd, "DBG")
         self._fw(lambda: self.fw.debug_allowed(vm.sev.handle))
-        raise KvmError(errno.EOPNOTSUPP, "the model does not implement DBG_DECRYPT/DBG_ENCRYPT")
+        raise IoctlFailure(errno.EOPNOTSUPP, "the model does not implement DBG_DECRYPT/DBG_ENCRYPT")
 
     def _not_modelled(self, not_sev_errno: int) -> KvmModel._Handler:
         def handler(
-            task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+            task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
         ) -> dict[str, Any]:
             if not sev_guest(vm):
-                raise KvmError(not_sev_errno, f"{vm} is not an SEV guest")
+                raise IoctlFailure(not_sev_errno, f"{vm} is not an SEV guest")
             if data is None:
-                raise KvmError(errno.EFAULT, "the command needs its parameter struct")
-            raise KvmError(errno.EOPNOTSUPP, "the model does not implement this command")
+                raise IoctlFailure(errno.EFAULT, "the command needs its parameter struct")
+            raise IoctlFailure(errno.EOPNOTSUPP, "the model does not implement this command")
 
         return handler
 
     def _state_only(self, state: GuestState, name: str) -> KvmModel._Handler:
         def handler(
-            task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+            task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
         ) -> dict[str, Any]:
             if not sev_guest(vm):
-                raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+                raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
             self._sev_issue_cmd(caller, vm.sev.fd, name)
             self._fw(lambda: self.fw.require_state(vm.sev.handle, state, name))
-            raise KvmError(errno.EOPNOTSUPP, f"the model does not implement {name}")
+            raise IoctlFailure(errno.EOPNOTSUPP, f"the model does not implement {name}")
 
         return handler
 
     @staticmethod
     def _snp(not_snp_errno: int) -> KvmModel._Handler:
         def handler(
-            task: Task, caller: Caller, vm: Vm, data: dict[str, Any] | None, sev_fd: int
+            task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
         ) -> dict[str, Any]:
-            raise KvmError(not_snp_errno, f"{vm} is not an SEV-SNP guest")
+            raise IoctlFailure(not_snp_errno, f"{vm} is not an SEV-SNP guest")
 
         return handler
 
     # -- regions ------------------------------------------------------------------------------
     def sev_mem_enc_register_region(
-        self, task: Task, caller: Caller, vm: Vm, addr: int, size: int
+        self, task: Task, caller: Caller, vm: StructKvm, addr: int, size: int
     ) -> None:
         with self.cond:
             self._ioctl_gate(caller, vm)
             if not sev_guest(vm):
-                raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+                raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
             if is_mirroring_enc_context(vm):
-                raise KvmError(errno.EINVAL, f"{vm} is a mirror: its owner registers memory")
+                raise IoctlFailure(errno.EINVAL, f"{vm} is a mirror: its owner registers memory")
             if addr > ULONG_MAX or size > ULONG_MAX:
-                raise KvmError(errno.EINVAL, "address or size out of range")
+                raise IoctlFailure(errno.EINVAL, "address or size out of range")
             vm.lock.lock(task, killable=False)
             try:
                 npages = self.sev_pin_memory(caller, vm, addr, size)
@@ -963,53 +972,53 @@ class KvmModel:
                 vm.lock.unlock(task.holder)
 
     def sev_mem_enc_unregister_region(
-        self, task: Task, caller: Caller, vm: Vm, addr: int, size: int
+        self, task: Task, caller: Caller, vm: StructKvm, addr: int, size: int
     ) -> None:
         with self.cond:
             self._ioctl_gate(caller, vm)
             # Note the order differs from REG_REGION: mirror first, then SEV-ness under the lock.
             if is_mirroring_enc_context(vm):
-                raise KvmError(errno.EINVAL, f"{vm} is a mirror: its owner registers memory")
+                raise IoctlFailure(errno.EINVAL, f"{vm} is a mirror: its owner registers memory")
             vm.lock.lock(task, killable=False)
             try:
                 if not sev_guest(vm):
-                    raise KvmError(errno.ENOTTY, f"{vm} is not an SEV guest")
+                    raise IoctlFailure(errno.ENOTTY, f"{vm} is not an SEV guest")
                 region = next(
                     (r for r in vm.sev.regions if r.uaddr == addr and r.size == size), None
                 )
                 if region is None:
-                    raise KvmError(errno.EINVAL, f"no region {addr:#x}+{size:#x} is registered")
+                    raise IoctlFailure(errno.EINVAL, f"no region {addr:#x}+{size:#x} is registered")
                 self.fw.wbinvd()
                 self._unregister_enc_region_locked(vm, region)
             finally:
                 vm.lock.unlock(task.holder)
 
-    def _unregister_enc_region_locked(self, vm: Vm, region: EncRegion) -> None:
+    def _unregister_enc_region_locked(self, vm: StructKvm, region: EncRegion) -> None:
         self.sev_unpin_memory(vm, region.npages)
         vm.sev.regions.remove(region)
 
     # -- MOVE and COPY ----------------------------------------------------------------------
-    def sev_lock_two_vms(self, task: Task, dst: Vm, src: Vm) -> None:
+    def sev_lock_two_vms(self, task: Task, dst: StructKvm, src: StructKvm) -> None:
         """Flags first (EBUSY instead of an ABBA deadlock), then both ``kvm->lock``s."""
         if dst is src:
-            raise KvmError(errno.EINVAL, "source and destination are the same VM")
+            raise IoctlFailure(errno.EINVAL, "source and destination are the same VM")
         if dst.sev.migration_in_progress:
-            raise KvmError(errno.EBUSY, f"destination {dst} is already in a move or copy")
+            raise IoctlFailure(errno.EBUSY, f"destination {dst} is already in a move or copy")
         dst.sev.migration_in_progress = True
         if src.sev.migration_in_progress:
             dst.sev.migration_in_progress = False
-            raise KvmError(errno.EBUSY, f"source {src} is already in a move or copy")
+            raise IoctlFailure(errno.EBUSY, f"source {src} is already in a move or copy")
         src.sev.migration_in_progress = True
         self._preemption_point()
         if not dst.lock.lock(task, killable=True):
             src.sev.migration_in_progress = False
             dst.sev.migration_in_progress = False
-            raise KvmError(errno.EINTR, f"interrupted while waiting for {dst}'s lock")
+            raise IoctlFailure(errno.EINTR, f"interrupted while waiting for {dst}'s lock")
         if not src.lock.lock(task, killable=True):
             dst.lock.unlock(task.holder)
             src.sev.migration_in_progress = False
             dst.sev.migration_in_progress = False
-            raise KvmError(errno.EINTR, f"interrupted while waiting for {src}'s lock")
+            raise IoctlFailure(errno.EINTR, f"interrupted while waiting for {src}'s lock")
 
     def _preemption_point(self) -> None:
         """Let other requests run here, as the kernel may be preempted at this point.
@@ -1019,32 +1028,32 @@ class KvmModel:
         """
         self.cond.wait(timeout=1e-6)
 
-    def sev_unlock_two_vms(self, task: Task, dst: Vm, src: Vm) -> None:
+    def sev_unlock_two_vms(self, task: Task, dst: StructKvm, src: StructKvm) -> None:
         dst.lock.unlock(task.holder)
         src.lock.unlock(task.holder)
         dst.sev.migration_in_progress = False
         src.sev.migration_in_progress = False
         self.cond.notify_all()
 
-    def sev_check_source_vcpus(self, dst: Vm, src: Vm) -> None:
+    def sev_check_source_vcpus(self, dst: StructKvm, src: StructKvm) -> None:
         if src.created_vcpus != src.online_vcpus or dst.created_vcpus != dst.online_vcpus:
-            raise KvmError(errno.EBUSY, "a vCPU is being created on one of the VMs")
+            raise IoctlFailure(errno.EBUSY, "a vCPU is being created on one of the VMs")
         if not sev_es_guest(src):
             return
         if src.online_vcpus != dst.online_vcpus:
-            raise KvmError(
+            raise IoctlFailure(
                 errno.EINVAL,
                 f"SEV-ES: the destination has {dst.online_vcpus} vCPUs, the source "
                 f"{src.online_vcpus}",
             )
         for vcpu in src.vcpus:
             if not vcpu.guest_state_protected:
-                raise KvmError(
+                raise IoctlFailure(
                     errno.EINVAL,
                     f"SEV-ES: source vCPU {vcpu.index} was never launched (LAUNCH_UPDATE_VMSA)",
                 )
 
-    def sev_migrate_from(self, dst_vm: Vm, src_vm: Vm) -> None:
+    def sev_migrate_from(self, dst_vm: StructKvm, src_vm: StructKvm) -> None:
         """Move the context: the kernel objects change hands, no firmware command runs."""
         dst, src = dst_vm.sev, src_vm.sev
         dst.active = True
@@ -1096,22 +1105,22 @@ class KvmModel:
             src_vcpu.sev_es = None
             src_vcpu.guest_state_protected = False
 
-    def kvm_vm_dead(self, vm: Vm) -> None:
+    def kvm_vm_dead(self, vm: StructKvm) -> None:
         vm.dead = True
         self.on_dead(vm)
 
     def sev_vm_move_enc_context_from(
-        self, task: Task, caller: Caller, dst: Vm, src: Vm | None
+        self, task: Task, caller: Caller, dst: StructKvm, src: StructKvm | None
     ) -> None:
         """``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`` issued on ``dst``; ``src`` is None for EBADF."""
         with self.cond:
             self._ioctl_gate(caller, dst)
             if src is None:
-                raise KvmError(errno.EBADF, "the source fd is not an open VM fd")
+                raise IoctlFailure(errno.EBADF, "the source fd is not an open VM fd")
             self.sev_lock_two_vms(task, dst, src)
             try:
                 if dst.vm_type != src.vm_type or sev_guest(dst) or not sev_guest(src):
-                    raise KvmError(errno.EINVAL, _move_refusal(dst, src))
+                    raise IoctlFailure(errno.EINVAL, _move_refusal(dst, src))
                 src_sev, dst_sev = src.sev, dst.sev
                 dst_sev.misc_cg = task.cgroup
                 cg_cleanup = dst_sev
@@ -1149,13 +1158,13 @@ class KvmModel:
                 self.sev_unlock_two_vms(task, dst, src)
 
     def sev_vm_copy_enc_context_from(
-        self, task: Task, caller: Caller, dst: Vm, src: Vm | None
+        self, task: Task, caller: Caller, dst: StructKvm, src: StructKvm | None
     ) -> None:
         """``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``: ``dst`` becomes a mirror of ``src``."""
         with self.cond:
             self._ioctl_gate(caller, dst)
             if src is None:
-                raise KvmError(errno.EBADF, "the source fd is not an open VM fd")
+                raise IoctlFailure(errno.EBADF, "the source fd is not an open VM fd")
             self.sev_lock_two_vms(task, dst, src)
             try:
                 if (
@@ -1164,7 +1173,7 @@ class KvmModel:
                     or is_mirroring_enc_context(src)
                     or dst.created_vcpus
                 ):
-                    raise KvmError(errno.EINVAL, _copy_refusal(dst, src))
+                    raise IoctlFailure(errno.EINVAL, _copy_refusal(dst, src))
                 self.kvm_get_kvm(src)
                 src.sev.mirror_vms.append(dst)
                 mirror = dst.sev
@@ -1181,7 +1190,7 @@ class KvmModel:
                 self.sev_unlock_two_vms(task, dst, src)
 
     # -- introspection -------------------------------------------------------------------------
-    def inspect(self, vm: Vm) -> dict[str, Any]:
+    def inspect(self, vm: StructKvm) -> dict[str, Any]:
         """The model's view of a VM (no kernel equivalent; for tests and diagnostics)."""
         with self.cond:
             sev = vm.sev
@@ -1253,7 +1262,7 @@ def _owner_name(owner: Hashable | None) -> str | None:
     return repr(owner)
 
 
-def _move_refusal(dst: Vm, src: Vm) -> str:
+def _move_refusal(dst: StructKvm, src: StructKvm) -> str:
     if dst.vm_type != src.vm_type:
         return f"the VM types differ (destination {dst.vm_type.name}, source {src.vm_type.name})"
     if sev_guest(dst):
@@ -1261,7 +1270,7 @@ def _move_refusal(dst: Vm, src: Vm) -> str:
     return "the source is not an SEV guest (never initialised, or its context was moved away)"
 
 
-def _copy_refusal(dst: Vm, src: Vm) -> str:
+def _copy_refusal(dst: StructKvm, src: StructKvm) -> str:
     if sev_guest(dst):
         return "the destination is already an SEV guest"
     if not sev_guest(src):

@@ -6,6 +6,9 @@ One frame on an ``AF_UNIX`` stream socket::
     body     JSON (UTF-8), then the blob section
     fds      SCM_RIGHTS ancillary data of the same sendmsg (at most MAX_FDS)
 
+Frames are read and written by :mod:`intrahost.wire` (:data:`FRAMING`), with its order of
+checks and its errors.
+
 Inside the JSON, every ``bytes`` value is replaced by ``{"$blob": [offset, length]}`` into the
 blob section, so raw guest data and VMSAs travel without base64. Requests are
 ``{"id": n, "op": name, "args": {...}}``; replies ``{"id": n, "ok": true, "result": ...}`` or
@@ -18,15 +21,16 @@ connection is closed); it cannot make the service run code.
 
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from intrahost.errors import IntrahostError
+from intrahost.wire import ConnectionBroken, Framing, PayloadError
 
 MAGIC = b"IHSM"
 HEADER = struct.Struct("<4sIII")
@@ -36,16 +40,9 @@ MAX_FDS = 8
 PROTOCOL_VERSION = 1
 
 
-class ProtocolError(IntrahostError):
-    """A frame could not be read or written."""
-
-
-class ConnectionClosed(ProtocolError):
-    """The peer closed the connection (cleanly, between frames)."""
-
-
-class MalformedMessage(ProtocolError):
-    """A whole frame arrived but its body is not valid; the stream is still in sync."""
+class ServiceSocketError(IntrahostError):
+    """The service's socket cannot be set up: its directory is not private to this user, or
+    another service already listens on it."""
 
 
 @dataclass
@@ -71,11 +68,12 @@ def _encode(value: Any, blobs: list[bytes], offset: list[int]) -> Any:
 def _decode(value: Any, section: bytes) -> Any:
     if isinstance(value, dict):
         if set(value) == {"$blob"}:
-            start, length = value["$blob"]
-            if not (isinstance(start, int) and isinstance(length, int)):
-                raise MalformedMessage("malformed blob reference")
+            ref = value["$blob"]
+            if not (isinstance(ref, list) and len(ref) == 2 and all(type(n) is int for n in ref)):
+                raise PayloadError("malformed blob reference: not [offset, length]")
+            start, length = ref
             if start < 0 or length < 0 or start + length > len(section):
-                raise MalformedMessage("blob reference outside the blob section")
+                raise PayloadError("blob reference outside the blob section")
             return section[start : start + length]
         return {k: _decode(v, section) for k, v in value.items()}
     if isinstance(value, list):
@@ -90,76 +88,48 @@ def encode(body: dict[str, Any]) -> tuple[bytes, bytes]:
     return text, b"".join(blobs)
 
 
-def send_message(sock: socket.socket, body: dict[str, Any], fds: list[int] | None = None) -> None:
+def _announced(header: tuple[Any, ...]) -> tuple[int, int]:
+    magic, json_len, blob_len, nfds = header
+    if magic != MAGIC:
+        raise ConnectionBroken("not an intrahost platform frame (bad magic)")
+    if json_len > MAX_JSON or blob_len > MAX_BLOBS:
+        raise ConnectionBroken("frame too large")
+    return json_len + blob_len, nfds
+
+
+#: Requests and replies alike (see the module docstring).
+FRAMING = Framing(HEADER, _announced, max_payload=MAX_JSON + MAX_BLOBS, max_fds=MAX_FDS)
+
+
+def send_message(sock: socket.socket, body: dict[str, Any], fds: Sequence[int] = ()) -> None:
     """Send one frame (the caller serialises concurrent senders)."""
-    fds = fds or []
-    if len(fds) > MAX_FDS:
-        raise ProtocolError(f"at most {MAX_FDS} fds per message")
     text, section = encode(body)
-    header = HEADER.pack(MAGIC, len(text), len(section), len(fds))
-    payload = header + text + section
-    ancillary = []
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    try:
-        sent = sock.sendmsg([payload], ancillary)
-        if sent < len(payload):
-            sock.sendall(payload[sent:])
-    except OSError as err:
-        raise ProtocolError(f"could not send to the platform service: {err}") from err
-
-
-def _recv_exact(sock: socket.socket, length: int) -> bytes:
-    buf = bytearray(length)
-    view = memoryview(buf)
-    got = 0
-    while got < length:
-        n = sock.recv_into(view[got:], length - got)
-        if n == 0:
-            raise ProtocolError("connection closed in the middle of a frame")
-        got += n
-    return bytes(buf)
+    FRAMING.send(sock, (MAGIC, len(text), len(section), len(fds)), text + section, fds)
 
 
 def recv_message(sock: socket.socket) -> Message:
-    """Receive one frame; fds arrive close-on-exec and belong to the caller."""
-    fds = array.array("i")
+    """Receive one frame; fds arrive close-on-exec and belong to the caller.
+
+    Raises :class:`~intrahost.wire.ConnectionClosed` when the peer closed the connection
+    between frames, :class:`~intrahost.wire.PayloadError` for a whole frame whose body is not
+    a valid message (its fds are closed), :class:`~intrahost.wire.ConnectionBroken` else.
+    """
+    frame = FRAMING.receive(sock)
     try:
-        data, ancdata, flags, _addr = sock.recvmsg(
-            HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-        )
-    except OSError as err:
-        raise ProtocolError(f"could not receive: {err}") from err
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(cdata) - (len(cdata) % fds.itemsize)
-            fds.frombytes(cdata[:usable])
-    received = list(fds)
-    try:
-        if not data:
-            raise ConnectionClosed("the peer closed the connection")
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("too many fds in one message")
-        if len(data) < HEADER.size:
-            data += _recv_exact(sock, HEADER.size - len(data))
-        magic, json_len, blob_len, nfds = HEADER.unpack(data)
-        if magic != MAGIC:
-            raise ProtocolError("not an intrahost platform frame (bad magic)")
-        if json_len > MAX_JSON or blob_len > MAX_BLOBS:
-            raise ProtocolError("frame too large")
-        if nfds != len(received):
-            raise ProtocolError(f"frame announces {nfds} fds, {len(received)} arrived")
-        text = _recv_exact(sock, json_len)
-        section = _recv_exact(sock, blob_len)
+        json_len = frame.header[1]
+        text, section = frame.payload[:json_len], frame.payload[json_len:]
         try:
             body = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MalformedMessage(f"frame is not JSON: {err}") from err
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise PayloadError(f"frame is not JSON: {err}") from err
         if not isinstance(body, dict):
-            raise MalformedMessage("frame body is not a JSON object")
-        return Message(_decode(body, section), received)
+            raise PayloadError("frame body is not a JSON object")
+        try:
+            return Message(_decode(body, section), frame.fds)
+        except RecursionError:
+            raise PayloadError("frame body nests too deeply") from None
     except BaseException:
-        for fd in received:
+        for fd in frame.fds:
             os.close(fd)
         raise
 
@@ -187,7 +157,7 @@ def ensure_private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(path)
     if st.st_uid != os.geteuid():
-        raise ProtocolError(
+        raise ServiceSocketError(
             f"{path} belongs to uid {st.st_uid}, not to you; choose another socket path"
         )
     if st.st_mode & 0o077:

@@ -44,14 +44,10 @@ from typing import Any
 from intrahost.sev.interface import VmType
 from intrahost.sevmodel import protocol
 from intrahost.sevmodel.firmware import FirmwareVersion, SecureProcessor
-from intrahost.sevmodel.kvm_sev import KvmError, KvmModel, ModelConfig, Vm
-from intrahost.sevmodel.protocol import (
-    ConnectionClosed,
-    MalformedMessage,
-    ProtocolError,
-    recv_message,
-)
+from intrahost.sevmodel.kvm_sev import IoctlFailure, KvmModel, ModelConfig, StructKvm
+from intrahost.sevmodel.protocol import ServiceSocketError, recv_message
 from intrahost.sevmodel.sync import Task
+from intrahost.wire import ConnectionClosed, PayloadError, ProtocolError
 
 log = logging.getLogger("intrahost.sevmodel")
 
@@ -69,7 +65,7 @@ class Identity:
     kind: str
     key: tuple[int, int]
     end: socket.socket
-    vm: Vm | None = None
+    vm: StructKvm | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,7 +179,7 @@ class Connection:
             if self.sock.fileno() < 0:
                 return
             with contextlib.suppress(ProtocolError):
-                protocol.send_message(self.sock, body, fds)
+                protocol.send_message(self.sock, body, fds or ())
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,7 +247,7 @@ class Service:
             except OSError:
                 os.unlink(self.socket_path)
             else:
-                raise ProtocolError(
+                raise ServiceSocketError(
                     f"a platform service already listens on {self.socket_path}; stop it "
                     "first or choose another --socket"
                 )
@@ -300,7 +296,7 @@ class Service:
             pass
 
     # -- identities -----------------------------------------------------------------------------
-    def _new_identity(self, kind: str, vm: Vm | None) -> tuple[Identity, socket.socket]:
+    def _new_identity(self, kind: str, vm: StructKvm | None) -> tuple[Identity, socket.socket]:
         kept, given = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         st = os.fstat(given.fileno())
         ident = Identity(kind=kind, key=(st.st_dev, st.st_ino), end=kept, vm=vm)
@@ -332,16 +328,16 @@ class Service:
             # has one, i.e. unless the context was moved away).
             self.model.kvm_put_kvm(ident.vm)
 
-    def _vm_dead(self, vm: Vm) -> None:
+    def _vm_dead(self, vm: StructKvm) -> None:
         ident = self._vm_identity.get(vm.vm_id)
         if ident is not None:
             with contextlib.suppress(OSError):
                 ident.end.shutdown(socket.SHUT_WR)
 
-    def _vm_destroyed(self, vm: Vm) -> None:
+    def _vm_destroyed(self, vm: StructKvm) -> None:
         log.debug("destroyed %r", vm)
 
-    def _vm_from_fd(self, fd: int) -> Vm | None:
+    def _vm_from_fd(self, fd: int) -> StructKvm | None:
         """The VM whose identity ``fd`` is, with a reference held (``fdget``); else None."""
         try:
             st = os.fstat(fd)
@@ -376,7 +372,7 @@ class Service:
                 msg = recv_message(conn.sock)
             except ConnectionClosed:
                 break
-            except MalformedMessage as err:
+            except PayloadError as err:
                 conn.send(_error_body(None, errno.EPROTO, f"malformed request: {err}"))
                 continue
             except ProtocolError as err:
@@ -420,12 +416,12 @@ class Service:
                 conn.tasks.add(task)
             try:
                 if not isinstance(op, str) or op not in self._handlers:
-                    raise KvmError(errno.EPROTO, f"unknown operation {op!r}")
+                    raise IoctlFailure(errno.EPROTO, f"unknown operation {op!r}")
                 if not isinstance(args, dict):
-                    raise KvmError(errno.EPROTO, "args must be an object")
+                    raise IoctlFailure(errno.EPROTO, "args must be an object")
                 task.cgroup = conn.cgroup()
                 result, out_fds = self._handlers[op](conn, task, args, msg.fds)
-            except KvmError as err:
+            except IoctlFailure as err:
                 conn.send(
                     _error_body(req_id, err.errno, err.detail, err.firmware_error, err.result)
                 )
@@ -454,12 +450,12 @@ class Service:
             self._maybe_close(conn)
 
     # -- operations -------------------------------------------------------------------------
-    def _with_vm(self, fds: list[int], index: int = 0) -> Vm:
+    def _with_vm(self, fds: list[int], index: int = 0) -> StructKvm:
         if len(fds) <= index:
-            raise KvmError(errno.EBADF, "no VM fd was passed")
+            raise IoctlFailure(errno.EBADF, "no VM fd was passed")
         vm = self._vm_from_fd(fds[index])
         if vm is None:
-            raise KvmError(errno.EBADF, "the fd is not a VM of this platform")
+            raise IoctlFailure(errno.EBADF, "the fd is not a VM of this platform")
         return vm
 
     def info(self) -> dict[str, Any]:
@@ -517,7 +513,7 @@ class Service:
         vm = self._with_vm(fds)
         data = args.get("data")
         if data is not None and not isinstance(data, dict):
-            raise KvmError(errno.EINVAL, "data must be an object or null")
+            raise IoctlFailure(errno.EINVAL, "data must be an object or null")
         try:
             result = self.model.sev_mem_enc_ioctl(
                 task, conn, vm, int(args["cmd"]), data, int(args.get("sev_fd", -1))
@@ -550,7 +546,9 @@ class Service:
             self.model.kvm_put_kvm(vm)
         return {}, []
 
-    def _move_or_copy(self, conn: Connection, task: Task, fds: list[int], move: bool) -> None:
+    def _move_or_copy(self, conn: Connection, task: Task, fds: list[int], move: bool) -> list[bool]:
+        """MOVE or COPY into the VM of ``fds[0]``; returns which of its vCPUs are protected
+        afterwards (the client's KVM vCPUs follow)."""
         dst = self._with_vm(fds)
         src = self._vm_from_fd(fds[1]) if len(fds) > 1 else None
         try:
@@ -558,6 +556,8 @@ class Service:
                 self.model.sev_vm_move_enc_context_from(task, conn, dst, src)
             else:
                 self.model.sev_vm_copy_enc_context_from(task, conn, dst, src)
+            with self.model.cond:
+                return [vcpu.guest_state_protected for vcpu in dst.vcpus]
         finally:
             if src is not None:
                 self.model.kvm_put_kvm(src)
@@ -566,8 +566,7 @@ class Service:
     def _op_move(
         self, conn: Connection, task: Task, args: dict[str, Any], fds: list[int]
     ) -> tuple[Any, list[int]]:
-        self._move_or_copy(conn, task, fds, move=True)
-        return {}, []
+        return {"protected": self._move_or_copy(conn, task, fds, move=True)}, []
 
     def _op_copy(
         self, conn: Connection, task: Task, args: dict[str, Any], fds: list[int]
@@ -597,7 +596,7 @@ class Service:
         vm = self._with_vm(fds)
         vmsa = args.get("vmsa")
         if vmsa is not None and not isinstance(vmsa, bytes):
-            raise KvmError(errno.EINVAL, "vmsa must be bytes or null")
+            raise IoctlFailure(errno.EINVAL, "vmsa must be bytes or null")
         try:
             self.model.vcpu_exit(vm, int(args["index"]), self._holder(conn, args), vmsa)
         finally:
@@ -747,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         serve(args.socket, config, args.key_file, args.test_hooks)
-    except ProtocolError as err:
+    except ServiceSocketError as err:
         print(f"intrahost platform serve: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,34 +1,34 @@
-"""SEV and SEV-ES guests in the VMM: the SEV context of a machine, its launch, the protected
-vCPU run loop, and taking the context over from another VMM (MOVE).
+"""SEV and SEV-ES guests in the VMM: the SEV context of a machine, its launch, and taking the
+context over from another VMM (MOVE).
 
 The machine's KVM VM is bound to an SEV VM of a platform (``intrahost.sev``): the kernel's
-(the KVM VM itself) or the model's (a context held by the platform service, tied to the KVM VM
-by ``platform.attach``). Order, with the reason for each step:
+(the KVM VM itself) or the model's (a context held by the platform service,
+``intrahost.sevmodel``, which this module makes available by importing it). Order, with the
+reason for each step:
 
 1. attach and, on a new guest, SEV_INIT / SEV_ES_INIT — before any vCPU exists (the kernel
    refuses INIT once vCPUs were created); a destination of a hand-off does not init: MOVE
-   requires a destination that is not SEV yet;
+   requires a destination that is not SEV yet. From attach on, the machine uses the KVM VM
+   object the platform gives back (the model's answers as the kernel's SEV VM does);
 2. the vCPUs, each registered with the platform;
 3. after the guest image is loaded: LAUNCH_START (policy), LAUNCH_UPDATE_DATA over the image,
    for SEV-ES LAUNCH_UPDATE_VMSA (from then on the vCPUs' register state belongs to the
    platform), LAUNCH_MEASURE, LAUNCH_FINISH.
 
-On the model platform, an SEV-ES vCPU's registers live in its VMSA in the platform service: the
-VMM loads them into the real vCPU before every KVM_RUN and saves them after it
-(``vcpu_enter`` / ``vcpu_exit``, which also hold the platform's vCPU mutex while the vCPU runs,
-as KVM holds ``vcpu->mutex``). The VMSA here is the raw bytes of kvm_regs, kvm_sregs, kvm_fpu,
-kvm_xcrs and kvm_debugregs, in that order. On the kernel platform the hardware does all this.
+Once an SEV-ES guest's vCPU state is protected (after LAUNCH_UPDATE_VMSA, or after the MOVE
+of an SEV-ES context) the VMM can no longer read or write the vCPUs' registers:
+:attr:`ConfidentialGuest.registers_protected` tells the state export to leave them out.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
 from intrahost.errors import IntrahostError
-from intrahost.kvm import Vcpu, VcpuExit, uapi
+from intrahost.kvm import Vm
 from intrahost.sev.interface import SEV_POLICY_ES, SevPlatform, SevVm
 from intrahost.sev.platforms import open_platform
 
@@ -40,49 +40,9 @@ log = logging.getLogger(__name__)
 MODES = ("sev", "sev-es")
 IMAGE_BASE = 0x100000
 
-_VMSA_PARTS: tuple[type[uapi.Struct], ...] = (
-    uapi.kvm_regs,
-    uapi.kvm_sregs,
-    uapi.kvm_fpu,
-    uapi.kvm_xcrs,
-    uapi.kvm_debugregs,
-)
-VMSA_SIZE = sum(ctypes.sizeof(t) for t in _VMSA_PARTS)
-
 
 class ConfidentialError(IntrahostError):
     """An SEV guest cannot be set up or taken over."""
-
-
-def capture_vmsa(vcpu: Vcpu) -> bytes:
-    """The vCPU's register state as the model's VMSA blob."""
-    with vcpu.platform_access():
-        parts = (
-            vcpu.get_regs(),
-            vcpu.get_sregs(),
-            vcpu.get_fpu(),
-            vcpu.get_xcrs(),
-            vcpu.get_debugregs(),
-        )
-    return b"".join(bytes(p) for p in parts)
-
-
-def load_vmsa(vcpu: Vcpu, vmsa: bytes) -> None:
-    if len(vmsa) != VMSA_SIZE:
-        raise ConfidentialError(f"VMSA of {len(vmsa)} bytes, expected {VMSA_SIZE}")
-    at = 0
-    values = []
-    for t in _VMSA_PARTS:
-        size = ctypes.sizeof(t)
-        values.append(t.from_bytes(vmsa[at : at + size]))
-        at += size
-    regs, sregs, fpu, xcrs, debugregs = values
-    with vcpu.platform_access():
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(regs)
-        vcpu.set_fpu(fpu)
-        vcpu.set_xcrs(xcrs)
-        vcpu.set_debugregs(debugregs)
 
 
 @dataclass(frozen=True)
@@ -122,25 +82,28 @@ class LaunchRecord:
 class ConfidentialGuest:
     """The SEV context of one machine."""
 
-    def __init__(self, mode: str, platform: SevPlatform, vm: SevVm) -> None:
+    def __init__(self, mode: str, platform: SevPlatform, vm: SevVm, kvm_vm: Vm) -> None:
         if mode not in MODES:
             raise ConfidentialError(f"unknown SEV mode {mode!r}: use --sev or --sev-es")
         self.mode = mode
         self.platform = platform
         self.vm = vm
+        #: The KVM VM object the machine uses from attach on (the platform's).
+        self.kvm_vm = kvm_vm
         self.record: LaunchRecord | None = None
-        #: Per vCPU, the VMSA this VMM last saved: the real vCPU still holds exactly that
-        #: state, so loading it again is skipped (and must be: KVM_SET_REGS between an I/O exit
-        #: and the KVM_RUN that completes the instruction would corrupt the emulation).
-        self._in_vcpu: dict[int, bytes] = {}
+        #: Whether the vCPUs' register state belongs to the platform (SEV-ES, launched or
+        #: moved in): KVM refuses the register getters and setters, so the state export
+        #: leaves the registers out (they move inside the platform).
+        self.registers_protected = False
 
     @classmethod
     def attach(cls, machine: Machine, incoming: bool) -> ConfidentialGuest:
-        """Bind ``machine.vm`` (no vCPUs yet) to a new SEV VM; init it unless ``incoming``."""
+        """Bind ``machine.vm`` (no vCPUs yet) to a new SEV VM; init it unless ``incoming``.
+        The machine must use :attr:`kvm_vm` in place of its VM afterwards."""
         config = machine.config
         platform = open_platform(config.sev_platform)
-        vm = platform.attach(machine.vm)
-        guest = cls(config.sev, platform, vm)
+        vm, kvm_vm = platform.attach(machine.vm)
+        guest = cls(config.sev, platform, vm, kvm_vm)
         if not incoming:
             if config.sev == "sev-es":
                 vm.sev_es_init()
@@ -156,11 +119,6 @@ class ConfidentialGuest:
     def es(self) -> bool:
         return self.mode == "sev-es"
 
-    @property
-    def wraps_runs(self) -> bool:
-        """Whether KVM_RUN must go through vcpu_enter/vcpu_exit (the model platform)."""
-        return self.platform.name == "model"
-
     def register_vcpu(self, index: int) -> None:
         self.vm.create_vcpu(index)
 
@@ -174,35 +132,13 @@ class ConfidentialGuest:
         length = (image_size + 15) & ~15
         self.vm.launch_update_data(machine.memory.address + IMAGE_BASE, length)
         if self.es:
-            vmsas = [capture_vmsa(v) for v in machine.vcpus] if self.wraps_runs else None
-            self.vm.launch_update_vmsa(vmsas)
-            for vcpu in machine.vcpus:
-                vcpu.protected = True
+            self.vm.launch_update_vmsa()
+            self.registers_protected = True
         measurement = self.vm.launch_measure()
         self.vm.launch_finish()
         self.record = LaunchRecord(self.mode, self.platform.name, policy, handle, measurement.hex())
         log.info("SEV launch measurement %s", self.record.measurement)
         return self.record
-
-    # --- running -------------------------------------------------------------------------------
-
-    def run(self, index: int, vcpu: Vcpu) -> VcpuExit:
-        """One KVM_RUN of a vCPU whose context the model platform holds. A read exit it
-        returns is completed by the caller before the next run, which loads nothing new in
-        between (the VMSA still in the vCPU is not loaded again), so KVM finishes the
-        instruction on the state it stopped in."""
-        vmsa = self.vm.vcpu_enter(index)
-        saved: bytes | None = None
-        try:
-            if vmsa is not None and self._in_vcpu.get(index) != vmsa:
-                load_vmsa(vcpu, vmsa)
-            exit_ = vcpu.run()
-            if vmsa is not None:
-                saved = capture_vmsa(vcpu)
-                self._in_vcpu[index] = saved
-        finally:
-            self.vm.vcpu_exit(index, saved)
-        return exit_
 
     # --- hand-off --------------------------------------------------------------------------------
 
@@ -211,8 +147,7 @@ class ConfidentialGuest:
         The point of no return: the source VM is dead afterwards."""
         self.vm.move_enc_context_from(src_fd)
         if self.es:
-            for vcpu in machine.vcpus:
-                vcpu.protected = True
+            self.registers_protected = True
 
     def close(self) -> None:
         self.vm.close()

@@ -231,6 +231,7 @@ class Machine:
         if self.config.sev:
             # Before any vCPU exists: the kernel refuses SEV_INIT once vCPUs were created.
             self.confidential = ConfidentialGuest.attach(self, self.incoming)
+            vm = self.vm = self.confidential.kvm_vm
             self.config = dataclasses.replace(
                 self.config, sev_platform=self.confidential.platform.name
             )
@@ -249,10 +250,7 @@ class Machine:
         self.features = probe_features(self.kvm, self.vcpus[0])
 
     def _build_group(self) -> None:
-        run = None
-        if self.confidential is not None and self.confidential.wraps_runs:
-            run = self.confidential.run
-        self.group = VcpuGroup(self.vcpus, self._handle_exit, run)
+        self.group = VcpuGroup(self.vcpus, self._handle_exit)
         self.group.on_stop = self._guest_stopped
 
     def _uart_irq(self, level: bool) -> None:

@@ -41,7 +41,7 @@ from intrahost.sev import (
     SEV_POLICY_ES,
     FirmwareError,
     GuestState,
-    PlatformNotAvailableError,
+    PlatformUnavailableError,
     SevCommand,
     SevVm,
     VmType,
@@ -50,6 +50,7 @@ from intrahost.sev import (
 )
 from intrahost.sev import kernel as kp
 from intrahost.sev import selftest as st
+from intrahost.sevmodel.attached import AttachedVm
 from intrahost.sevmodel.client import ModelPlatform
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def test_unavailable_reason_for_a_device_that_does_not_open(tmp_path: Path) -> N
 
 @pytest.mark.skipif(unavailable_reason("kernel") is None, reason="the kernel platform is usable")
 def test_open_platform_kernel_refuses_with_the_reason() -> None:
-    with pytest.raises(PlatformNotAvailableError) as info:
+    with pytest.raises(PlatformUnavailableError) as info:
         open_platform("kernel")
     assert str(unavailable_reason("kernel")) in str(info.value)
     assert "--platform model" in str(info.value)
@@ -133,7 +134,7 @@ def test_open_platform_auto_picks_the_model(
 
 
 def test_kernel_platform_without_the_device_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(PlatformNotAvailableError, match="cannot open"):
+    with pytest.raises(PlatformUnavailableError, match="cannot open"):
         kp.KernelPlatform(sev_path=str(tmp_path / "no-such-sev"))
 
 
@@ -271,8 +272,8 @@ def test_vcpus_and_state_of_a_created_vm(kernel: kp.KernelPlatform) -> None:
 
 def test_attach_leaves_the_vmm_in_charge(kernel: kp.KernelPlatform) -> None:
     with kernel.kvm.create_vm() as vm:
-        sev = kernel.attach(vm)
-        assert sev.fd == vm.fd and vm.guard is None
+        sev, kvm_vm = kernel.attach(vm)
+        assert sev.fd == vm.fd and kvm_vm is vm  # the kernel does SEV on the VMM's VM itself
         vcpu = vm.create_vcpu(0)  # the VMM's own vCPU ...
         assert sev.create_vcpu(0) == 0  # ... only recorded (a second KVM_CREATE_VCPU: EEXIST)
         assert sev.vcpus == ()
@@ -662,8 +663,10 @@ def test_model_attach_guards_the_kvm_vm(model: ModelPlatform) -> None:
     kvm = _kvm_or_none()
     if kvm is None:
         pytest.skip("no usable /dev/kvm")
-    with kvm, kvm.create_vm() as vm:
-        sev = model.attach(vm)
+    with kvm:
+        plain = kvm.create_vm()
+        sev, vm = model.attach(plain)
+        assert isinstance(vm, AttachedVm) and plain.closed  # the model's object took the fd
         sev.sev_init()  # before any vCPU, as the kernel requires
         vcpu = vm.create_vcpu(0)
         assert sev.create_vcpu(0) == 0
@@ -680,3 +683,36 @@ def test_model_attach_guards_the_kvm_vm(model: ModelPlatform) -> None:
             with pytest.raises(KvmError):  # still dead once the model VM is closed
                 vm.check_extension(Cap.USER_MEMORY)
         vcpu.close()
+        vm.close()
+
+
+def test_model_attach_protects_sev_es_vcpus_launched_or_moved_in(model: ModelPlatform) -> None:
+    kvm = _kvm_or_none()
+    if kvm is None:
+        pytest.skip("no usable /dev/kvm")
+    with kvm:
+        src, src_vm = model.attach(kvm.create_vm())
+        dst, dst_vm = model.attach(kvm.create_vm())
+        try:
+            src.sev_es_init()
+            src_vcpu = src_vm.create_vcpu(0)
+            src.create_vcpu(0)
+            dst_vcpu = dst_vm.create_vcpu(0)
+            dst.create_vcpu(0)
+            src.launch_start(SEV_POLICY_ES)
+            src_vcpu.get_regs()
+            src.launch_update_vmsa()  # the VMSA is the attached vCPU's register state
+            expect_kvm(src_vcpu.get_regs, errno.EINVAL)
+            dst_vcpu.get_regs()
+            dst.move_enc_context_from(src.fd)
+            expect_kvm(dst_vcpu.get_regs, errno.EINVAL)  # the service said: protected
+            expect_kvm(src_vcpu.get_regs, errno.EIO)  # dead first
+        finally:
+            for obj in (src_vcpu, dst_vcpu, src_vm, dst_vm, src, dst):
+                obj.close()
+
+
+def expect_kvm(call: Callable[[], object], err: int) -> None:
+    with pytest.raises(KvmError) as info:
+        call()
+    assert info.value.errno == err, info.value

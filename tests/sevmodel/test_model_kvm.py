@@ -28,7 +28,7 @@ from sev_modelkit import (
 )
 
 from intrahost.sev.interface import SEV_NR_MAX, SEV_POLICY_ES, FirmwareError, SevCommand, VmType
-from intrahost.sevmodel.kvm_sev import INVALID_PAGE, KvmError, KvmModel, Vm
+from intrahost.sevmodel.kvm_sev import INVALID_PAGE, IoctlFailure, KvmModel, StructKvm
 from intrahost.sevmodel.sync import Task
 
 # ------------------------------------------------------------------------------------------
@@ -352,14 +352,16 @@ def _wait_blocked(kvm: KvmModel, predicate: Callable[[], bool]) -> None:
         time.sleep(0.001)
 
 
-def _run_move(kvm: KvmModel, dst: Vm, src: Vm, t: Task) -> tuple[threading.Thread, list[Any]]:
+def _run_move(
+    kvm: KvmModel, dst: StructKvm, src: StructKvm, t: Task
+) -> tuple[threading.Thread, list[Any]]:
     out: list[Any] = []
 
     def body() -> None:
         try:
             move(kvm, dst, src, t=t)
             out.append(0)
-        except KvmError as err:
+        except IoctlFailure as err:
             out.append(err)
 
     thread = threading.Thread(target=body)
@@ -388,7 +390,7 @@ def test_killed_while_waiting_for_a_source_vcpu_releases_exactly_what_it_took(
     assert src.vcpus[0].mutex.owner is mover
     _kill(kvm, mover)
     thread.join(5)
-    assert isinstance(out[0], KvmError) and out[0].errno == errno.EINTR
+    assert isinstance(out[0], IoctlFailure) and out[0].errno == errno.EINTR
     # Everything the mover took is free, and the mutex it failed to take still belongs to
     # the vCPU thread (V8's unlock loop would have released it).
     assert src.vcpus[1].mutex.owner == "vmm-thread"
@@ -457,7 +459,7 @@ def test_vcpu_enter_waits_for_a_move_and_then_sees_eio(kvm: KvmModel) -> None:
     def enter() -> None:
         try:
             entered.append(kvm.vcpu_enter(task(), ME, src, 0, "vmm"))
-        except KvmError as err:
+        except IoctlFailure as err:
             entered.append(err)
 
     runner = threading.Thread(target=enter)
@@ -467,7 +469,7 @@ def test_vcpu_enter_waits_for_a_move_and_then_sees_eio(kvm: KvmModel) -> None:
     thread.join(5)
     runner.join(5)
     assert out == [0]
-    assert isinstance(entered[0], KvmError) and entered[0].errno == errno.EIO
+    assert isinstance(entered[0], IoctlFailure) and entered[0].errno == errno.EIO
 
 
 def test_non_killable_waits_are_not_interrupted(kvm: KvmModel) -> None:
@@ -497,7 +499,7 @@ def test_launch_update_vmsa_waits_killably_for_vcpus(kvm: KvmModel) -> None:
     def body() -> None:
         try:
             op(kvm, vm, SevCommand.LAUNCH_UPDATE_VMSA, t=t)
-        except KvmError as err:
+        except IoctlFailure as err:
             out.append(err)
 
     thread = threading.Thread(target=body)

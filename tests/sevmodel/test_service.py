@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from sev_testlib import CHILD, ServiceHandle, expect, wait_for
 
+from intrahost import wire
 from intrahost.sev import (
     SEV_POLICY_ES,
     FirmwareError,
@@ -33,9 +34,9 @@ from intrahost.sev import (
     open_platform,
     unavailable_reason,
 )
-from intrahost.sev.platforms import PlatformNotAvailableError
+from intrahost.sev.platforms import PlatformUnavailableError
 from intrahost.sevmodel import protocol
-from intrahost.sevmodel.client import ModelPlatform, ModelVm, PlatformUnavailableError
+from intrahost.sevmodel.client import ModelPlatform, ModelVm
 from intrahost.sevmodel.firmware import (
     SECRET_HEADER,
     FirmwareVersion,
@@ -259,6 +260,20 @@ def _frame(text: bytes, blobs: bytes = b"") -> bytes:
     return protocol.HEADER.pack(protocol.MAGIC, len(text), len(blobs), 0) + text + blobs
 
 
+@pytest.mark.parametrize("ref", [b"5", b"[1]", b'"x"', b"[0, 1, 2]", b"null"])
+def test_a_malformed_blob_reference_gets_an_error_reply(
+    model_service: ServiceHandle, ref: bytes
+) -> None:
+    sock = _raw(model_service.path)
+    try:
+        sock.sendall(_frame(b'{"id": 1, "op": "hello", "args": {"b": {"$blob": ' + ref + b"}}}"))
+        assert protocol.recv_message(sock).body["errno"] == errno.EPROTO
+        protocol.send_message(sock, {"id": 2, "op": "hello", "args": {}})
+        assert protocol.recv_message(sock).body["ok"] is True
+    finally:
+        sock.close()
+
+
 def test_malformed_requests_get_error_replies(model_service: ServiceHandle) -> None:
     sock = _raw(model_service.path)
     try:
@@ -283,7 +298,7 @@ def test_malformed_requests_get_error_replies(model_service: ServiceHandle) -> N
         assert protocol.recv_message(sock).body["ok"] is True
         # An unframeable stream: the service drops this connection, and only this one.
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        with pytest.raises(protocol.ProtocolError):
+        with pytest.raises(wire.ConnectionBroken):
             protocol.recv_message(sock)
     finally:
         sock.close()
@@ -457,7 +472,7 @@ def test_platform_registry(model_service: ServiceHandle, monkeypatch: pytest.Mon
     reason = unavailable_reason("kernel")
     if not os.path.exists("/dev/sev"):
         assert reason is not None and "/dev/sev" in reason
-        with pytest.raises(PlatformNotAvailableError, match="--platform model"):
+        with pytest.raises(PlatformUnavailableError, match="--platform model"):
             open_platform("kernel")
     platform = open_platform("auto" if reason else "model")
     assert platform.name == "model"
@@ -505,7 +520,7 @@ def test_protocol_blobs_roundtrip() -> None:
     for fd in (r, w, *msg.fds):
         os.close(fd)
     a.close()
-    with pytest.raises(protocol.ConnectionClosed):
+    with pytest.raises(wire.ConnectionClosed):
         protocol.recv_message(b)
     b.close()
     assert struct.calcsize("<4sIII") == protocol.HEADER.size

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support import needs_kvm
 
-from intrahost.kvm import ExitReason, Kvm, KvmError, uapi
+from intrahost.kvm import Interrupted, Kvm, KvmError, uapi
 from intrahost.sev.interface import SevError
 from intrahost.sevmodel.attached import VMSA_SIZE, AttachedVcpu, AttachedVm
 
@@ -100,7 +100,7 @@ def test_run_holds_the_model_vcpu_and_moves_a_protected_state(
 ) -> None:
     sev, _vm, vcpu = attached
     vcpu.kvm_run.immediate_exit = 1  # KVM_RUN returns at once (EINTR)
-    assert vcpu.run() is ExitReason.INTR
+    assert isinstance(vcpu.run(), Interrupted)
     assert sev.calls == [("enter", 0), ("exit", 0, None)]  # unprotected: no state moves
 
     held = vcpu.capture_vmsa()
@@ -111,7 +111,7 @@ def test_run_holds_the_model_vcpu_and_moves_a_protected_state(
     regs.rax = 0x1234
     vcpu.protected = True
     sev.vmsa, sev.calls = bytes(regs) + held[size:], []  # the platform's state differs
-    assert vcpu.run() is ExitReason.INTR
+    assert isinstance(vcpu.run(), Interrupted)
     assert [c[:2] for c in sev.calls] == [("enter", 0), ("exit", 0)]
     saved = sev.calls[1][2]
     assert saved is not None and uapi.kvm_regs.from_bytes(saved[:size]).rax == 0x1234

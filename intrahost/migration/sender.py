@@ -28,8 +28,8 @@ from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.migration import faults, protocol
-from intrahost.migration.machine_state import save_machine, warm_up_export
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
+from intrahost.migration.state import save_machine, warm_up_export
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Sender:
         """MOVE the SEV context back from the destination's VM into a fresh VM here: the
         source VM died with the first MOVE. The own saved state is imported first, then the
         context moves in, then the guest can resume on this side."""
-        from intrahost.migration.machine_state import decode_state, restore_machine
+        from intrahost.migration.state import decode_state, restore_machine
 
         machine = self.machine
         assert machine.confidential is not None

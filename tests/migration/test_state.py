@@ -14,8 +14,8 @@ from support import needs_kvm
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
-from intrahost.migration.machine_state import config_of, decode_state, restore_machine
 from intrahost.migration.sender import Sender
+from intrahost.migration.state import config_of, decode_state, restore_machine
 from intrahost.service.runner import listen, receive
 from intrahost.vmm.devices import uart as U
 from intrahost.vmm.guests import layout

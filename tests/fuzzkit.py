@@ -828,7 +828,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "config-error-type",
         "no-reply",
         _both(
-            _error_matches(r"^(config field|--vcpus must|unknown SEV mode|--platform must)"),
+            _error_matches(
+                r"^(config: |config field|--vcpus must|unknown SEV mode|--platform must)"
+            ),
             _last_answered_is(Command.STATE),
         ),
     ),

@@ -46,8 +46,9 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
     (it runs again after)."""
     components = [Component("config", machine.config.to_json())]
     for name, component in machine.components().items():
+        prefix = name + "/"
         for part, payload in component.save_parts():
-            components.append(Component(part_name(name, part), payload))
+            components.append(Component(prefix + part if part else name, payload))
     components.append(
         Component("vmm/run-state", json_payload({"running": running}), required=False)
     )

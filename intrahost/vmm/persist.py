@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -79,8 +80,13 @@ def json_object(name: str, payload: bytes) -> dict[str, Any]:
     return value
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def json_payload(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    """Compact JSON with sorted keys (one encoder for all: json.dumps with options builds a
+    new one per call)."""
+    return _ENCODER.encode(value).encode()
 
 
 class Parts:
@@ -165,6 +171,7 @@ class _Field:
 class _Codec:
     fields: tuple[_Field, ...]
     plain: tuple[str, ...]  # fields whose JSON value is the attribute itself
+    get_plain: Callable[[Any], tuple[Any, ...]]  # their values, in that order
     converted: tuple[tuple[str, Callable[[Any], Any]], ...]  # the others, with their encoder
     required: frozenset[str]
 
@@ -197,14 +204,21 @@ def _codec_of(cls: type[JsonRecord]) -> _Codec:
                 codec_pair[1] if codec_pair else None,
             )
         )
+    plain = tuple(f.name for f in built if f.to_json is None)
     codec = _Codec(
         tuple(built),
-        tuple(f.name for f in built if f.to_json is None),
+        plain,
+        (lambda _record: ()) if not plain else _tuple_getter(plain),
         tuple((f.name, f.to_json) for f in built if f.to_json is not None),
         frozenset(f.name for f in built if f.required),
     )
     cls._record_codec = codec
     return codec
+
+
+def _tuple_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    get = operator.attrgetter(*names)
+    return get if len(names) > 1 else lambda record: (get(record),)
 
 
 class JsonRecord:
@@ -220,6 +234,7 @@ class JsonRecord:
     version: ClassVar[int | None] = None
     _record_codec: ClassVar[_Codec | None] = None
     _records: ClassVar[list[type[JsonRecord]]] = []
+    __slots__ = ()
 
     def __init_subclass__(
         cls,
@@ -230,11 +245,13 @@ class JsonRecord:
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
+        # (dataclass(slots=True) creates the class again, without these keywords.)
         if label is not None:
             cls.label = label
         if error is not None:
             cls.error = error
-        cls.version = version
+        if version is not None:
+            cls.version = version
         cls._record_codec = None
         JsonRecord._records.append(cls)
 
@@ -244,7 +261,7 @@ class JsonRecord:
 
     def to_dict(self) -> dict[str, Any]:
         codec = _codec_of(type(self))
-        out = {name: getattr(self, name) for name in codec.plain}
+        out = dict(zip(codec.plain, codec.get_plain(self), strict=True))
         for name, to_json in codec.converted:
             value = getattr(self, name)
             out[name] = None if value is None else to_json(value)

@@ -827,7 +827,7 @@ def profile_state(vcpus: int, reps: int) -> dict[str, Any]:
     exporting the paused machine, decoding the state and importing it into a second machine
     on the same memory, each KVM getter/setter separately (wrapped for the measurement)."""
     from intrahost.kvm import objects
-    from intrahost.migration.machine_state import decode_state, restore_machine, save_machine
+    from intrahost.migration.state import decode_state, restore_machine, save_machine
     from intrahost.vmm.machine import Machine, MachineConfig
     from intrahost.vmm.memory import GuestMemory
 

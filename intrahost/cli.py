@@ -29,45 +29,30 @@ from intrahost.errors import IntrahostError
 
 log = logging.getLogger("intrahost")
 
-RUN_DEFAULTS: dict[str, Any] = {
-    "memory": "256M",
-    "vcpus": 1,
-    "guest": "counter",
-    "guest_args": "",
-    "memory_path": None,
-    "serial": "stdio",
-    "sev": "",
-    "sev_platform": "auto",
-    "sev_policy": 0,
-}
-
 
 class CliError(IntrahostError):
     """A user error on the command line."""
 
 
 def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from intrahost.vmm.config import config_flags
+
     p = sub.add_parser("run", help="run a guest (or wait for one with --incoming)")
-    p.add_argument("--memory", help="guest memory size, e.g. 256M or 4G (default 256M)")
-    p.add_argument("--vcpus", type=int, help="number of vCPUs (default 1)")
-    p.add_argument("--guest", help="counter, hello, or the path of a multiboot ELF or raw image")
-    p.add_argument("--guest-args", help="the guest's command line, e.g. 'progress=1048576'")
-    p.add_argument("--memory-path", help="back guest memory with this file instead of a memfd")
-    p.add_argument("--serial", help="console: stdio, file:PATH, pty or none (default stdio)")
+    # The machine's flags come from MachineConfig's fields; none has a default here, so that
+    # the flags the user gave can be told apart (see explicit_run_flags).
+    for name, flags in config_flags():
+        group = p.add_mutually_exclusive_group() if len(flags) > 1 else p
+        for flag in flags:
+            spec: dict[str, Any] = {"dest": name, "help": flag.help}
+            if flag.const is not None:
+                spec |= {"action": "store_const", "const": flag.const}
+            else:
+                spec |= {"choices": flag.choices}
+                if flag.type is not None:
+                    spec["type"] = flag.type
+            group.add_argument(flag.name, **spec)
     p.add_argument("--api-socket", help="control socket path (QMP-shaped JSON)")
     p.add_argument("--incoming", help="wait for a hand-off at unix:PATH instead of booting")
-    sev = p.add_mutually_exclusive_group()
-    sev.add_argument("--sev", action="store_const", const="sev", dest="sev", help="an SEV guest")
-    sev.add_argument(
-        "--sev-es", action="store_const", const="sev-es", dest="sev", help="an SEV-ES guest"
-    )
-    p.add_argument(
-        "--platform",
-        dest="sev_platform",
-        choices=("auto", "kernel", "model"),
-        help="SEV platform: the kernel's (needs AMD SEV) or the model (default: auto)",
-    )
-    p.add_argument("--sev-policy", type=lambda v: int(v, 0), help="SEV guest policy bits")
     p.add_argument(
         "--prefault",
         action="store_true",
@@ -159,20 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def explicit_run_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The machine flags the user gave (None means: not given)."""
-    flags = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    if "memory" in flags:
-        from intrahost.vmm.memory import parse_size
+    """The MachineConfig fields the user gave flags for (None means: not given)."""
+    from intrahost.vmm.config import config_flags
 
-        flags["memory"] = parse_size(flags["memory"])
-    return flags
+    given: dict[str, Any] = {}
+    for name, flags in config_flags():
+        value = getattr(args, name)
+        if value is not None:
+            parse = flags[0].parse
+            given[name] = value if parse is None else parse(value)
+    return given
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from intrahost.migration.faults import from_environment
     from intrahost.service.runner import Vmm, listen, receive
     from intrahost.vmm.machine import MachineConfig
-    from intrahost.vmm.memory import parse_size
 
     faults = from_environment()  # none unless the fault tests ask for one
 
@@ -203,10 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from intrahost.vmm.machine import Machine
 
-    values = RUN_DEFAULTS | {
-        k: v for k, v in vars(args).items() if k in RUN_DEFAULTS and v is not None
-    }
-    config = MachineConfig(**(values | {"memory": parse_size(values["memory"])}))
+    config = MachineConfig(**explicit_run_flags(args))
     if args.api_socket:
         _check_api_path(args.api_socket)
     machine = Machine.create(config)

@@ -109,7 +109,7 @@ def real_seeds(with_kvm: bool) -> tuple[Seed, ...]:
         for p in sorted(FIXTURES.glob("state-*.bin"))
     ]  # fmt: skip
     if with_kvm:
-        from intrahost.migration.machine_state import save_machine
+        from intrahost.migration.state import save_machine
         from intrahost.vmm.machine import Machine, MachineConfig
 
         for vcpus in (1, 2):
@@ -828,7 +828,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "config-error-type",
         "no-reply",
         _both(
-            _error_matches(r"^(config field|--vcpus must|unknown SEV mode|--platform must)"),
+            _error_matches(
+                r"^(config: |config field|--vcpus must|unknown SEV mode|--platform must)"
+            ),
             _last_answered_is(Command.STATE),
         ),
     ),

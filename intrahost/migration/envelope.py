@@ -20,14 +20,13 @@ Compatibility, so that a newer VMM reads an older state and an older VMM reads a
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from intrahost.errors import IntrahostError
+from intrahost.vmm.persist import StateFormatError, json_object, json_payload
 
 MAGIC = b"IHSTATE\0"
 MAJOR = 1
@@ -41,19 +40,11 @@ MAX_COMPONENTS = 8192
 MAX_NAME_BYTES = 128
 
 
-class StateFormatError(IntrahostError):
-    """A saved state is malformed, too large, of another format, or lacks a component."""
-
-
 @dataclass(frozen=True)
 class Component:
     name: str
     payload: bytes
     required: bool = True
-
-
-def json_payload(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
 def encode(components: Iterable[Component], minor: int = MINOR) -> bytes:
@@ -90,15 +81,7 @@ class State:
         return c.payload
 
     def need_json(self, name: str) -> dict[str, Any]:
-        try:
-            value = json.loads(self.need(name))
-        except RecursionError:
-            raise StateFormatError(f"component {name!r} nests too deeply to be read") from None
-        except ValueError as e:  # not UTF-8, not JSON, or a number of over 4300 digits
-            raise StateFormatError(f"component {name!r} is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise StateFormatError(f"component {name!r} is not a JSON object")
-        return value
+        return json_object(name, self.need(name))
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.components if n.startswith(prefix)]
@@ -160,3 +143,13 @@ def decode(data: bytes, understood: Iterable[str] | None = None) -> State:
     if pos != len(body):
         raise StateFormatError(f"{len(body) - pos} stray bytes after the last component")
     return State(minor, components)
+
+
+__all__ = [
+    "Component",
+    "State",
+    "StateFormatError",
+    "decode",
+    "encode",
+    "json_payload",
+]

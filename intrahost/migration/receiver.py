@@ -45,14 +45,7 @@ from typing import Any, NoReturn
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Kvm
 from intrahost.migration import protocol
-from intrahost.migration.envelope import StateFormatError
 from intrahost.migration.faults import NO_FAULTS, Faults
-from intrahost.migration.machine_state import (
-    config_of,
-    decode_state,
-    restore_machine,
-    warm_up_import,
-)
 from intrahost.migration.protocol import (
     ACCEPTED_VERSIONS,
     Baton,
@@ -62,7 +55,14 @@ from intrahost.migration.protocol import (
     PayloadError,
     ProtocolError,
 )
-from intrahost.migration.state import StateImportError
+from intrahost.migration.state import (
+    StateFormatError,
+    StateImportError,
+    config_of,
+    decode_state,
+    restore_machine,
+    warm_up_import,
+)
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 

@@ -33,8 +33,8 @@ from typing import Any
 from intrahost.errors import IntrahostError
 from intrahost.migration import protocol
 from intrahost.migration.faults import NO_FAULTS, Faults
-from intrahost.migration.machine_state import save_machine, warm_up_export
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
+from intrahost.migration.state import save_machine, warm_up_export
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from intrahost.kvm import KvmError
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Channel, ProtocolError, parse_url
 from intrahost.migration.receiver import ReceiveOptions, Receiver
-from intrahost.migration.sender import MigrationFailed, Sender, SendOptions
+from intrahost.migration.sender import MigrationFailed, Sender
 from intrahost.service.api import (
     MAX_SOCKET_PATH,
     ApiServer,
@@ -175,17 +175,10 @@ class Vmm:
             )
             self._migration_thread.start()
 
-    def migrate(self, uri: str, options: SendOptions | None = None) -> dict[str, Any]:
-        """Hand the guest off synchronously (the library entry; the API's is async)."""
-        with self._migration_lock:
-            self._migration = {"status": "active", "uri": uri}
-        self._run_migration(uri, options)
-        return dict(self._migration)
-
-    def _run_migration(self, uri: str, options: SendOptions | None = None) -> None:
+    def _run_migration(self, uri: str) -> None:
         self._emit("MIGRATION", {"status": "active"})
         log.info("migration to %s started", uri)
-        sender = Sender(self.machine, uri, options, self.faults)
+        sender = Sender(self.machine, uri, faults=self.faults)
         try:
             breakdown = sender.run()
         except MigrationFailed as e:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Vm
 from intrahost.sev.interface import SEV_POLICY_ES, SevPlatform, SevVm
 from intrahost.sev.platforms import open_platform
+from intrahost.vmm.persist import JsonRecord, RecordState
 
 if TYPE_CHECKING:
     from intrahost.vmm.machine import Machine
@@ -46,7 +47,7 @@ class ConfidentialError(IntrahostError):
 
 
 @dataclass(frozen=True)
-class LaunchRecord:
+class LaunchRecord(JsonRecord, label="SEV launch record"):
     """What the launch produced; carried by the VMM across hand-offs (the context itself
     moves inside the platform). ``measurement`` is the LAUNCH_MEASURE blob, hex."""
 
@@ -55,28 +56,6 @@ class LaunchRecord:
     policy: int
     handle: int
     measurement: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "platform": self.platform,
-            "policy": self.policy,
-            "handle": self.handle,
-            "measurement": self.measurement,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LaunchRecord:
-        try:
-            return cls(
-                str(data["mode"]),
-                str(data["platform"]),
-                int(data["policy"]),
-                int(data["handle"]),
-                str(data["measurement"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfidentialError(f"bad SEV launch record: {e}") from None
 
 
 class ConfidentialGuest:
@@ -118,6 +97,14 @@ class ConfidentialGuest:
     @property
     def es(self) -> bool:
         return self.mode == "sev-es"
+
+    def persist(self) -> RecordState[LaunchRecord]:
+        """The ``sev/launch`` state component: the launch record (none before the launch; the
+        context itself moves inside the platform, after the hand-off's commit)."""
+        return RecordState(LaunchRecord, lambda: self.record, self._set_record, optional=True)
+
+    def _set_record(self, record: LaunchRecord) -> None:
+        self.record = record
 
     def register_vcpu(self, index: int) -> None:
         self.vm.create_vcpu(index)

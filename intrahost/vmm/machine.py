@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from intrahost.errors import IntrahostError
@@ -42,10 +41,14 @@ from intrahost.kvm import (
 )
 from intrahost.kvm.features import VcpuFeatures, probe_features
 from intrahost.vmm.confidential import ConfidentialGuest
+from intrahost.vmm.config import MachineConfig as MachineConfig
+from intrahost.vmm.config import MachineConfigError as MachineConfigError
 from intrahost.vmm.devices.bus import IoBus, MmioBus
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
-from intrahost.vmm.memory import GuestMemory, MiB, parse_size
+from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
+from intrahost.vmm.memory import GuestMemory
+from intrahost.vmm.persist import Persist
 from intrahost.vmm.vcpu import VcpuGroup
 
 log = logging.getLogger(__name__)
@@ -53,97 +56,10 @@ log = logging.getLogger(__name__)
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 COM1_IRQ = 4
-MAX_VCPUS = 64
-
-
-class MachineConfigError(IntrahostError):
-    """The machine's configuration is invalid."""
 
 
 class MachineError(IntrahostError):
     """The machine cannot do what was asked in its current state."""
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    """What a VMM was asked to run. ``GUEST_VISIBLE`` fields change what the guest sees and
-    must match across a hand-off; the others may differ on the new VMM."""
-
-    memory: int = 256 * MiB
-    vcpus: int = 1
-    guest: str = "counter"
-    guest_args: str = ""
-    memory_path: str | None = None
-    serial: str = "stdio"
-    #: "" (a plain guest), "sev" or "sev-es".
-    sev: str = ""
-    #: The SEV platform: "auto" (the kernel's where it has SEV, else the model), "kernel",
-    #: "model". A running machine's config names the platform it resolved to.
-    sev_platform: str = "auto"
-    sev_policy: int = 0
-
-    GUEST_VISIBLE = ("memory", "vcpus", "guest", "guest_args", "sev")
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise MachineConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}")
-        if self.sev not in ("", "sev", "sev-es"):
-            raise MachineConfigError(f"unknown SEV mode {self.sev!r}: use --sev or --sev-es")
-        if self.sev_platform not in ("auto", "kernel", "model"):
-            raise MachineConfigError("--platform must be auto, kernel or model")
-
-    @property
-    def cmdline(self) -> str:
-        return f"cpus={self.vcpus} {self.guest_args}".strip()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MachineConfig:
-        known = {
-            "memory",
-            "vcpus",
-            "guest",
-            "guest_args",
-            "memory_path",
-            "serial",
-            "sev",
-            "sev_platform",
-            "sev_policy",
-        }
-        args = {k: v for k, v in data.items() if k in known}
-        types = {
-            "memory": int,
-            "vcpus": int,
-            "guest": str,
-            "guest_args": str,
-            "serial": str,
-            "sev": str,
-            "sev_platform": str,
-            "sev_policy": int,
-        }
-        for key, typ in types.items():
-            if key in args and not isinstance(args[key], typ):
-                raise MachineConfigError(f"config field {key!r} must be {typ.__name__}")
-        if args.get("memory_path") is not None and not isinstance(args["memory_path"], str):
-            raise MachineConfigError("config field 'memory_path' must be a string")
-        return cls(**args)
-
-    def guest_differences(self, other: MachineConfig) -> list[str]:
-        """The guest-visible fields in which ``other`` differs."""
-        return [f for f in self.GUEST_VISIBLE if getattr(self, f) != getattr(other, f)]
-
-
-def config_from_flags(
-    memory: str = "256M",
-    vcpus: int = 1,
-    guest: str = "counter",
-    guest_args: str = "",
-    memory_path: str | None = None,
-    serial: str = "stdio",
-) -> MachineConfig:
-    return MachineConfig(parse_size(memory), vcpus, guest, guest_args, memory_path, serial)
 
 
 class Machine:
@@ -182,6 +98,10 @@ class Machine:
         self.on_guest_stop: Callable[[], None] | None = None
         #: Guest-physical MMIO: devices register here; unclaimed addresses read all ones.
         self.mmio = MmioBus()
+        #: State components (see components()): the kernel's, rebuilt with the VM; the
+        #: devices', registered as each device is added.
+        self._kernel_state: dict[str, Persist] = {}
+        self._device_state: dict[str, Persist] = {}
         try:
             self._build()
         except BaseException:
@@ -217,7 +137,9 @@ class Machine:
             irq=self._uart_irq,
         )
         self.bus.register(COM1_BASE, self.uart.length, self.uart, "COM1")
+        self.add_state("device/uart", self.uart.persist())
         self.bus.register(self.debug.base, self.debug.length, self.debug, "debug port")
+        self.add_state("device/debug", self.debug.persist())
         self.debug.on_exit = self._guest_exit
         self._build_group()
 
@@ -248,10 +170,35 @@ class Machine:
                 self.confidential.register_vcpu(i)
         # Probed now, before any vCPU runs: later, a vCPU ioctl would wait for KVM_RUN.
         self.features = probe_features(self.kvm, self.vcpus[0])
+        self._kernel_state = {"vm": VmComponent(vm)}
+        for i, vcpu in enumerate(self.vcpus):
+            self._kernel_state[f"vcpu/{i}"] = VcpuComponent(
+                vcpu, i, self.features, self.cpuid, self._registers_protected
+            )
+
+    def _registers_protected(self) -> bool:
+        return self.confidential is not None and self.confidential.registers_protected
 
     def _build_group(self) -> None:
         self.group = VcpuGroup(self.vcpus, self._handle_exit)
         self.group.on_stop = self._guest_stopped
+
+    def add_state(self, name: str, component: Persist) -> None:
+        """Register a device's state component under ``name`` ("device/..."): saved and
+        restored with the machine, after the kernel state, in the order devices were added."""
+        if not name.startswith("device/") or name in self._device_state:
+            raise MachineError(f"device state {name!r} is not a new 'device/...' name")
+        self._device_state[name] = component
+
+    def components(self) -> dict[str, Persist]:
+        """The machine's state components by name, in restore order: the VM-wide kernel
+        state first (clock, PIT and interrupt controllers, before any vCPU can run), then
+        each vCPU, then the devices (their interrupt lines land on the restored controllers),
+        then the SEV launch record (the SEV context itself moves after the commit)."""
+        components = self._kernel_state | self._device_state
+        if self.confidential is not None:
+            components["sev/launch"] = self.confidential.persist()
+        return components
 
     def _uart_irq(self, level: bool) -> None:
         self.vm.irq_line(COM1_IRQ, 1 if level else 0)

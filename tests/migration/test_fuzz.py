@@ -5,8 +5,8 @@
     deletion, duplication, splices; the checksum mostly recomputed so that the mutation
     reaches the component parser): a State or StateFormatError, and what decodes re-encodes
     to the same components.
-(b) ``decode_state`` and the per-component parsers (``config_of``, ``vcpu_state``,
-    ``vm_state``, the device records) on real states with components dropped, resized,
+(b) ``decode_state`` and the per-component parsers (``config_of``, ``decode_vcpu``,
+    ``decode_vm``, the device records) on real states with components dropped, resized,
     rewritten, renamed or added; then ``restore_machine`` into a real, never-run machine:
     StateFormatError or StateImportError only (a device record's own parser: its own error).
 (c) the Receiver, on one end of a socketpair, fed a correct hand-off cut short with some of
@@ -57,21 +57,21 @@ from support import HAVE_KVM, needs_kvm
 
 from intrahost.migration import envelope, protocol
 from intrahost.migration.envelope import Component, StateFormatError
-from intrahost.migration.machine_state import (
+from intrahost.migration.protocol import FRAME, Baton, Channel, Command
+from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
+from intrahost.migration.state import (
     UNDERSTOOD,
+    StateImportError,
     config_of,
     decode_state,
     restore_machine,
-    vcpu_state,
-    vm_state,
 )
-from intrahost.migration.protocol import FRAME, Baton, Channel, Command
-from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
-from intrahost.migration.state import StateImportError
 from intrahost.vmm.devices.debugport import DebugPortState, DebugPortStateError
 from intrahost.vmm.devices.uart import UartState, UartStateError
+from intrahost.vmm.kvm_state import decode_vcpu, decode_vm
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory
+from intrahost.vmm.persist import Parts
 
 #: test name -> [examples, seconds, {known bug: times tolerated}]; printed by conftest.
 STATS: dict[str, list[Any]] = {}
@@ -219,12 +219,12 @@ def _parse_everything(data: bytes, vcpus: int) -> list[str]:
         pass
     for i in range(vcpus + 1):
         try:
-            vcpu_state(state, i)
+            decode_vcpu(Parts(state, f"vcpu/{i}"), i)
             accepted.append(f"vcpu{i}")
         except ALLOWED:
             pass
     try:
-        vm_state(state)
+        decode_vm(Parts(state, "vm"))
         accepted.append("vm")
     except ALLOWED:
         pass

@@ -8,14 +8,15 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import needs_kvm
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
-from intrahost.migration.machine_state import config_of, decode_state, restore_machine
 from intrahost.migration.sender import Sender
+from intrahost.migration.state import config_of, decode_state, restore_machine, save_machine
 from intrahost.service.runner import listen, receive
 from intrahost.vmm.devices import uart as U
 from intrahost.vmm.guests import layout
@@ -153,3 +154,55 @@ def test_uart_output_in_the_fifo_and_a_pending_interrupt_complete_on_the_new_vmm
     )
     counts = [int(line.split("=")[1], 16) for line in lines]
     assert counts == [4096 * (i + 1) for i in range(len(counts))], "UART bytes lost or doubled"
+
+
+@pytest.mark.parametrize("writer", ["fixture", "this-vmm"])
+def test_the_import_sets_the_tsc_offset_then_msrs_in_dependency_order(
+    writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One KVM_SET_MSRS per vCPU, after the TSC offset, with TSC_DEADLINE after IA32_TSC
+    and KVM_ASYNC_PF_EN after KVM_ASYNC_PF_INT, whatever order the writer saved them in (an
+    older VMM saved them sorted by index)."""
+    from intrahost.kvm import objects
+
+    tsc, deadline, pf_en, pf_int = 0x10, 0x6E0, 0x4B564D02, 0x4B564D06
+    if writer == "fixture":
+        data = (FIXTURES / f"state-{FORMATS[-1]}.bin").read_bytes()
+        config = config_of(decode_state(data))
+    else:
+        config = MachineConfig(memory=16 * MiB, serial="none")
+    machine = Machine(MachineConfig.from_dict(config.to_dict() | {"serial": "none"}),
+                      GuestMemory.create(config.memory))  # fmt: skip
+    try:
+        if writer == "this-vmm":
+            machine.start(paused=True)
+            data = save_machine(machine)
+        calls: list[tuple[str, list[int]]] = []
+        set_msrs, set_offset = objects.Vcpu.set_msrs, objects.Vcpu.set_tsc_offset
+
+        def record_msrs(vcpu: objects.Vcpu, msrs: Any) -> int:
+            items = list(msrs)
+            calls.append(("msrs", [i for i, _ in items]))
+            return set_msrs(vcpu, items)
+
+        def record_offset(vcpu: objects.Vcpu, offset: int) -> None:
+            calls.append(("offset", []))
+            set_offset(vcpu, offset)
+
+        monkeypatch.setattr(objects.Vcpu, "set_msrs", record_msrs)
+        monkeypatch.setattr(objects.Vcpu, "set_tsc_offset", record_offset)
+        restore_machine(machine, decode_state(data))
+    finally:
+        machine.close()
+    assert [name for name, _ in calls if name == "msrs"] == ["msrs"] * config.vcpus
+    written = next(indices for name, indices in calls if name == "msrs")
+    assert deadline in written and pf_en in written and pf_int in written
+    if machine.features.tsc_offset:
+        assert [name for name, _ in calls][:2] == ["offset", "msrs"]
+        assert tsc not in written  # it would recompute the offset just set
+    else:
+        assert written.index(tsc) < written.index(deadline)
+    assert written.index(pf_int) < written.index(pf_en)
+    assert written.index(deadline) > max(
+        written.index(i) for i in written if i not in (deadline, pf_en)
+    )

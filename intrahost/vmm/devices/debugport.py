@@ -26,11 +26,11 @@ import enum
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from intrahost.errors import IntrahostError
+from intrahost.vmm.persist import JsonRecord, RecordState, StateFormatError, bounded, converted
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def make_tag(kind: int, vcpu: int) -> int:
     return (vcpu << 16) | kind
 
 
-class DebugPortStateError(IntrahostError):
+class DebugPortStateError(StateFormatError):
     """A debug port state record is malformed or cannot be applied."""
 
 
@@ -107,59 +107,58 @@ class LatchState:
     value_low: int
 
 
+def _latches_from_json(value: Any) -> tuple[LatchState, ...]:
+    return tuple(
+        LatchState(
+            _uint(item, 0, "latches[].vcpu", _MAX_VCPUS - 1),
+            _uint(item, 1, "latches[].tag", _U32),
+            _uint(item, 2, "latches[].value_low", _U32),
+        )
+        for item in _triples(value, "latches")
+    )
+
+
+def _latches_to_json(latches: tuple[LatchState, ...]) -> list[list[int]]:
+    return [[latch.vcpu, latch.tag, latch.value_low] for latch in latches]
+
+
+def _reports_to_json(reports: tuple[Report, ...]) -> list[list[int]]:
+    return [[r.seq, r.tag, r.value] for r in reports]
+
+
 @dataclass(frozen=True)
-class DebugPortState:
+class DebugPortState(
+    JsonRecord, label="debug port state", error=DebugPortStateError, version=STATE_VERSION
+):
     """Everything the debug port holds; restoring it continues the run exactly.
 
     ``reports`` is the bounded history (oldest first); ``latest`` holds the newest report of
-    every tag ever seen (sorted by tag), including tags whose reports left the history.
+    every tag ever seen (sorted by tag), including tags whose reports left the history. In
+    JSON (:meth:`to_dict`) latches and reports are lists of three integers.
     """
 
-    latches: tuple[LatchState, ...]
-    reports: tuple[Report, ...]
-    latest: tuple[Report, ...]
-    next_seq: int
-    exit_code: int | None
+    latches: tuple[LatchState, ...] = converted(_latches_to_json, _latches_from_json)
+    reports: tuple[Report, ...] = converted(
+        _reports_to_json, lambda value: _reports(value, "reports")
+    )
+    latest: tuple[Report, ...] = converted(
+        _reports_to_json, lambda value: _reports(value, "latest")
+    )
+    next_seq: int = bounded(_U64)
+    exit_code: int | None = bounded(0xFF)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible values."""
-        return {
-            "version": STATE_VERSION,
-            "latches": [[latch.vcpu, latch.tag, latch.value_low] for latch in self.latches],
-            "reports": [[r.seq, r.tag, r.value] for r in self.reports],
-            "latest": [[r.seq, r.tag, r.value] for r in self.latest],
-            "next_seq": self.next_seq,
-            "exit_code": self.exit_code,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DebugPortState:
-        """Validate and rebuild a record made by :meth:`to_dict`."""
-        _expect_keys(data, {"version", "latches", "reports", "latest", "next_seq", "exit_code"})
-        if data["version"] != STATE_VERSION:
-            raise DebugPortStateError(
-                f"debug port state version {data['version']!r} is not supported "
-                f"(this intrahost reads version {STATE_VERSION}); use matching VMM versions"
-            )
-        latches = tuple(
-            LatchState(
-                _uint(item, 0, "latches[].vcpu", _MAX_VCPUS - 1),
-                _uint(item, 1, "latches[].tag", _U32),
-                _uint(item, 2, "latches[].value_low", _U32),
-            )
-            for item in _triples(data["latches"], "latches")
-        )
-        if len({latch.vcpu for latch in latches}) != len(latches):
+    def check(self) -> None:
+        if len({latch.vcpu for latch in self.latches}) != len(self.latches):
             raise DebugPortStateError("debug port state: two latches for the same vCPU")
-        next_seq = _check_uint(data["next_seq"], "next_seq", _U64)
-        reports = _reports(data["reports"], "reports", next_seq)
-        latest = _reports(data["latest"], "latest", next_seq)
-        if len({r.tag for r in latest}) != len(latest):
+        for what, reports in (("reports", self.reports), ("latest", self.latest)):
+            for report in reports:
+                if report.seq >= self.next_seq:
+                    raise DebugPortStateError(
+                        f"debug port state: {what} has report seq {report.seq} >= next_seq "
+                        f"{self.next_seq}"
+                    )
+        if len({r.tag for r in self.latest}) != len(self.latest):
             raise DebugPortStateError("debug port state: 'latest' has a tag twice")
-        exit_code = data["exit_code"]
-        if exit_code is not None:
-            exit_code = _check_uint(exit_code, "exit_code", 0xFF)
-        return cls(latches, reports, latest, next_seq, exit_code)
 
 
 class DebugPort:
@@ -250,6 +249,10 @@ class DebugPort:
         with self._lock:
             return self._exit_code
 
+    def persist(self) -> RecordState[DebugPortState]:
+        """This device's state component (see ``intrahost.vmm.persist``)."""
+        return RecordState(DebugPortState, self.save, self.restore)
+
     def save(self) -> DebugPortState:
         """Snapshot the device. Take it with the vCPUs stopped for a consistent result."""
         with self._lock:
@@ -275,17 +278,6 @@ class DebugPort:
 # -- validation helpers ------------------------------------------------------------------
 
 
-def _expect_keys(data: Mapping[str, Any], keys: set[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise DebugPortStateError(f"debug port state must be a mapping, got {type(data).__name__}")
-    missing = keys - data.keys()
-    extra = data.keys() - keys
-    if missing or extra:
-        raise DebugPortStateError(
-            f"debug port state: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}"
-        )
-
-
 def _check_uint(value: Any, what: str, maximum: int) -> int:
     if type(value) is not int or not 0 <= value <= maximum:
         raise DebugPortStateError(
@@ -309,8 +301,8 @@ def _uint(item: list[Any], index: int, what: str, maximum: int) -> int:
     return _check_uint(item[index], what, maximum)
 
 
-def _reports(value: Any, what: str, next_seq: int) -> tuple[Report, ...]:
-    reports = tuple(
+def _reports(value: Any, what: str) -> tuple[Report, ...]:
+    return tuple(
         Report(
             _uint(item, 0, f"{what}[].seq", _U64),
             _uint(item, 1, f"{what}[].tag", _U32),
@@ -318,9 +310,3 @@ def _reports(value: Any, what: str, next_seq: int) -> tuple[Report, ...]:
         )
         for item in _triples(value, what)
     )
-    for report in reports:
-        if report.seq >= next_seq:
-            raise DebugPortStateError(
-                f"debug port state: {what} has report seq {report.seq} >= next_seq {next_seq}"
-            )
-    return reports

@@ -43,11 +43,11 @@ import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from intrahost.errors import IntrahostError
+from intrahost.vmm.persist import JsonRecord, RecordState, StateFormatError
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ class ConsoleError(IntrahostError):
     """A console target could not be opened or is misspelled."""
 
 
-class UartStateError(IntrahostError):
-    """A UART state record is malformed, or the UART was not paused for save()."""
+class UartStateError(StateFormatError):
+    """A UART state record is malformed (or save() was called with the UART's output still
+    draining: the record would not be consistent)."""
 
 
 # -- consoles ----------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def open_console(spec: str) -> Console:
 
 
 @dataclass(frozen=True)
-class UartState:
+class UartState(JsonRecord, label="UART state", error=UartStateError, version=STATE_VERSION):
     """Everything a UART holds; :meth:`Uart16550.restore` continues from it exactly.
 
     ``tx_fifo`` holds the bytes the guest wrote that no console has received yet, oldest
@@ -398,6 +399,8 @@ class UartState:
     (OE, PE, FE, BI); ``msr`` includes the delta bits the guest has not read yet;
     ``thr_ipending`` is the "THR empty" interrupt latch. The other LSR bits and the interrupt
     level follow from these. ``bytes_written`` counts console bytes over the guest's life.
+    The JSON form (:meth:`to_dict`) holds the FIFOs as lowercase hex strings; a field added
+    later needs a default, so that a record without it still reads.
     """
 
     divisor: int
@@ -415,54 +418,6 @@ class UartState:
 
     def __post_init__(self) -> None:
         _validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible values (the FIFOs as lowercase hex strings)."""
-        return {
-            "version": STATE_VERSION,
-            "divisor": self.divisor,
-            "ier": self.ier,
-            "lcr": self.lcr,
-            "mcr": self.mcr,
-            "scr": self.scr,
-            "fcr": self.fcr,
-            "lsr_errors": self.lsr_errors,
-            "msr": self.msr,
-            "thr_ipending": self.thr_ipending,
-            "rx_fifo": self.rx_fifo.hex(),
-            "tx_fifo": self.tx_fifo.hex(),
-            "bytes_written": self.bytes_written,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UartState:
-        """Validate and rebuild a record made by :meth:`to_dict`."""
-        if not isinstance(data, Mapping):
-            raise UartStateError(f"UART state must be a mapping, got {type(data).__name__}")
-        expected = {"version", *cls.__dataclass_fields__}
-        missing = expected - data.keys()
-        extra = data.keys() - expected
-        if missing or extra:
-            raise UartStateError(
-                f"UART state: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}"
-            )
-        if data["version"] != STATE_VERSION:
-            raise UartStateError(
-                f"UART state version {data['version']!r} is not supported (this intrahost "
-                f"reads version {STATE_VERSION}); use matching VMM versions"
-            )
-        fields: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            value = data[name]
-            if name in ("rx_fifo", "tx_fifo"):
-                if not isinstance(value, str):
-                    raise UartStateError(f"UART state: {name} must be a hex string")
-                try:
-                    value = bytes.fromhex(value)
-                except ValueError as error:
-                    raise UartStateError(f"UART state: {name} is not valid hex") from error
-            fields[name] = value
-        return cls(**fields)
 
 
 def _validate(state: UartState) -> None:
@@ -924,6 +879,10 @@ class Uart16550:
                 return
 
     # -- state ---------------------------------------------------------------------------
+
+    def persist(self) -> RecordState[UartState]:
+        """This device's state component (see ``intrahost.vmm.persist``)."""
+        return RecordState(UartState, self.save, self.restore)
 
     def save(self) -> UartState:
         """Snapshot the UART. It must be paused (:meth:`pause`) and the vCPUs stopped."""

@@ -271,9 +271,11 @@ class Machine:
         self.started_at = time.monotonic()
         self.group.start(paused=paused)
 
-    def pause(self) -> None:
-        """Park every vCPU outside KVM_RUN and stop the UART's output drain."""
-        self.group.pause()
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park every vCPU outside KVM_RUN, then stop the UART's output drain. If the vCPUs
+        do not park within ``timeout`` s, the group undoes its pause and raises PauseTimeout
+        before the UART is touched: the machine keeps running as before."""
+        self.group.pause(timeout)
         self.uart.pause()
 
     def resume(self) -> None:

@@ -48,7 +48,7 @@ class KickHandlerMissing(IntrahostError):
 
 
 class PauseTimeout(IntrahostError):
-    """Some vCPU did not park in time; the pause was undone and the guest keeps running."""
+    """Some vCPU did not park in time; the pause was undone (the guest runs as before)."""
 
 
 def kick_handler_installed() -> bool:
@@ -160,9 +160,8 @@ class VcpuGroup:
                 self._release()
                 names = ("vCPU " if len(late) == 1 else "vCPUs ") + ", ".join(map(str, late))
                 raise PauseTimeout(
-                    f"{names} did not park within {timeout} s: busy handling an exit "
-                    "(a device or console that blocks?); the pause was undone and the guest "
-                    "keeps running"
+                    f"{names} did not park within {timeout} s (busy handling an exit: a "
+                    "device or console that blocks?); the pause was undone"
                 )
 
     def resume(self) -> None:

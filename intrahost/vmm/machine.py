@@ -30,8 +30,9 @@ from intrahost.kvm.constants import KVM_EXIT_IO_OUT
 from intrahost.kvm.features import VcpuFeatures, probe_features
 from intrahost.vmm.confidential import ConfidentialGuest
 from intrahost.vmm.devices.bus import IoBus
+from intrahost.vmm.devices.console import open_console
 from intrahost.vmm.devices.debugport import DebugPort
-from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
+from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
 from intrahost.vmm.memory import GuestMemory, MiB, parse_size
 from intrahost.vmm.vcpu import VcpuGroup
 
@@ -369,6 +370,7 @@ class Machine:
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "exits": list(self.group.exits),
             "serial-bytes": self.uart.bytes_written,
+            "serial-dropped": self.uart.console_dropped,
             "pid": os.getpid(),
         }
         if self.exit_code is not None:

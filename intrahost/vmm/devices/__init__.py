@@ -1,6 +1,17 @@
-"""Port-I/O devices on an I/O bus: a 16550A UART and the test guests' debug port."""
+"""Port-I/O devices on an I/O bus: a 16550A UART (with its host consoles) and the test
+guests' debug port."""
 
 from intrahost.vmm.devices.bus import IoBus, IoBusError, PioDevice, PortRange
+from intrahost.vmm.devices.console import (
+    BufferConsole,
+    Console,
+    ConsoleError,
+    FileConsole,
+    NullConsole,
+    PtyConsole,
+    StdoutConsole,
+    open_console,
+)
 from intrahost.vmm.devices.debugport import (
     DEBUG_PORT_BASE,
     DebugPort,
@@ -13,17 +24,9 @@ from intrahost.vmm.devices.debugport import (
 from intrahost.vmm.devices.uart import (
     COM1_BASE,
     COM1_IRQ,
-    BufferConsole,
-    Console,
-    ConsoleError,
-    FileConsole,
-    NullConsole,
-    PtyConsole,
-    StdoutConsole,
     Uart16550,
     UartState,
     UartStateError,
-    open_console,
 )
 
 __all__ = [

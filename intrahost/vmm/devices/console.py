@@ -39,6 +39,9 @@ STDOUT_BUFFER = 64 * 1024
 #: How long closing a console waits for its writer thread to write what it holds.
 CLOSE_TIMEOUT = 1.0
 
+#: How long the stdout writer waits for room on a descriptor that someone made non-blocking.
+RETRY_WAIT = 0.1
+
 
 class ConsoleError(IntrahostError):
     """A console target could not be opened or is misspelled."""
@@ -163,13 +166,30 @@ class StdoutConsole(Console):
 
 
 def _write_stdout(data: bytes) -> None:
+    """Write ``data`` to sys.stdout's descriptor, or to the stream if it has none (a capture).
+
+    The descriptor is written directly, holding no lock of the Python stream: a writer
+    thread blocked on a full pipe at interpreter exit would otherwise hold that lock while
+    the interpreter flushes stdout, and abort it.
+    """
     stream = sys.stdout
-    buffer = getattr(stream, "buffer", None)
-    if buffer is not None:
-        buffer.write(data)
-    else:
-        stream.write(data.decode("utf-8", errors="replace"))
-    stream.flush()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no descriptor
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+        else:
+            stream.write(data.decode("utf-8", errors="replace"))
+        stream.flush()
+        return
+    stream.flush()  # what the process printed comes first
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # someone made the shared description non-blocking
+            select.select([], [fd], [], RETRY_WAIT)
 
 
 class NullConsole(Console):

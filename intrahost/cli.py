@@ -114,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "run":
+            from intrahost.vmm.vcpu import install_kick_handler
+
+            # vCPUs may start off the main thread (a hand-off's destination, an SEV guest
+            # taken back), where Python cannot install signal handlers.
+            install_kick_handler()
             # vCPU threads spend their time in KVM_RUN without the GIL; when one comes back
             # (an exit, a resume) it must not wait a whole default 5 ms switch interval for
             # another thread that holds the GIL.

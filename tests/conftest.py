@@ -19,6 +19,13 @@ from support import VmmProcess, wait_for_path
 
 from intrahost.sevmodel.client import ModelPlatform
 from intrahost.sevmodel.kvm_sev import KvmModel
+from intrahost.vmm.vcpu import install_kick_handler
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests start vCPUs on other threads (an in-process destination): install the kick
+    signal's handler from the main thread, as the CLI does."""
+    install_kick_handler()
 
 
 @pytest.fixture

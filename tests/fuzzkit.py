@@ -347,7 +347,14 @@ class FdFactory:
         raise ValueError(kind)
 
     def baton_words(self) -> list[tuple[str, int]]:
-        return [(kind, Baton(fd).read()) for kind, fd in self.batons]
+        words = []
+        for kind, fd in self.batons:
+            baton = Baton(os.dup(fd))  # a Baton owns its fd and a lock fd of its own
+            try:
+                words.append((kind, baton.read()))
+            finally:
+                baton.close()
+        return words
 
     def close(self) -> None:
         for _, fd in self.batons:

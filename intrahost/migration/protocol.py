@@ -16,7 +16,7 @@ is in :mod:`intrahost.migration.sender`.
 
 Ownership of the guest is decided by a *baton*: a tiny shared file (a memfd) that the source
 creates and sends with START. It holds one word: PENDING, COMMITTED or ABANDONED, changed only
-by compare-and-swap under a POSIX record lock (a per-process lock: the kernel drops it when
+by compare-and-swap under an open-file-description lock (see :class:`Baton`; dropped when
 the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest — on
 COMMIT, or on its own when the source went silent after the whole state was imported: that
 swap is the **commit point**. A source that loses contact swaps PENDING -> ABANDONED before
@@ -26,6 +26,7 @@ VMMs, and a source that cannot tell whether its COMMIT arrived learns it from th
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import json
@@ -34,7 +35,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,24 +210,42 @@ class Channel:
 
 class Baton:
     """Who owns the guest: PENDING (the source), COMMITTED (the destination), ABANDONED
-    (the hand-off failed; the source). See the module docstring."""
+    (the hand-off failed; the source). See the module docstring.
+
+    Locking. Every swap holds an exclusive open-file-description (OFD) lock on the word. The
+    lock is taken on a descriptor this object opens for itself (``/proc/self/fd/N`` re-opened):
+    OFD locks belong to an open file description, and the descriptors that SCM_RIGHTS (or
+    ``dup``) hands around all share the sender's, so locking :attr:`fd` itself would let
+    the two sides of a hand-off in one process both hold the lock. A POSIX ``lockf`` lock
+    would not do either: it belongs to the process, so two threads both take it. The private
+    description is never passed on, so the kernel drops its lock when this object closes it
+    or the process dies.
+    """
 
     PENDING = 0
     COMMITTED = 1
     ABANDONED = 2
     _WORD = struct.Struct("<Q")
+    #: ``struct flock`` on Linux x86-64: type, whence, start, length, pid (0 for OFD locks).
+    _FLOCK = struct.Struct("@hhqqi4x")
 
     def __init__(self, fd: int) -> None:
+        """Use the baton open at ``fd`` (owned and closed by this object)."""
         self.fd = fd
+        self._lock_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
     @classmethod
     def create(cls) -> Baton:
         fd = os.memfd_create("intrahost-baton", os.MFD_CLOEXEC)
-        os.pwrite(fd, cls._WORD.pack(cls.PENDING), 0)
-        return cls(fd)
+        try:
+            os.pwrite(fd, cls._WORD.pack(cls.PENDING), 0)
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read(self) -> int:
-        data = os.pread(self.fd, self._WORD.size, 0)
+        data = os.pread(self._lock_fd, self._WORD.size, 0)
         return int(self._WORD.unpack(data)[0]) if len(data) == self._WORD.size else -1
 
     @classmethod
@@ -248,29 +267,49 @@ class Baton:
             raise PayloadError(
                 "the baton must be the writable 8-byte memfd the source created with START"
             )
-        return cls(fd)
+        try:
+            return cls(fd)
+        except OSError as e:
+            os.close(fd)
+            raise PayloadError(f"the baton fd cannot be re-opened: {e.strerror}") from None
+
+    def _set_lock(self, lock_type: int) -> bool:
+        """Take (F_WRLCK) or drop (F_UNLCK) the OFD lock on the word without waiting; False
+        if another open file description holds it."""
+        request = self._FLOCK.pack(lock_type, os.SEEK_SET, 0, self._WORD.size, 0)
+        try:
+            fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLK, request)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
+        """Hold the baton's lock. Raises ProtocolError if it stays taken for ``timeout``
+        seconds (a stopped peer)."""
+        deadline = time.monotonic() + timeout
+        while not self._set_lock(fcntl.F_WRLCK):
+            if time.monotonic() > deadline:
+                raise ProtocolError("the baton stayed locked by the peer")
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self._set_lock(fcntl.F_UNLCK)
 
     def swap(self, expected: int, new: int, timeout: float = DEFAULT_TIMEOUT) -> int:
         """Compare-and-swap; returns the value found (== expected when it swapped). Raises
         ProtocolError if the lock stays taken for ``timeout`` seconds (a stopped peer)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except (BlockingIOError, PermissionError):
-                if time.monotonic() > deadline:
-                    raise ProtocolError("the baton stayed locked by the peer") from None
-                time.sleep(0.001)
-        try:
+        with self.locked(timeout):
             found = self.read()
             if found == expected:
-                os.pwrite(self.fd, self._WORD.pack(new), 0)
+                os.pwrite(self._lock_fd, self._WORD.pack(new), 0)
             return found
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

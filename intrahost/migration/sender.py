@@ -10,7 +10,8 @@ The **commit point** is the destination's swap of the baton from PENDING to COMM
 (see :mod:`intrahost.migration.protocol`); the destination makes it on COMMIT, or on its own
 if this side goes silent after the destination imported the state. Before it, any failure —
 the destination dies, EOF, a timeout, a refusal, a state it can't import — makes this side
-swap the baton to ABANDONED and resume the guest (if it was running). If that swap finds
+swap the baton to ABANDONED and resume the guest (if it was running; a pause that times out
+has undone itself, so there is nothing to resume). If that swap finds
 COMMITTED, the destination took the guest even though its acknowledgement never arrived: this
 side must not resume, and reports it. Never both; never neither unless the VMM that held the
 guest at that moment dies.
@@ -36,6 +37,7 @@ from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.migration.state import save_machine, warm_up_export
 from intrahost.vmm.machine import Machine
+from intrahost.vmm.vcpu import PauseTimeout
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class SendOptions:
     #: The copy-based baseline: send guest memory through the socket during the pause (as a
     #: VMM without fd passing must), skipping all-zero chunks, instead of the memory fd.
     copy_memory: bool = False
+    #: How long the vCPUs may take to park; past it the pause is undone and the hand-off fails.
+    pause_timeout: float = 5.0
 
 
 COPY_CHUNK = 8 << 20
@@ -135,7 +139,8 @@ class Sender:
             self._checkpoint("before-pause", channel)
             t0 = time.monotonic_ns()
             if was_running:
-                machine.pause()
+                self.phase = "pause"
+                machine.pause(self.options.pause_timeout)  # undone by itself if it fails
                 paused_here = True
             t1 = time.monotonic_ns()
             self._checkpoint("after-pause", channel)
@@ -154,7 +159,7 @@ class Sender:
             self.committed = True
             self._checkpoint("after-commit", channel)
             self.phase = "committed"
-        except (ProtocolError, PeerRefused, OSError) as e:
+        except (ProtocolError, PeerRefused, PauseTimeout, OSError) as e:
             if isinstance(e, PeerRefused):
                 e.close_fds()
             found = baton.swap(Baton.PENDING, Baton.ABANDONED)

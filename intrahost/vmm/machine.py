@@ -44,8 +44,9 @@ from intrahost.vmm.confidential import ConfidentialGuest
 from intrahost.vmm.config import MachineConfig as MachineConfig
 from intrahost.vmm.config import MachineConfigError as MachineConfigError
 from intrahost.vmm.devices.bus import IoBus, MmioBus
+from intrahost.vmm.devices.console import open_console
 from intrahost.vmm.devices.debugport import DebugPort
-from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
+from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
 from intrahost.vmm.memory import GuestMemory
 from intrahost.vmm.persist import Persist
@@ -212,9 +213,11 @@ class Machine:
         self.started_at = time.monotonic()
         self.group.start(paused=paused)
 
-    def pause(self) -> None:
-        """Park every vCPU outside KVM_RUN and stop the UART's output drain."""
-        self.group.pause()
+    def pause(self, timeout: float = 5.0) -> None:
+        """Park every vCPU outside KVM_RUN, then stop the UART's output drain. If the vCPUs
+        do not park within ``timeout`` s, the group undoes its pause and raises PauseTimeout
+        before the UART is touched: the machine keeps running as before."""
+        self.group.pause(timeout)
         self.uart.pause()
 
     def resume(self) -> None:
@@ -284,6 +287,7 @@ class Machine:
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "exits": list(self.group.exits),
             "serial-bytes": self.uart.bytes_written,
+            "serial-dropped": self.uart.console_dropped,
             "pid": os.getpid(),
         }
         if self.exit_code is not None:

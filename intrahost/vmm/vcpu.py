@@ -13,7 +13,15 @@ put in kvm_run into the guest's register) only when KVM_RUN is entered again. En
 state is whole and can be exported.
 
 ``pause()`` returns only when every vCPU is parked; ``resume()`` clears ``immediate_exit``
-and releases them.
+and releases them. A vCPU busy in userspace cannot be interrupted, so a pause may time out
+(an exit handler that blocks); it is then undone: the pause request and ``immediate_exit``
+are cleared and the vCPUs that did park are released, so the group runs as before the call.
+
+The kick is SIGUSR1 with a no-op handler. Python installs signal handlers only from the main
+thread, so this module does not do it on import: :meth:`VcpuGroup.start` installs it when it
+runs on the main thread, and a process that may start vCPUs on another thread (a hand-off's
+destination, a source taking an SEV guest back) calls :func:`install_kick_handler` from its
+main thread at start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 
+from intrahost.errors import IntrahostError
 from intrahost.kvm import Interrupted, KvmError, Vcpu, VcpuExit
 
 log = logging.getLogger(__name__)
@@ -33,29 +42,43 @@ log = logging.getLogger(__name__)
 KICK_SIGNAL = signal.SIGUSR1
 
 
+class KickHandlerMissing(IntrahostError):
+    """vCPUs were started on a thread other than the main one before the kick signal's
+    handler was installed."""
+
+
+class PauseTimeout(IntrahostError):
+    """Some vCPU did not park in time; the pause was undone (the guest runs as before)."""
+
+
+def kick_handler_installed() -> bool:
+    """Whether the kick signal is caught (neither default nor ignored)."""
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
 def install_kick_handler() -> None:
     """Install the no-op handler whose delivery interrupts KVM_RUN.
 
     The signal must be caught, not ignored: an ignored signal does not interrupt the
-    syscall. Python installs handlers only from the main thread, so this runs when this
-    module is first imported there (and again, harmlessly, from the main thread later).
+    syscall. Python installs handlers only from the main thread: call this there, at
+    start-up, in a process that may start vCPUs on another thread. Harmless when the handler
+    is already installed; raises :class:`KickHandlerMissing` when it is not and this is not
+    the main thread.
     """
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+    if kick_handler_installed():
         return
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "vCPU threads need the kick signal handler: import intrahost.vmm.vcpu (or call "
-            "install_kick_handler()) from the main thread first"
+        raise KickHandlerMissing(
+            f"vCPU threads need a handler for the kick signal ({KICK_SIGNAL.name}), and Python "
+            "installs signal handlers only from the main thread: call "
+            "intrahost.vmm.vcpu.install_kick_handler() from the main thread at start-up, "
+            "before vCPUs are started on another thread"
         )
     signal.signal(KICK_SIGNAL, _ignore_kick)
 
 
 def _ignore_kick(signum: int, frame: object) -> None:
     """The kick's only job is to interrupt KVM_RUN."""
-
-
-if threading.current_thread() is threading.main_thread():
-    install_kick_handler()
 
 
 class RunState(Enum):
@@ -95,7 +118,11 @@ class VcpuGroup:
     # --- control (any thread) ------------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
-        """Start one thread per vCPU; with ``paused`` they park before their first KVM_RUN."""
+        """Start one thread per vCPU; with ``paused`` they park before their first KVM_RUN.
+
+        Installs the kick handler first when on the main thread; elsewhere it must have been
+        installed (:func:`install_kick_handler`), or this raises :class:`KickHandlerMissing`.
+        """
         install_kick_handler()
         with self._cond:
             self._pause_requested = paused
@@ -109,27 +136,46 @@ class VcpuGroup:
             self._threads.append(t)
             t.start()
         if paused:
-            self._wait_parked()
+            with self._cond:
+                late = self._wait_parked()
+            if late:
+                raise PauseTimeout(f"vCPU threads {late} did not get going within 5 s")
 
     def pause(self, timeout: float = 5.0) -> None:
-        """Park every vCPU outside KVM_RUN; returns when all are parked."""
+        """Park every vCPU outside KVM_RUN; returns when all are parked.
+
+        Raises :class:`PauseTimeout` if some vCPU has not parked after ``timeout`` seconds
+        (one stuck in an exit handler). The pause is then undone under the same lock that saw
+        the timeout, so no vCPU parks after it: the request and ``immediate_exit`` are
+        cleared and the vCPUs that parked are released, as :meth:`resume` does.
+        """
         with self._cond:
             self._pause_requested = True
             for v in self.vcpus:
                 v.kvm_run.immediate_exit = 1
         self._kick()
-        self._wait_parked(timeout)
+        with self._cond:
+            late = self._wait_parked(timeout)
+            if late:
+                self._release()
+                names = ("vCPU " if len(late) == 1 else "vCPUs ") + ", ".join(map(str, late))
+                raise PauseTimeout(
+                    f"{names} did not park within {timeout} s (busy handling an exit: a "
+                    "device or console that blocks?); the pause was undone"
+                )
 
     def resume(self) -> None:
         with self._cond:
-            for v in self.vcpus:
-                v.kvm_run.immediate_exit = 0
-            self._pause_requested = False
-            # Released threads count as running from now on, not from when they wake.
-            self._states = [
-                RunState.RUNNING if st is RunState.PARKED else st for st in self._states
-            ]
-            self._cond.notify_all()
+            self._release()
+
+    def _release(self) -> None:
+        """Clear the pause request and ``immediate_exit``; let parked vCPUs go (lock held)."""
+        for v in self.vcpus:
+            v.kvm_run.immediate_exit = 0
+        self._pause_requested = False
+        # Released threads count as running from now on, not from when they wake.
+        self._states = [RunState.RUNNING if st is RunState.PARKED else st for st in self._states]
+        self._cond.notify_all()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End every vCPU thread (the VM stays intact; state can still be read)."""
@@ -161,21 +207,21 @@ class VcpuGroup:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
 
-    def _wait_parked(self, timeout: float = 5.0) -> None:
+    def _wait_parked(self, timeout: float = 5.0) -> list[int]:
+        """Wait (lock held) until no vCPU runs; the ones still running after ``timeout``."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while any(s is RunState.RUNNING for s in self._states):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    running = [i for i, s in enumerate(self._states) if s is RunState.RUNNING]
-                    raise TimeoutError(f"vCPUs {running} did not park within {timeout} s")
-                self._cond.wait(min(left, 0.05))
-                if any(s is RunState.RUNNING for s in self._states):
-                    self._cond.release()
-                    try:
-                        self._kick()  # a kick can land between two KVM_RUNs; send another
-                    finally:
-                        self._cond.acquire()
+        while True:
+            running = [i for i, s in enumerate(self._states) if s is RunState.RUNNING]
+            left = deadline - time.monotonic()
+            if not running or left <= 0:
+                return running
+            self._cond.wait(min(left, 0.05))
+            if any(s is RunState.RUNNING for s in self._states):
+                self._cond.release()
+                try:
+                    self._kick()  # a kick can land between two KVM_RUNs; send another
+                finally:
+                    self._cond.acquire()
 
     # --- the vCPU thread -----------------------------------------------------------------------
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,7 @@ from intrahost.vmm.devices import (
     MmioBusError,
     PtyConsole,
     ReportKind,
+    StdoutConsole,
     Uart16550,
     UartState,
     UartStateError,
@@ -742,7 +747,125 @@ def test_open_console_specs(tmp_path: os.PathLike[str]) -> None:
 def test_stdout_console(capfd: pytest.CaptureFixture[str]) -> None:
     uart = Uart16550(open_console("stdout"))
     send(uart, b"to stdout\n")
+    uart.close()  # the console's writer thread writes what it holds
     assert capfd.readouterr().out == "to stdout\n"
+
+
+class Reader:
+    """The read end of the pipe under sys.stdout; nobody reads it unless a test does."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def read(self, n: int) -> bytes:
+        assert self.fd is not None
+        return os.read(self.fd, n)
+
+    def close(self) -> None:
+        """Closing ends any write still blocked on the pipe (EPIPE)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextlib.contextmanager
+def stdout_on_a_pipe(monkeypatch: pytest.MonkeyPatch) -> Iterator[Reader]:
+    """sys.stdout on a one-page pipe that nobody reads unless the test does (set inside the
+    test: pytest's capture sets sys.stdout again between a fixture and the test)."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    stream = io.TextIOWrapper(open(write_end, "wb"), write_through=True)  # noqa: SIM115
+    reader = Reader(read_end)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        yield reader
+    finally:
+        reader.close()
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def test_stdout_console_writes_never_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipe nobody reads fills; the UART's writes still return at once and the console
+    drops, and counts, what its buffer cannot hold."""
+    with stdout_on_a_pipe(monkeypatch):
+        console = StdoutConsole(capacity=1024)
+        uart = Uart16550(console)
+        outb(uart, u.FCR, u.FCR_ENABLE)
+        t0 = time.monotonic()
+        send(uart, bytes(range(256)) * 64)  # 16 KiB: more than the pipe and the buffer
+        assert time.monotonic() - t0 < 10
+        assert uart.tx_pending == b"" and uart.console_dropped == console.dropped
+        # Held: the pipe's page, the buffer, and at most the buffer's worth being written.
+        assert console.dropped >= 16 * 1024 - 4096 - 2 * 1024
+        uart.close()  # gives up on the stuck pipe after a while
+
+
+def test_stdout_console_reports_a_broken_pipe_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with stdout_on_a_pipe(monkeypatch) as reader:
+        console = StdoutConsole()
+        uart = Uart16550(console)
+        send(uart, b"first")
+        assert console.flush(5)
+        assert reader.read(100) == b"first"
+        reader.close()
+        with caplog.at_level(logging.WARNING):
+            send(uart, b"lost")
+            assert console.flush(5)
+            send(uart, b"more")
+        assert uart.console_dropped == len(b"lostmore")
+        assert sum("discarding its output" in r.getMessage() for r in caplog.records) == 1
+        uart.close()
+
+
+def test_file_console_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "serial.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConsoleError, match="FIFO that nobody reads"):
+        open_console(f"file:{fifo}")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        console = open_console(f"file:{fifo}")
+        fcntl.fcntl(reader, fcntl.F_SETPIPE_SZ, 4096)
+        uart = Uart16550(console)
+        outb(uart, u.FCR, u.FCR_ENABLE)
+        t0 = time.monotonic()
+        send(uart, b"x" * 8192)
+        assert time.monotonic() - t0 < 10
+        assert console.dropped == 8192 - 4096 and uart.tx_pending == b""
+        assert os.read(reader, 8192) == b"x" * 4096
+        uart.close()
+    finally:
+        os.close(reader)
+
+
+@needs_kvm
+def test_a_guest_printing_to_an_unread_stdout_can_still_be_paused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with stdout_on_a_pipe(monkeypatch) as reader:
+        config = MachineConfig(
+            memory=16 * MiB, guest="counter", guest_args="progress=4096", serial="stdio"
+        )
+        machine = Machine.create(config)
+        try:
+            console = machine.uart.console
+            assert isinstance(console, StdoutConsole)
+            console.capacity = 4096  # fill up sooner
+            machine.start()
+            wait_until(lambda: machine.query()["serial-dropped"] > 0, timeout=30)
+            t0 = time.monotonic()
+            machine.pause(timeout=5)
+            assert time.monotonic() - t0 < 2
+            dropped = machine.query()["serial-dropped"]
+            machine.resume()
+            wait_until(lambda: machine.query()["serial-dropped"] > dropped)
+        finally:
+            reader.close()  # (a vCPU blocked on the pipe gets EPIPE)
+            machine.close()
 
 
 def test_pty_console_round_trip() -> None:
@@ -758,7 +881,7 @@ def test_pty_console_round_trip() -> None:
     try:
         assert not console.connected
         send(uart, b"nobody listens")  # discarded, the guest does not stall
-        assert uart.tx_pending == b"" and console.discarded == len(b"nobody listens")
+        assert uart.tx_pending == b"" and console.dropped == len(b"nobody listens")
         slave = os.open(console.slave_path, os.O_RDWR | os.O_NOCTTY)
         try:
             assert console.connected

@@ -1,5 +1,5 @@
-"""The I/O and MMIO buses, and the port-I/O devices: a 16550A UART and the test guests'
-debug port."""
+"""The I/O and MMIO buses, and the port-I/O devices: a 16550A UART (with its host consoles)
+and the test guests' debug port."""
 
 from intrahost.vmm.devices.bus import (
     IoBus,
@@ -10,6 +10,16 @@ from intrahost.vmm.devices.bus import (
     MmioRange,
     PioDevice,
     PortRange,
+)
+from intrahost.vmm.devices.console import (
+    BufferConsole,
+    Console,
+    ConsoleError,
+    FileConsole,
+    NullConsole,
+    PtyConsole,
+    StdoutConsole,
+    open_console,
 )
 from intrahost.vmm.devices.debugport import (
     DEBUG_PORT_BASE,
@@ -23,17 +33,9 @@ from intrahost.vmm.devices.debugport import (
 from intrahost.vmm.devices.uart import (
     COM1_BASE,
     COM1_IRQ,
-    BufferConsole,
-    Console,
-    ConsoleError,
-    FileConsole,
-    NullConsole,
-    PtyConsole,
-    StdoutConsole,
     Uart16550,
     UartState,
     UartStateError,
-    open_console,
 )
 
 __all__ = [

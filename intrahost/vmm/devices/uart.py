@@ -1,4 +1,4 @@
-"""A 16550A-compatible UART and the consoles its output goes to.
+"""A 16550A-compatible UART (its host consoles are in :mod:`.console`).
 
 Registers (offset from the base, COM1 = 0x3F8, IRQ 4)::
 
@@ -13,7 +13,8 @@ drains it at once, so THR is empty again before the ``out`` instruction complete
 in the FIFO (THR not empty, LSR.THRE clear) when draining is paused (:meth:`Uart16550.pause`),
 when ``immediate=False`` (the writer thread started by :meth:`Uart16550.start`, or
 :meth:`Uart16550.flush`, drains them), or when the console pushes back (a pty whose reader is
-slow). The FIFO is therefore real state: :meth:`Uart16550.save` captures the bytes not yet
+slow). A console write never blocks (see :mod:`.console`): a vCPU stuck in it could not be
+paused. The FIFO is therefore real state: :meth:`Uart16550.save` captures the bytes not yet
 written, and :meth:`Uart16550.restore` on a new UART (with any console) writes exactly those.
 
 Draining happens under the device lock, so once :meth:`Uart16550.pause` returns no byte is
@@ -33,20 +34,14 @@ overruns set LSR.OE.
 
 from __future__ import annotations
 
-import abc
-import errno
 import logging
-import os
-import select
-import sys
 import threading
 import time
-import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from intrahost.errors import IntrahostError
+from intrahost.vmm.devices.console import Console
 from intrahost.vmm.persist import JsonRecord, RecordState, StateFormatError
 
 log = logging.getLogger(__name__)
@@ -139,252 +134,9 @@ READ_POLL_INTERVAL = 0.1
 STATE_VERSION = 1
 
 
-class ConsoleError(IntrahostError):
-    """A console target could not be opened or is misspelled."""
-
-
 class UartStateError(StateFormatError):
     """A UART state record is malformed (or save() was called with the UART's output still
     draining: the record would not be consistent)."""
-
-
-# -- consoles ----------------------------------------------------------------------------
-
-
-class Console(abc.ABC):
-    """Where a UART's output goes and, for some consoles, where its input comes from."""
-
-    #: A short human description ("stdout", "file:/tmp/x", "pty:/dev/pts/3").
-    description: str = "console"
-
-    #: Whether :meth:`read_input` can ever return data (the UART starts a reader if so).
-    has_input: bool = False
-
-    @abc.abstractmethod
-    def write(self, data: bytes) -> int:
-        """Write some prefix of ``data``; return how many bytes were taken (0 = push back).
-
-        Never blocks for long. Raises OSError if the target is broken.
-        """
-
-    def read_input(self, max_bytes: int, timeout: float) -> bytes:
-        """Up to ``max_bytes`` of input, waiting at most ``timeout`` seconds; b"" if none."""
-        time.sleep(timeout)
-        return b""
-
-    def close(self) -> None:  # noqa: B027 - most consoles hold nothing to release
-        """Release the target. Idempotent."""
-
-
-class StdoutConsole(Console):
-    """The VMM process's standard output (looked up at each write, so capture works)."""
-
-    description = "stdout"
-
-    def write(self, data: bytes) -> int:
-        stream = sys.stdout
-        buffer = getattr(stream, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-        else:
-            stream.write(data.decode("utf-8", errors="replace"))
-        stream.flush()
-        return len(data)
-
-
-class NullConsole(Console):
-    """Discards output."""
-
-    description = "null"
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
-class FileConsole(Console):
-    """A file, opened for appending (created if missing)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self.description = f"file:{self.path}"
-        try:
-            self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
-        except OSError as error:
-            raise ConsoleError(
-                f"cannot open console file {self.path!r}: {error.strerror}; "
-                f"check the directory exists and is writable"
-            ) from error
-
-    def write(self, data: bytes) -> int:
-        if self._fd is None:
-            raise OSError(errno.EBADF, "console file is closed")
-        return os.write(self._fd, data)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class PtyConsole(Console):
-    """A new pseudo-terminal; the guest's console is at :attr:`slave_path`.
-
-    Like QEMU's pty backend, output is discarded while no program has the slave open (so an
-    unattended guest never stalls), and pushed back (left in the UART FIFO) when the program
-    attached to it reads slower than the guest writes. The terminal is put in raw mode.
-    """
-
-    has_input = True
-
-    def __init__(self) -> None:
-        try:
-            master, slave = os.openpty()
-        except OSError as error:
-            raise ConsoleError(
-                f"cannot open a pseudo-terminal: {error.strerror}; is /dev/ptmx available? "
-                f"use --console stdout or file:PATH instead"
-            ) from error
-        try:
-            self.slave_path = os.ttyname(slave)
-            tty.setraw(slave)
-        finally:
-            os.close(slave)
-        os.set_blocking(master, False)
-        self._master: int | None = master
-        self.description = f"pty:{self.slave_path}"
-        self.discarded = 0
-        log.info(
-            "serial console on pseudo-terminal %s (attach with e.g. `screen %s`)",
-            self.slave_path,
-            self.slave_path,
-        )
-
-    def _poll(self, events: int, timeout: float) -> int:
-        if self._master is None:
-            raise OSError(errno.EBADF, "pty console is closed")
-        poller = select.poll()
-        poller.register(self._master, events)
-        ready = poller.poll(int(timeout * 1000))
-        return ready[0][1] if ready else 0
-
-    @property
-    def connected(self) -> bool:
-        """Whether some program has the slave side open."""
-        return not self._poll(select.POLLOUT, 0) & select.POLLHUP
-
-    def write(self, data: bytes) -> int:
-        if not self.connected:
-            self.discarded += len(data)
-            return len(data)
-        assert self._master is not None
-        try:
-            return os.write(self._master, data)
-        except BlockingIOError:
-            return 0
-        except OSError as error:
-            if error.errno == errno.EIO:  # the slave went away between poll and write
-                self.discarded += len(data)
-                return len(data)
-            raise
-
-    def read_input(self, max_bytes: int, timeout: float) -> bytes:
-        events = self._poll(select.POLLIN, timeout)
-        if events & select.POLLHUP and not events & select.POLLIN:
-            time.sleep(timeout)  # nobody attached: nothing to read, don't spin
-            return b""
-        if not events & select.POLLIN:
-            return b""
-        assert self._master is not None
-        try:
-            return os.read(self._master, max_bytes)
-        except (BlockingIOError, InterruptedError):
-            return b""
-        except OSError as error:
-            if error.errno == errno.EIO:
-                return b""
-            raise
-
-    def close(self) -> None:
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
-
-
-class BufferConsole(Console):
-    """An in-memory console, for tests and embedding.
-
-    Output accumulates in :attr:`data`; with ``capacity`` it holds at most that many bytes
-    and pushes back until :meth:`take` empties it (a slow reader). :meth:`push_input` makes
-    bytes available to the UART's reader thread.
-    """
-
-    has_input = True
-
-    def __init__(self, capacity: int | None = None, description: str = "buffer") -> None:
-        self.description = description
-        self.capacity = capacity
-        self._output = bytearray()
-        self._input = bytearray()
-        self._cond = threading.Condition()
-
-    @property
-    def data(self) -> bytes:
-        """Everything written and not yet taken."""
-        with self._cond:
-            return bytes(self._output)
-
-    def take(self) -> bytes:
-        """Return and forget the output so far (makes room when ``capacity`` is set)."""
-        with self._cond:
-            out = bytes(self._output)
-            self._output.clear()
-            return out
-
-    def write(self, data: bytes) -> int:
-        with self._cond:
-            room = len(data) if self.capacity is None else self.capacity - len(self._output)
-            taken = data[: max(room, 0)]
-            self._output += taken
-            return len(taken)
-
-    def push_input(self, data: bytes) -> None:
-        """Queue ``data`` as if typed on the console."""
-        with self._cond:
-            self._input += data
-            self._cond.notify_all()
-
-    @property
-    def pending_input(self) -> int:
-        """Bytes pushed but not yet read by the UART."""
-        with self._cond:
-            return len(self._input)
-
-    def read_input(self, max_bytes: int, timeout: float) -> bytes:
-        with self._cond:
-            if not self._input:
-                self._cond.wait(timeout)
-            out = bytes(self._input[:max_bytes])
-            del self._input[:max_bytes]
-            return out
-
-
-def open_console(spec: str) -> Console:
-    """Open the console named by ``spec``: ``stdio`` (or ``stdout``), ``file:PATH``, ``pty``
-    or ``none`` (or ``null``) -- the words of the CLI's --serial."""
-    if spec in ("stdio", "stdout"):
-        return StdoutConsole()
-    if spec in ("none", "null"):
-        return NullConsole()
-    if spec == "pty":
-        return PtyConsole()
-    if spec.startswith("file:"):
-        path = spec[len("file:") :]
-        if not path:
-            raise ConsoleError("console 'file:' needs a path, e.g. file:/tmp/guest.log")
-        return FileConsole(path)
-    raise ConsoleError(f"unknown console {spec!r}: use 'stdio', 'file:PATH', 'pty' or 'none'")
 
 
 # -- state record ------------------------------------------------------------------------
@@ -784,6 +536,13 @@ class Uart16550:
         """Bytes the console has taken, over the guest's life (carried by save/restore)."""
         with self._lock:
             return self._bytes_written
+
+    @property
+    def console_dropped(self) -> int:
+        """Output bytes that never reached a target on this VMM: dropped by the console (its
+        target was full) or discarded after it failed."""
+        with self._lock:
+            return self.console.dropped + self.tx_discarded
 
     @property
     def tx_pending(self) -> bytes:

@@ -1,0 +1,182 @@
+"""The vCPU group: the kick signal's handler, and a pause that cannot complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import needs_kvm
+
+from intrahost.kvm import ExitReason, Vcpu
+from intrahost.vmm.guests import layout
+from intrahost.vmm.machine import Machine, MachineConfig
+from intrahost.vmm.memory import MiB
+from intrahost.vmm.vcpu import PauseTimeout, VcpuGroup
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (its main thread, its own signal dispositions)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_importing_the_vcpu_module_leaves_sigusr1_alone() -> None:
+    result = _python(
+        "import signal\n"
+        "import intrahost.vmm.vcpu\n"
+        "print(signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+def test_starting_vcpus_off_the_main_thread_without_the_handler_fails_clearly() -> None:
+    result = _python(
+        "import threading\n"
+        "from intrahost.vmm.vcpu import VcpuGroup\n"
+        "box = []\n"
+        "def start():\n"
+        "    try:\n"
+        "        VcpuGroup([], lambda vcpu, reason: True).start()\n"
+        "    except Exception as e:\n"
+        "        box.append(e)\n"
+        "t = threading.Thread(target=start)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print(type(box[0]).__name__ if box else 'started')\n"
+        "print(box[0] if box else '')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    kind, message = result.stdout.splitlines()
+    assert kind == "KickHandlerMissing"
+    assert "install_kick_handler()" in message and "main thread" in message
+
+
+def test_the_entry_point_installs_the_handler_on_the_main_thread() -> None:
+    result = _python(
+        "import signal, threading\n"
+        "from intrahost.vmm.vcpu import VcpuGroup, install_kick_handler\n"
+        "install_kick_handler()\n"
+        "assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN)\n"
+        "t = threading.Thread(target=VcpuGroup([], lambda vcpu, reason: True).start)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print('ok')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- a pause that cannot complete -----------------------------------------------------------
+
+
+class Gate:
+    """Holds vCPU 0 inside its exit handler (outside KVM_RUN, where no kick reaches it) from
+    its next exit after :meth:`close` until :meth:`open`."""
+
+    def __init__(self, handle_exit: Callable[[Vcpu, ExitReason | int], bool]) -> None:
+        self._handle_exit = handle_exit
+        self._closed = threading.Event()
+        self._open = threading.Event()
+        self.holding = threading.Event()
+
+    def __call__(self, vcpu: Vcpu, reason: ExitReason | int) -> bool:
+        if vcpu.vcpu_id == 0 and self._closed.is_set() and not self._open.is_set():
+            self.holding.set()
+            self._open.wait()
+        return self._handle_exit(vcpu, reason)
+
+    def close(self) -> None:
+        self._closed.set()
+        assert self.holding.wait(10), "vCPU 0 made no exit"
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def gated(sockdir: Path) -> Iterator[tuple[Machine, Gate]]:
+    """A two-vCPU counter guest whose vCPU 0 can be held in its exit handler."""
+    config = MachineConfig(
+        memory=32 * MiB,
+        vcpus=2,
+        guest="counter",
+        guest_args="progress=65536",
+        serial=f"file:{sockdir / 'serial.log'}",
+    )
+    machine = Machine.create(config)
+    gate = Gate(machine._handle_exit)
+    machine.group = VcpuGroup(machine.vcpus, gate)
+    machine.start()
+    try:
+        yield machine, gate
+    finally:
+        gate.open()
+        machine.close()
+
+
+def _counters(machine: Machine) -> list[int]:
+    try:
+        return [s.counter for s in layout.read_status(machine.memory.buffer).slots]
+    except layout.GuestStatusMissing:
+        return [0] * machine.config.vcpus
+
+
+def _wait_progress(machine: Machine, vcpus: list[int], timeout: float = 10.0) -> None:
+    """Wait until each of ``vcpus`` counted on from now."""
+    before = _counters(machine)
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _counters(machine)
+        if all(now[i] > before[i] for i in vcpus):
+            return
+        assert time.monotonic() < deadline, f"vCPUs {vcpus} did not count on: {before} {now}"
+        time.sleep(0.01)
+
+
+def _wait_running(thread_name: str, timeout: float = 10.0) -> None:
+    """Wait until the thread burns CPU time (a vCPU in KVM_RUN; a parked one sleeps). While
+    vCPU 0 is held mid-line, the others spin on the guest's print lock: no counting then."""
+    thread = next(t for t in threading.enumerate() if t.name == thread_name)
+    assert thread.ident is not None
+    clock = time.pthread_getcpuclockid(thread.ident)
+    before = time.clock_gettime(clock)
+    deadline = time.monotonic() + timeout
+    while time.clock_gettime(clock) < before + 0.02:
+        assert time.monotonic() < deadline, f"{thread_name} does not run"
+        time.sleep(0.01)
+
+
+@needs_kvm
+def test_a_pause_that_times_out_leaves_the_group_running(gated: tuple[Machine, Gate]) -> None:
+    machine, gate = gated
+    _wait_progress(machine, [0, 1])
+    gate.close()
+    t0 = time.monotonic()
+    with pytest.raises(PauseTimeout, match=r"vCPU 0 did not park"):
+        machine.group.pause(timeout=0.3)
+    assert time.monotonic() - t0 < 5
+    # Rolled back: no pause request, no immediate_exit, and vCPU 1 (which parked) released.
+    assert not machine.group.paused and machine.status == "running"
+    assert [v.kvm_run.immediate_exit for v in machine.vcpus] == [0, 0]
+    _wait_running("vcpu1")
+    # The machine's pause fails the same way and leaves the UART draining too.
+    with pytest.raises(PauseTimeout):
+        machine.pause(timeout=0.3)
+    assert machine.status == "running" and not machine.uart.paused
+    gate.open()
+    _wait_progress(machine, [0, 1])
+    # Nothing left over: a pause now parks both vCPUs and a resume lets both go on.
+    machine.pause()
+    assert machine.status == "paused"
+    frozen = _counters(machine)
+    time.sleep(0.1)
+    assert _counters(machine) == frozen
+    machine.resume()
+    _wait_progress(machine, [0, 1])

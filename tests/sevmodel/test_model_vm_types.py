@@ -11,6 +11,7 @@ import pytest
 from sev_modelkit import ME, copy, kerr, make_model, move, op, sev_vm, task, vm_with_vcpus
 
 from intrahost.sev.interface import (
+    SEV_NR_MAX,
     SVM_SEV_FEAT_DEBUG_SWAP,
     SVM_SEV_FEAT_SNP_ACTIVE,
     SevCommand,
@@ -251,3 +252,16 @@ def test_snp_vm_type_follows_the_platform() -> None:
         model, _ = make_model(**config)
         assert VmType.SNP not in model.supported_vm_types()
         assert kerr(lambda model=model: model.create_vm(ME, VmType.SNP)).errno == errno.EINVAL  # type: ignore[misc]
+
+
+def test_uapi_numbers_newer_than_the_installed_headers() -> None:
+    """Mirrored by hand from ``arch/x86/include/uapi/asm/kvm.h`` (the installed headers are
+    older): ``KVM_X86_SW_PROTECTED_VM`` 1, ``KVM_X86_SNP_VM`` 4, ``enum sev_cmd_id``'s
+    ``KVM_SEV_INIT2`` 22, ``KVM_SEV_SNP_LAUNCH_START`` 100 .. ``KVM_SEV_SNP_ENABLE_REQ_CERTS``
+    103 and ``KVM_SEV_NR_MAX`` after it; ``SVM_SEV_FEAT_SNP_ACTIVE`` is bit 0 of the VMSA
+    features (``arch/x86/include/asm/svm.h``)."""
+    assert (VmType.SW_PROTECTED, VmType.SNP) == (1, 4)
+    assert SevCommand.INIT2 == 22
+    assert [int(c) for c in SevCommand if c >= 100] == [100, 101, 102, 103]
+    assert SEV_NR_MAX == SevCommand.SNP_ENABLE_REQ_CERTS + 1 == 104
+    assert SVM_SEV_FEAT_SNP_ACTIVE == 1

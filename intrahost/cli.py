@@ -206,11 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"measurement {record.measurement}",
             file=sys.stderr,
         )
-        if record.platform == "model":
-            print(
-                "intrahost: notice: the model platform does not encrypt guest memory",
-                file=sys.stderr,
-            )
+        # (That the model does not encrypt guest memory is logged once, at attach.)
     vmm = Vmm(machine, args.api_socket, faults)
     try:
         vmm.open_api()
@@ -371,11 +367,16 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from intrahost.sev.selftest import CASES, run_case
 
     platform = open_platform(args.platform)
-    print(f"sev_migrate_tests on the {platform.name} platform")
-    print(f"{'case':<22} {'result':<8} {'seconds':>8}  detail")
     failed = 0
+    suite = ""
     try:
         for case in CASES:
+            if case.suite != suite:
+                if suite:
+                    print()
+                suite = case.suite
+                print(f"{suite} on the {platform.name} platform")
+                print(f"{'case':<22} {'result':<8} {'seconds':>8}  detail")
             result = run_case(platform, case)
             failed += result.outcome == "FAILED"
             print(

@@ -107,6 +107,9 @@ class Sender:
             raise MigrationFailed("the guest has shut down: there is nothing to hand off")
         if not machine.memory.is_fd_backed():
             raise MigrationFailed("guest memory is not fd-backed: it can't be handed off")
+        refusal = machine.confidential.handoff_refusal() if machine.confidential else None
+        if refusal is not None:
+            raise MigrationFailed(refusal)
         baton = Baton.create()
         paused_here = False
         was_running = machine.status == "running"

@@ -34,11 +34,23 @@ if TYPE_CHECKING:
 
 
 class VmType(IntEnum):
-    """``KVM_CREATE_VM`` machine types (``KVM_X86_*_VM``) that SEV cares about."""
+    """``KVM_CREATE_VM`` machine types (``KVM_X86_*_VM``, ``arch/x86/include/uapi/asm/kvm.h``)
+    that SEV cares about. ``SW_PROTECTED`` is not an SEV type; it is here because
+    ``KVM_SEV_INIT2`` must refuse it."""
 
     DEFAULT = 0
+    SW_PROTECTED = 1
     SEV = 2
     SEV_ES = 3
+    SNP = 4
+
+    @property
+    def has_protected_state(self) -> bool:
+        """``kvm->arch.has_protected_state`` (``svm_vm_init``): set for the SEV-ES and SNP
+        types only. On such a VM, KVM refuses the register ioctls of a vCPU whose state is
+        protected (``EINVAL``); on a default-type VM initialised with ``KVM_SEV_ES_INIT`` it
+        answers them with KVM's own (meaningless) copy and ignores writes."""
+        return self in (VmType.SEV_ES, VmType.SNP)
 
 
 class SevCommand(IntEnum):
@@ -70,10 +82,13 @@ class SevCommand(IntEnum):
     SNP_LAUNCH_START = 100
     SNP_LAUNCH_UPDATE = 101
     SNP_LAUNCH_FINISH = 102
+    SNP_ENABLE_REQ_CERTS = 103
 
 
-#: ``KVM_SEV_NR_MAX`` of current mainline: one past the last command id.
-SEV_NR_MAX = 103
+#: ``KVM_SEV_NR_MAX`` of current mainline (one past ``KVM_SEV_SNP_ENABLE_REQ_CERTS``, which
+#: Linux 6.20 added; before it, 103). A platform says which bound it has:
+#: :attr:`PlatformInfo.sev_nr_max`.
+SEV_NR_MAX = 104
 
 #: The guest policy bits of the SEV API (``LAUNCH_START.POLICY``).
 SEV_POLICY_NODBG = 1 << 0
@@ -85,6 +100,15 @@ SEV_POLICY_SEV = 1 << 5
 
 #: ``SVM_SEV_FEAT_DEBUG_SWAP``, the one VMSA feature KVM accepts in ``KVM_SEV_INIT2``.
 SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
+#: ``SVM_SEV_FEAT_SNP_ACTIVE``: KVM sets it in the VM's VMSA features when ``KVM_SEV_INIT2``
+#: initialises an SNP VM (userspace may not pass it); it is what makes a VM an SNP guest.
+SVM_SEV_FEAT_SNP_ACTIVE = 1 << 0
+
+#: The GHCB protocol versions KVM speaks (``GHCB_VERSION_MIN`` .. ``GHCB_VERSION_MAX`` of
+#: ``sev.c``); ``KVM_SEV_INIT2`` defaults an SEV-ES VM to the maximum, ``KVM_SEV_ES_INIT``
+#: fixes it at the minimum.
+GHCB_VERSION_MIN = 1
+GHCB_VERSION_MAX = 2
 
 #: Bytes of the ``LAUNCH_MEASURE`` blob: 32 bytes of measurement, then the 16-byte nonce.
 MEASUREMENT_LEN = 32
@@ -186,6 +210,10 @@ _HINTS: dict[int, str] = {
         "exceed RLIMIT_MEMLOCK (raise it, or run with CAP_IPC_LOCK)"
     ),
     errno_mod.EDEADLK: "this thread already holds the vCPU; call vcpu_exit first",
+    errno_mod.EPERM: (
+        "the VM is an SEV-SNP guest: KVM accepts only the SNP commands on it "
+        "(SNP_LAUNCH_START and later ids)"
+    ),
 }
 
 
@@ -276,6 +304,9 @@ class PlatformInfo:
     build: int
     supported_vmsa_features: int
     supported_vm_types: tuple[VmType, ...]
+    #: ``KVM_SEV_NR_MAX`` of this platform: one past its last command id (the bound of the
+    #: selftest's sweep of commands a mirror may not issue).
+    sev_nr_max: int = SEV_NR_MAX
 
     @property
     def sev_asids(self) -> range:
@@ -323,8 +354,12 @@ class SevVm(ABC):
         """``KVM_SEV_ES_INIT`` (default-type VMs only): allocate an SEV-ES ASID."""
 
     @abstractmethod
-    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0) -> None:
-        """``KVM_SEV_INIT2`` (``VmType.SEV`` / ``VmType.SEV_ES`` VMs only)."""
+    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
+        """``KVM_SEV_INIT2`` (``VmType.SEV`` / ``SEV_ES`` / ``SNP`` VMs only).
+
+        ``flags`` is ``struct kvm_sev_init.flags`` (KVM accepts none yet: any bit is
+        ``EINVAL``). Before INIT2 a typed VM cannot run (``need_init``).
+        """
 
     # -- launch -------------------------------------------------------------------------------
     @abstractmethod
@@ -458,16 +493,18 @@ class SevPlatform(ABC):
         """Wrap a VM fd received from another process (takes ownership of ``fd``)."""
 
     @abstractmethod
-    def attach(self, vm: Vm) -> Attachment:
-        """The SEV VM for a KVM VM the VMM created itself (before its vCPUs).
+    def attach(self, vm: Vm, vm_type: VmType = VmType.DEFAULT) -> Attachment:
+        """The SEV VM for a KVM VM the VMM created itself (with ``vm_type``, before its
+        vCPUs).
 
         From then on the VMM uses ``attachment.kvm`` for the KVM VM, not ``vm``: the kernel
         platform gives ``vm`` back; the model takes over its fd in an object that answers as
         the kernel's SEV VM does (see :mod:`intrahost.sevmodel.attached`). The VMM owns that
         object, creates the vCPUs on it and reports each one with :meth:`SevVm.create_vcpu`
         (by index). Once the context moved away, every KVM ioctl on it and its vCPUs fails
-        with ``EIO``; once a vCPU's state is protected (SEV-ES), its register ioctls fail with
-        ``EINVAL`` and KVM_RUN loads and saves that state itself.
+        with ``EIO``; once a vCPU's state is protected (SEV-ES), KVM_RUN loads and saves that
+        state itself, and its register ioctls fail with ``EINVAL`` on a VM of the SEV-ES type
+        (on a default-type VM they answer without the guest's state).
         """
 
     @abstractmethod

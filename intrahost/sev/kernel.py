@@ -69,9 +69,12 @@ KVM_AMD_PARAMETERS = Path("/sys/module/kvm_amd/parameters")
 CAP_VM_TYPES = 235
 
 #: ``KVM_GET_DEVICE_ATTR`` on ``/dev/kvm`` (Linux 6.10+): group ``KVM_X86_GRP_SEV``, attribute
-#: ``KVM_X86_SEV_VMSA_FEATURES``, the VMSA features ``KVM_SEV_INIT2`` accepts.
+#: ``KVM_X86_SEV_VMSA_FEATURES``, the VMSA features ``KVM_SEV_INIT2`` accepts;
+#: ``KVM_X86_SEV_SNP_REQ_CERTS`` (Linux 6.20+, with the ``KVM_SEV_SNP_ENABLE_REQ_CERTS``
+#: command) is how a kernel shows that its ``KVM_SEV_NR_MAX`` is 104, not 103.
 KVM_X86_GRP_SEV = 1
 KVM_X86_SEV_VMSA_FEATURES = 0
+KVM_X86_SEV_SNP_REQ_CERTS = 2
 
 #: CPUID leaf of the AMD memory encryption features: EAX bit 1 SEV, bit 3 SEV-ES; EBX[5:0]
 #: the C-bit position; ECX the highest ASID; EDX the lowest SEV (not SEV-ES) ASID.
@@ -204,16 +207,29 @@ def _module_flag(name: str) -> bool:
     return value in ("Y", "y", "1")
 
 
-def _vmsa_features(kvm: Kvm) -> int:
+def _sev_attribute(kvm: Kvm, attribute: int) -> int | None:
+    """A ``KVM_X86_GRP_SEV`` attribute of ``/dev/kvm``, or None where the kernel has none."""
     value = ctypes.c_uint64()
-    attr = uapi.kvm_device_attr(
-        group=KVM_X86_GRP_SEV, attr=KVM_X86_SEV_VMSA_FEATURES, addr=ctypes.addressof(value)
-    )
+    attr = uapi.kvm_device_attr(group=KVM_X86_GRP_SEV, attr=attribute, addr=ctypes.addressof(value))
     try:
         _ioctl(kvm.fd, K.KVM_GET_DEVICE_ATTR, attr)
-    except OSError:  # before Linux 6.10, or no SEV-ES: no features to offer
-        return 0
+    except OSError:
+        return None
     return value.value
+
+
+def _vmsa_features(kvm: Kvm) -> int:
+    # Before Linux 6.10, or without SEV: no features to offer.
+    return _sev_attribute(kvm, KVM_X86_SEV_VMSA_FEATURES) or 0
+
+
+def _sev_nr_max(kvm: Kvm) -> int:
+    """``KVM_SEV_NR_MAX`` of this kernel: 104 where ``KVM_SEV_SNP_ENABLE_REQ_CERTS`` exists
+    (its attribute answers), else 103. (Older kernels had fewer ids, but every id up to 103
+    is refused alike there, so the bound only has to cover the newest command.)"""
+    if _sev_attribute(kvm, KVM_X86_SEV_SNP_REQ_CERTS) is not None:
+        return int(SevCommand.SNP_ENABLE_REQ_CERTS) + 1
+    return int(SevCommand.SNP_ENABLE_REQ_CERTS)
 
 
 def _vm_types(kvm: Kvm) -> tuple[VmType, ...]:
@@ -248,6 +264,7 @@ def read_platform_info(kvm: Kvm, sev_fd: int) -> PlatformInfo:
         build=build,
         supported_vmsa_features=_vmsa_features(kvm),
         supported_vm_types=_vm_types(kvm),
+        sev_nr_max=_sev_nr_max(kvm),
     )
 
 
@@ -347,9 +364,10 @@ def _u32(operation: str, what: str, value: int) -> int:
 #: The kernel gives one errno for every refusal of a MOVE or COPY; these are its causes.
 _ENABLE_CAP_EINVAL = (
     "the kernel refused the pair of VMs: the destination must not be SEV yet (and, for a COPY, "
-    "have no vCPUs), the source must be a live SEV VM of the same type and not the destination; "
-    "for SEV-ES both need the same number of vCPUs, all launched (LAUNCH_UPDATE_VMSA). On a "
-    "host whose KVM has no SEV every MOVE and COPY is refused this way"
+    "have no vCPUs), the source must be a live SEV or SEV-ES VM (not SEV-SNP) of the same type "
+    "and not the destination; for SEV-ES both need the same number of vCPUs, all launched "
+    "(LAUNCH_UPDATE_VMSA). On a host whose KVM has no SEV every MOVE and COPY is refused this "
+    "way"
 )
 
 
@@ -459,7 +477,9 @@ class KernelSevVm(SevVm):
         self._vcpu_count = 0
         self._protected: set[int] = set()
         #: Whether this VM's context is SEV-ES, once known (init, or what moved in).
-        self._es: bool | None = {VmType.SEV: False, VmType.SEV_ES: True}.get(vm_type)
+        self._es: bool | None = {VmType.SEV: False, VmType.SEV_ES: True, VmType.SNP: True}.get(
+            vm_type
+        )
         self._moved_away = False
         _remember(self)
 
@@ -532,8 +552,13 @@ class KernelSevVm(SevVm):
         self._command(SevCommand.ES_INIT)
         self._es = True
 
-    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0) -> None:
-        params = uapi.kvm_sev_init(vmsa_features=vmsa_features, ghcb_version=ghcb_version)
+    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
+        name = "KVM_SEV_INIT2"
+        params = uapi.kvm_sev_init(
+            vmsa_features=vmsa_features,
+            flags=_u32(name, "flags", flags),
+            ghcb_version=ghcb_version,
+        )
         self._command(SevCommand.INIT2, params)
 
     # -- launch ---------------------------------------------------------------------------------
@@ -660,7 +685,7 @@ class KernelSevVm(SevVm):
         self._enable_cap(Cap.VM_MOVE_ENC_CONTEXT_FROM, src_fd)
         source = _vm_behind(src_fd)
         if self._vm_type != VmType.DEFAULT:
-            self._es = self._vm_type == VmType.SEV_ES
+            self._es = self._vm_type in (VmType.SEV_ES, VmType.SNP)
         elif sev_es is not None:
             self._es = sev_es
         elif source is not None:

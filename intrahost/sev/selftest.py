@@ -1,13 +1,18 @@
-"""The kernel's ``tools/testing/selftests/kvm/x86/sev_migrate_tests.c``, on any SEV platform.
+"""The kernel's ``tools/testing/selftests/kvm/x86/sev_migrate_tests.c`` and
+``sev_init2_tests.c``, on any SEV platform.
 
-Every scenario of the current mainline selftest, written against the
+Every scenario of the current mainline selftests, written against the
 :class:`~intrahost.sev.interface.SevPlatform` interface, so the same cases run on the model
-and on a real SEV host (``tests/sev/test_selftest.py`` runs them under pytest; the CLI's
-``intrahost selftest`` can run :data:`CASES` and print :func:`run_all`'s results as a table).
+and on a real SEV host (``tests/sev/test_sev_selftest.py`` runs them under pytest; the CLI's
+``intrahost selftest`` runs :data:`CASES` and prints the results as a table, one block per
+selftest file).
 
-Helpers keep the selftest's names: ``sev_vm_create`` (default-type VM, KVM_SEV_INIT or
+Helpers keep the selftests' names: ``sev_vm_create`` (default-type VM, KVM_SEV_INIT or
 KVM_SEV_ES_INIT, 4 vCPUs, ``sev_vm_launch``, and for SEV-ES one more LAUNCH_UPDATE_VMSA as
-the current test does), ``aux_vm_create``, ``sev_migrate_from`` and ``sev_mirror_create``.
+the current test does), ``aux_vm_create``, ``sev_migrate_from`` and ``sev_mirror_create``;
+``test_init2`` and ``test_init2_invalid`` of the INIT2 test. The INIT2 cases need a platform
+with the SEV VM types (the selftest's ``TEST_REQUIRE`` on ``KVM_CAP_VM_TYPES``) and are
+skipped, with that reason, where it has none.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from dataclasses import dataclass, field
 
 from intrahost.errors import IntrahostError
 from intrahost.sev.interface import (
-    SEV_NR_MAX,
+    GHCB_VERSION_MAX,
     SEV_POLICY_ES,
+    SVM_SEV_FEAT_DEBUG_SWAP,
     GuestState,
     SevCommand,
     SevError,
     SevPlatform,
     SevVm,
+    VmType,
 )
 
 NR_MIGRATE_TEST_VCPUS = 4
@@ -273,15 +280,18 @@ def test_sev_migrate_parameters(platform: SevPlatform, have_sev_es: bool) -> Non
         )
 
 
-def verify_mirror_allowed_cmds(vm: SevVm) -> None:
-    """Every command but the four a mirror may issue fails with EINVAL (before its payload)."""
+def verify_mirror_allowed_cmds(vm: SevVm, sev_nr_max: int) -> None:
+    """Every command but the four a mirror may issue fails with EINVAL (before its payload).
+
+    The sweep runs to the platform's ``KVM_SEV_NR_MAX`` (the selftest's compile-time bound,
+    which grew with ``KVM_SEV_SNP_ENABLE_REQ_CERTS``)."""
     allowed = {
         SevCommand.LAUNCH_UPDATE_VMSA,
         SevCommand.GUEST_STATUS,
         SevCommand.DBG_DECRYPT,
         SevCommand.DBG_ENCRYPT,
     }
-    for cmd_id in range(SevCommand.INIT, SEV_NR_MAX):
+    for cmd_id in range(SevCommand.INIT, sev_nr_max):
         if cmd_id in allowed:
             continue
         _expect(
@@ -302,7 +312,7 @@ def test_sev_mirror(platform: SevPlatform, es: bool) -> None:
             dst_vm.create_vcpu(i)
         if es:
             dst_vm.launch_update_vmsa()
-        verify_mirror_allowed_cmds(dst_vm)
+        verify_mirror_allowed_cmds(dst_vm, platform.info.sev_nr_max)
 
 
 def test_sev_mirror_parameters(platform: SevPlatform, have_sev_es: bool) -> None:
@@ -389,30 +399,141 @@ def test_sev_move_copy(platform: SevPlatform) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# sev_init2_tests.c
+
+#: Features that may be passed one by one to KVM_SEV_INIT2 (the selftest's KNOWN_FEATURES).
+KNOWN_FEATURES = SVM_SEV_FEAT_DEBUG_SWAP
+
+
+def test_init2(platform: SevPlatform, vm_type: VmType, **init: int) -> None:
+    """KVM_SEV_INIT2 with ``init`` (``struct kvm_sev_init``) on a fresh VM of ``vm_type``
+    succeeds."""
+    with _vms() as vms:
+        vm = vms.add(platform.create_vm(vm_type))
+        err = _errno_of(lambda: vm.sev_init2(**init))
+        _check(
+            err == 0,
+            f"KVM_SEV_INIT2 on {vm_type.name} with {init or 'zeroes'} failed: "
+            f"{errno.errorcode.get(err, err)} (expected success)",
+        )
+
+
+def test_init2_invalid(platform: SevPlatform, vm_type: VmType, msg: str, **init: int) -> None:
+    """KVM_SEV_INIT2 with ``init`` on a fresh VM of ``vm_type`` fails with EINVAL."""
+    with _vms() as vms:
+        vm = vms.add(platform.create_vm(vm_type))
+        _expect(lambda: vm.sev_init2(**init), errno.EINVAL, f"KVM_SEV_INIT2 should fail, {msg}")
+
+
+def _have(platform: SevPlatform, vm_type: VmType) -> bool:
+    return vm_type in platform.info.supported_vm_types
+
+
+def _init2_types(platform: SevPlatform) -> list[VmType]:
+    return [t for t in (VmType.SEV, VmType.SEV_ES, VmType.SNP) if _have(platform, t)]
+
+
+def test_vm_types(platform: SevPlatform) -> None:
+    """INIT2 works on every SEV type the platform offers; not on the default or the
+    software-protected type."""
+    for vm_type in _init2_types(platform):
+        test_init2(platform, vm_type)
+    test_init2_invalid(platform, VmType.DEFAULT, "VM type is KVM_X86_DEFAULT_VM")
+    if _have(platform, VmType.SW_PROTECTED):
+        test_init2_invalid(platform, VmType.SW_PROTECTED, "VM type is KVM_X86_SW_PROTECTED_VM")
+
+
+def test_flags(platform: SevPlatform) -> None:
+    """Every bit of ``flags`` is refused, on every SEV type."""
+    for vm_type in _init2_types(platform):
+        for i in range(32):
+            test_init2_invalid(platform, vm_type, f"invalid flag {1 << i:#x}", flags=1 << i)
+
+
+def test_features(platform: SevPlatform) -> None:
+    """Every VMSA feature bit the platform does not offer is refused (all of them for plain
+    SEV); the known offered ones are accepted one by one."""
+    supported = platform.info.supported_vmsa_features
+    for vm_type in _init2_types(platform):
+        features = 0 if vm_type == VmType.SEV else supported
+        for i in range(64):
+            bit = 1 << i
+            if not features & bit:
+                test_init2_invalid(
+                    platform, vm_type, f"unknown feature {bit:#x}", vmsa_features=bit
+                )
+            elif KNOWN_FEATURES & bit:
+                test_init2(platform, vm_type, vmsa_features=bit)
+
+
+def test_ghcb_version(platform: SevPlatform) -> None:
+    """Not in the selftest; the rules of ``__sev_guest_init`` (``sev.c``): an SEV-ES or SNP
+    VM takes GHCB protocol version 0 (the default, 2), 1 or 2 and nothing above
+    ``GHCB_VERSION_MAX``; a plain SEV VM takes none but 0."""
+    for vm_type in _init2_types(platform):
+        if vm_type == VmType.SEV:
+            for version in range(1, GHCB_VERSION_MAX + 2):
+                test_init2_invalid(
+                    platform, vm_type, f"SEV has no GHCB (version {version})", ghcb_version=version
+                )
+            continue
+        for version in range(GHCB_VERSION_MAX + 1):
+            test_init2(platform, vm_type, ghcb_version=version)
+        test_init2_invalid(
+            platform, vm_type, "GHCB version above the maximum", ghcb_version=GHCB_VERSION_MAX + 1
+        )
+
+
+def needs_sev_vm_types(platform: SevPlatform) -> str | None:
+    """The INIT2 selftest's ``TEST_REQUIRE``: the platform offers ``KVM_X86_SEV_VM``."""
+    if _have(platform, VmType.SEV):
+        return None
+    offered = ", ".join(t.name for t in platform.info.supported_vm_types)
+    return (
+        f"KVM_CAP_VM_TYPES offers no SEV VM type here (only {offered}): KVM_SEV_INIT2 needs "
+        "Linux 6.10 or later on a host with SEV enabled"
+    )
+
+
+def needs_sev_es(platform: SevPlatform) -> str | None:
+    return None if platform.info.sev_es_enabled else "the platform has no SEV-ES"
+
+
+# ------------------------------------------------------------------------------------------
 # the suite
+
+MIGRATE_TESTS = "sev_migrate_tests"
+INIT2_TESTS = "sev_init2_tests"
 
 
 @dataclass(frozen=True)
 class SelftestCase:
     name: str
     run: Callable[[SevPlatform], object]
-    needs_sev_es: bool = False
+    #: None when the case can run on a platform, else why it is skipped there.
+    requires: Callable[[SevPlatform], str | None] = lambda platform: None
+    #: The selftest file the case comes from.
+    suite: str = MIGRATE_TESTS
 
 
 def _es(platform: SevPlatform) -> bool:
     return platform.info.sev_es_enabled
 
 
-#: The order of the selftest's ``main``.
+#: The order of the selftests' ``main``: sev_migrate_tests.c, then sev_init2_tests.c.
 CASES: tuple[SelftestCase, ...] = (
     SelftestCase("migrate_from_sev", lambda p: test_sev_migrate_from(p, es=False)),
-    SelftestCase("migrate_from_sev_es", lambda p: test_sev_migrate_from(p, es=True), True),
+    SelftestCase("migrate_from_sev_es", lambda p: test_sev_migrate_from(p, es=True), needs_sev_es),
     SelftestCase("migrate_locking", test_sev_migrate_locking),
     SelftestCase("migrate_parameters", lambda p: test_sev_migrate_parameters(p, _es(p))),
     SelftestCase("move_copy", test_sev_move_copy),
     SelftestCase("mirror_sev", lambda p: test_sev_mirror(p, es=False)),
-    SelftestCase("mirror_sev_es", lambda p: test_sev_mirror(p, es=True), True),
+    SelftestCase("mirror_sev_es", lambda p: test_sev_mirror(p, es=True), needs_sev_es),
     SelftestCase("mirror_parameters", lambda p: test_sev_mirror_parameters(p, _es(p))),
+    SelftestCase("init2_vm_types", test_vm_types, needs_sev_vm_types, INIT2_TESTS),
+    SelftestCase("init2_flags", test_flags, needs_sev_vm_types, INIT2_TESTS),
+    SelftestCase("init2_features", test_features, needs_sev_vm_types, INIT2_TESTS),
+    SelftestCase("init2_ghcb_version", test_ghcb_version, needs_sev_vm_types, INIT2_TESTS),
 )
 
 
@@ -425,8 +546,9 @@ class CaseResult:
 
 
 def run_case(platform: SevPlatform, case: SelftestCase) -> CaseResult:
-    if case.needs_sev_es and not platform.info.sev_es_enabled:
-        return CaseResult(case.name, "skipped", 0.0, "the platform has no SEV-ES")
+    reason = case.requires(platform)
+    if reason is not None:
+        return CaseResult(case.name, "skipped", 0.0, reason)
     start = time.monotonic()
     try:
         value = case.run(platform)

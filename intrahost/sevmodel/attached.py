@@ -9,7 +9,16 @@ overrides the bindings' one ioctl entry point, and before every ioctl checks, in
    and its vCPUs fails with ``EIO``, as the kernel answers for a dead SEV VM. The check is a
    zero-timeout poll of the model VM's fd; dead is final, also after the model VM is closed;
 2. on a vCPU whose register state is protected (SEV-ES, after LAUNCH_UPDATE_VMSA or after the
-   MOVE of an SEV-ES context), register getters and setters fail with ``EINVAL``;
+   MOVE of an SEV-ES context), the register getters and setters answer as ``x86.c`` does
+   (the checks of "KVM: x86: add fields to struct kvm_arch for CoCo features", Linux 6.10):
+
+   * on a VM of the SEV-ES or SNP type (``kvm->arch.has_protected_state``): REGS, SREGS,
+     SREGS2, DEBUGREGS and XCRS fail with ``EINVAL`` once the vCPU's state is protected; FPU,
+     XSAVE and XSAVE2 once its FPU state is confidential, which only LAUNCH_UPDATE_VMSA makes
+     it (a MOVE destination's vCPUs are protected but their FPU state is not confidential);
+   * on a default-type VM initialised with KVM_SEV_ES_INIT they succeed, as the kernel's do:
+     a getter returns no guest state (the kernel returns its own stale copy; the model
+     zeroes), a setter changes nothing the guest sees;
 3. KVM_RUN runs between ``vcpu_enter`` and ``vcpu_exit`` of the model VM,
    which hold the model's vCPU mutex as KVM holds ``vcpu->mutex``; on a protected vCPU, the
    VMSA from ``vcpu_enter`` is loaded into the real vCPU before the run and saved back after
@@ -41,7 +50,8 @@ _VMSA_PARTS: tuple[type[uapi.Struct], ...] = (
 )
 VMSA_SIZE = sum(ctypes.sizeof(t) for t in _VMSA_PARTS)
 
-#: The ioctls that fail with EINVAL on a vCPU whose register state is protected.
+#: The ioctls that fail with EINVAL on a vCPU whose register state is protected, on a VM with
+#: protected state (x86.c: ``has_protected_state && guest_state_protected``).
 PROTECTED_IOCTLS = frozenset(
     {
         K.KVM_GET_REGS,
@@ -50,13 +60,30 @@ PROTECTED_IOCTLS = frozenset(
         K.KVM_SET_SREGS,
         K.KVM_GET_SREGS2,
         K.KVM_SET_SREGS2,
-        K.KVM_GET_FPU,
-        K.KVM_SET_FPU,
-        K.KVM_GET_XSAVE,
-        K.KVM_GET_XSAVE2,
-        K.KVM_SET_XSAVE,
         K.KVM_GET_DEBUGREGS,
         K.KVM_SET_DEBUGREGS,
+        K.KVM_GET_XCRS,
+        K.KVM_SET_XCRS,
+    }
+)
+
+#: The ioctls that fail with EINVAL on a vCPU whose FPU state is confidential, on a VM with
+#: protected state (x86.c: ``has_protected_state && fpstate_is_confidential``).
+CONFIDENTIAL_FPU_IOCTLS = frozenset(
+    {K.KVM_GET_FPU, K.KVM_SET_FPU, K.KVM_GET_XSAVE, K.KVM_GET_XSAVE2, K.KVM_SET_XSAVE}
+)
+
+#: The getters among both sets (what a lax answer fills in).
+_GETTERS = frozenset(
+    {
+        K.KVM_GET_REGS,
+        K.KVM_GET_SREGS,
+        K.KVM_GET_SREGS2,
+        K.KVM_GET_DEBUGREGS,
+        K.KVM_GET_XCRS,
+        K.KVM_GET_FPU,
+        K.KVM_GET_XSAVE,
+        K.KVM_GET_XSAVE2,
     }
 )
 
@@ -67,6 +94,9 @@ class AttachedVm(Vm):
     def __init__(self, fd: int, kvm: Kvm | None, sev: ModelVm) -> None:
         super().__init__(fd, kvm)
         self.sev = sev
+        #: ``kvm->arch.has_protected_state``: the model VM's type decides (the real KVM VM
+        #: is of the default type).
+        self.has_protected_state = sev.vm_type.has_protected_state
         #: The vCPUs created on this VM, by index (the model VM numbers them the same way).
         self.vcpus: list[AttachedVcpu] = []
         self._dead = False
@@ -102,8 +132,10 @@ class AttachedVcpu(Vcpu):
         self.attached_to = vm
         self.index = index
         #: Whether the register state belongs to the platform (set by the model VM after
-        #: LAUNCH_UPDATE_VMSA and after a MOVE).
+        #: LAUNCH_UPDATE_VMSA and after a MOVE): ``guest_state_protected``.
         self.protected = False
+        #: ``fpstate_is_confidential``: set by the model VM after LAUNCH_UPDATE_VMSA only.
+        self.fpu_confidential = False
         #: The VMSA this vCPU was last loaded with or saved from: the real vCPU still holds
         #: exactly that state, so loading it again is skipped (and must be: KVM_SET_REGS
         #: between an I/O exit and the KVM_RUN that completes the instruction would corrupt
@@ -114,8 +146,21 @@ class AttachedVcpu(Vcpu):
     def _ioctl(self, request: int, name: str, arg: Any = 0) -> int:
         if not self.closed:
             self.attached_to.check_alive(name, repr(self))
-        if request in PROTECTED_IOCTLS and self.protected and not self._own_access:
-            raise KvmError(errno.EINVAL, name, repr(self), "the vCPU's register state is protected")
+        if not self._own_access and (
+            (request in PROTECTED_IOCTLS and self.protected)
+            or (request in CONFIDENTIAL_FPU_IOCTLS and self.fpu_confidential)
+        ):
+            if self.attached_to.has_protected_state:
+                raise KvmError(
+                    errno.EINVAL,
+                    name,
+                    repr(self),
+                    "the vCPU's register state is protected (SEV-ES VM type)",
+                )
+            # A legacy-initialised SEV-ES VM: the kernel answers without the guest's state.
+            if request in _GETTERS and not isinstance(arg, int):
+                ctypes.memset(ctypes.addressof(arg), 0, ctypes.sizeof(arg))
+            return 0
         if request == K.KVM_RUN:
             return self._run_in_model(request, name, arg)
         return super()._ioctl(request, name, arg)

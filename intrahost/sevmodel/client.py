@@ -289,6 +289,7 @@ class ModelPlatform(SevPlatform):
             build=raw["build"],
             supported_vmsa_features=raw["supported_vmsa_features"],
             supported_vm_types=tuple(VmType(t) for t in raw["supported_vm_types"]),
+            sev_nr_max=raw["sev_nr_max"],
         )
         self.service_pid: int = raw["service_pid"]
         _, fds = self.call("open_sev", {})
@@ -347,14 +348,17 @@ class ModelPlatform(SevPlatform):
         result, _ = self.call("inspect", {}, [fd], "adopt_vm")
         return ModelVm(self, fd, VmType[result["type"]], result["vm"])
 
-    def attach(self, vm: Vm) -> Attachment:
-        """A new model VM bound to ``vm``, a real KVM VM the VMM built, with no vCPUs yet.
+    def attach(self, vm: Vm, vm_type: VmType = VmType.DEFAULT) -> Attachment:
+        """A new model VM of ``vm_type`` bound to ``vm``, a real KVM VM the VMM built, with no
+        vCPUs yet.
 
         The KVM VM comes back as an :class:`~intrahost.sevmodel.attached.AttachedVm` that took
         over ``vm``'s fd (``vm`` is closed): the VMM owns and uses that one, which answers as
-        the kernel's SEV VM does (dead after a MOVE away, protected vCPU state).
+        the kernel's SEV VM of that type does (dead after a MOVE away, protected vCPU state).
+        The real KVM VM stays of the default type (this host's KVM has no SEV types): the
+        model VM's type is the one that counts.
         """
-        model_vm = self.create_vm()
+        model_vm = self.create_vm(vm_type)
         kvm_vm = AttachedVm(vm.detach(), vm.kvm, model_vm)
         model_vm.kvm_vm = kvm_vm
         return Attachment(model_vm, kvm_vm)
@@ -428,10 +432,10 @@ class ModelVm(SevVm):
     def sev_es_init(self) -> None:
         self._enc(SevCommand.ES_INIT, None)
 
-    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0) -> None:
+    def sev_init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
         self._enc(
             SevCommand.INIT2,
-            {"vmsa_features": vmsa_features, "ghcb_version": ghcb_version, "flags": 0},
+            {"vmsa_features": vmsa_features, "ghcb_version": ghcb_version, "flags": flags},
         )
 
     def launch_start(
@@ -450,7 +454,7 @@ class ModelVm(SevVm):
 
     def launch_update_vmsa(self, vmsas: Sequence[bytes] | None = None) -> None:
         """On an attached VM, ``None`` stands for the register state of its KVM vCPUs, which
-        is protected afterwards."""
+        is protected afterwards (and their FPU state confidential, as the kernel marks it)."""
         if vmsas is None and self.kvm_vm is not None:
             vmsas = [vcpu.capture_vmsa() for vcpu in self.kvm_vm.vcpus]
         data = None if vmsas is None else {"vmsas": [bytes(v) for v in vmsas]}
@@ -458,6 +462,7 @@ class ModelVm(SevVm):
         if self.kvm_vm is not None:
             for vcpu in self.kvm_vm.vcpus:
                 vcpu.protected = True
+                vcpu.fpu_confidential = True
 
     def launch_measure(self) -> bytes:
         result = self._enc(SevCommand.LAUNCH_MEASURE, {"len": LAUNCH_MEASURE_BLOB_LEN})

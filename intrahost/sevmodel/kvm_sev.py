@@ -7,8 +7,8 @@ the per-VM ``migration_in_progress`` flag, the ASID allocator with its reclaim b
 misc cgroup charges, mirror VMs, registered regions and what MOVE transfers. Functions are
 named after the kernel functions they model, so the two can be read side by side.
 
-Kernel quirks marked [O] in the spec are followed, and each is named in a comment starting
-with ``QUIRK`` (and tested in ``tests/sev/test_model_quirks.py``).
+Kernel quirks (behaviour no selftest covers, found by reading the code) are followed too, and
+each is named in a comment starting with ``QUIRK`` (and tested in ``tests/sev/test_sev_quirks.py``).
 
 The model does not touch memory: pinning checks that the range is mapped writable in the
 caller's address space and counts pages against RLIMIT_MEMLOCK, and the bytes to measure are
@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from intrahost.sev.interface import (
+    GHCB_VERSION_MAX,
+    GHCB_VERSION_MIN,
     LAUNCH_MEASURE_BLOB_LEN,
+    SEV_NR_MAX,
     SVM_SEV_FEAT_DEBUG_SWAP,
+    SVM_SEV_FEAT_SNP_ACTIVE,
     FirmwareError,
     GuestState,
     SevCommand,
@@ -41,9 +45,7 @@ ULONG_MAX = (1 << 64) - 1
 INVALID_PAGE = ULONG_MAX
 #: ``SEV_FW_BLOB_MAX_SIZE``.
 SEV_FW_BLOB_MAX_SIZE = 0x4000
-GHCB_VERSION_MAX = 2
-GHCB_VERSION_DEFAULT = 2
-GHCB_VERSION_MIN = 1
+GHCB_VERSION_DEFAULT = GHCB_VERSION_MAX
 #: ``KVM_MAX_VCPUS`` / ``KVM_MAX_VCPU_IDS`` of x86.
 KVM_MAX_VCPUS = 1024
 KVM_MAX_VCPU_IDS = 4096
@@ -99,7 +101,11 @@ class ModelConfig:
     cbit_position: int = 51
     sev_enabled: bool = True
     sev_es_enabled: bool = True
+    sev_snp_enabled: bool = True
     supported_vmsa_features: int = SVM_SEV_FEAT_DEBUG_SWAP
+    #: ``KVM_SEV_NR_MAX`` (104 since ``KVM_SEV_SNP_ENABLE_REQ_CERTS``; 103 before it): ids
+    #: from here on are unknown commands.
+    sev_nr_max: int = SEV_NR_MAX
     firmware: FirmwareVersion = field(default_factory=FirmwareVersion)
     #: misc cgroup ``misc.max`` values: {cgroup path: {"sev"|"sev_es": max}}.
     misc_max: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -108,6 +114,11 @@ class ModelConfig:
     def sev_es_supported(self) -> bool:
         # sev_hardware_setup: no SEV-ES without SEV-ES ASIDs (min_sev_asid == 1).
         return self.sev_enabled and self.sev_es_enabled and self.min_sev_asid > 1
+
+    @property
+    def sev_snp_supported(self) -> bool:
+        # sev_hardware_setup: SNP needs SEV-ES support (and, on a real host, SNP firmware).
+        return self.sev_es_supported and self.sev_snp_enabled
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,6 +153,10 @@ class StructKvmVcpu:
     vcpu_id: int
     mutex: ModelMutex
     guest_state_protected: bool = False
+    #: ``fpstate_is_confidential(&vcpu->arch.guest_fpu)``: set by LAUNCH_UPDATE_VMSA
+    #: (``__sev_launch_update_vmsa``) and by nothing else; a MOVE does not set it on the
+    #: destination's vCPUs (``sev_migrate_from``).
+    fpu_confidential: bool = False
     sev_es: SevEsState | None = None
 
     @property
@@ -178,6 +193,8 @@ class SevInfo:
     vmsa_features: int = 0
     ghcb_version: int = 0
     misc_cg: str | None = None
+    #: ``snp_certs_enabled`` (``KVM_SEV_SNP_ENABLE_REQ_CERTS``).
+    snp_certs_enabled: bool = False
 
 
 @dataclass(eq=False)
@@ -201,6 +218,11 @@ class StructKvm:
     def online_vcpus(self) -> int:
         return len(self.vcpus)
 
+    @property
+    def has_protected_state(self) -> bool:
+        """``kvm->arch.has_protected_state`` (``svm_vm_init``: the SEV-ES and SNP types)."""
+        return self.vm_type.has_protected_state
+
     def __repr__(self) -> str:
         return f"<vm {self.vm_id}>"
 
@@ -211,6 +233,11 @@ def sev_guest(vm: StructKvm) -> bool:
 
 def sev_es_guest(vm: StructKvm) -> bool:
     return vm.sev.active and vm.sev.es_active
+
+
+def sev_snp_guest(vm: StructKvm) -> bool:
+    """``sev_snp_guest`` (``svm.h``): the SNP feature bit INIT2 set, on an SEV-ES guest."""
+    return bool(vm.sev.vmsa_features & SVM_SEV_FEAT_SNP_ACTIVE) and sev_es_guest(vm)
 
 
 def is_mirroring_enc_context(vm: StructKvm) -> bool:
@@ -327,7 +354,7 @@ class KvmModel:
                 lock=ModelMutex(self.cond, f"vm{vm_id}.lock"),
             )
             # svm_vm_init: typed SEV VMs must be initialised with KVM_SEV_INIT2 before they run.
-            vm.sev.need_init = kind in (VmType.SEV, VmType.SEV_ES)
+            vm.sev.need_init = kind in (VmType.SEV, VmType.SEV_ES, VmType.SNP)
             self.vms[vm_id] = vm
             return vm
 
@@ -337,6 +364,8 @@ class KvmModel:
             types.append(VmType.SEV)
         if self.config.sev_es_supported:
             types.append(VmType.SEV_ES)
+        if self.config.sev_snp_supported:
+            types.append(VmType.SNP)
         return tuple(types)
 
     def kvm_get_kvm(self, vm: StructKvm) -> None:
@@ -507,17 +536,15 @@ class KvmModel:
                 vm.created_vcpus += 1
             finally:
                 vm.lock.unlock(task.holder)
-            # kvm_arch_vcpu_create (outside kvm->lock): sev_vcpu_create / sev_es_init_vmcb.
+            # kvm_arch_vcpu_create (outside kvm->lock): sev_vcpu_create / sev_es_init_vmcb,
+            # and sev_es_vcpu_reset, which sets the GHCB MSR to GHCB_MSR_SEV_INFO with the VM's
+            # ghcb_version as it is. QUIRK (kernel): that is 0 on a mirror (COPY does not copy
+            # it) and on a MOVE destination (MOVE does not move it), so a vCPU created there
+            # offers GHCB protocol versions 1..0; so does the GHCB MSR protocol's SEV_INFO
+            # request (sev_handle_vmgexit_msr_protocol), see ghcb_sev_info.
             sev_es = None
             if sev_es_guest(vm):
-                sev_es = SevEsState(
-                    vmsa=b"",
-                    ghcb_gpa=ghcb_msr_sev_info(
-                        vm.sev.ghcb_version or GHCB_VERSION_MAX,
-                        GHCB_VERSION_MIN,
-                        self.config.cbit_position,
-                    ),
-                )
+                sev_es = SevEsState(vmsa=b"", ghcb_gpa=self.ghcb_sev_info(vm))
             while vm.hold_vcpu_creation:
                 self.cond.wait()
             vm.lock.lock(task, killable=False)
@@ -537,6 +564,12 @@ class KvmModel:
                 return index
             finally:
                 vm.lock.unlock(task.holder)
+
+    def ghcb_sev_info(self, vm: StructKvm) -> int:
+        """``GHCB_MSR_SEV_INFO(sev->ghcb_version, GHCB_VERSION_MIN, sev_enc_bit)``: what
+        ``sev_es_vcpu_reset`` puts in a vCPU's GHCB MSR and what the GHCB MSR protocol answers
+        a ``GHCB_MSR_SEV_INFO_REQ`` with. The VM's own ``ghcb_version``, with no fallback."""
+        return ghcb_msr_sev_info(vm.sev.ghcb_version, GHCB_VERSION_MIN, self.config.cbit_position)
 
     def _vcpu(self, vm: StructKvm, index: int) -> StructKvmVcpu:
         if not 0 <= index < len(vm.vcpus):
@@ -653,7 +686,14 @@ class KvmModel:
                     raise IoctlFailure(
                         errno.EINVAL, f"command {_cmd_name(cmd)} is not allowed on a mirror VM"
                     )
-                handler = self._handlers().get(cmd)
+                # Once KVM_SEV_INIT2 made the VM an SNP guest, only the SNP commands are
+                # allowed (sev_mem_enc_ioctl), before the command id is even looked at.
+                if sev_snp_guest(vm) and cmd < SevCommand.SNP_LAUNCH_START:
+                    raise IoctlFailure(
+                        errno.EPERM,
+                        f"{vm} is an SEV-SNP guest: {_cmd_name(cmd)} is not an SNP command",
+                    )
+                handler = self._handlers().get(cmd) if cmd < self.config.sev_nr_max else None
                 if handler is None:
                     raise IoctlFailure(errno.EINVAL, f"unknown SEV command {cmd}")
                 return handler(task, caller, vm, data, sev_fd)
@@ -690,6 +730,7 @@ class KvmModel:
             c.SNP_LAUNCH_START: self._snp(errno.ENOTTY),
             c.SNP_LAUNCH_UPDATE: self._snp(errno.EINVAL),
             c.SNP_LAUNCH_FINISH: self._snp(errno.ENOTTY),
+            c.SNP_ENABLE_REQ_CERTS: self.snp_enable_certs,
         }
 
     def _es_init(
@@ -720,8 +761,8 @@ class KvmModel:
     ) -> dict[str, Any]:
         if not vm.sev.need_init:
             raise IoctlFailure(errno.EINVAL, "INIT2 needs a typed SEV VM that is not initialised")
-        if vm.vm_type not in (VmType.SEV, VmType.SEV_ES):
-            raise IoctlFailure(errno.EINVAL, "INIT2 is for SEV and SEV-ES VM types")
+        if vm.vm_type not in (VmType.SEV, VmType.SEV_ES, VmType.SNP):
+            raise IoctlFailure(errno.EINVAL, "INIT2 is for the SEV, SEV-ES and SNP VM types")
         if data is None:
             raise IoctlFailure(errno.EFAULT, "INIT2 needs a struct kvm_sev_init")
         self.__sev_guest_init(
@@ -754,6 +795,8 @@ class KvmModel:
         sev.es_active = es_active
         sev.vmsa_features = vmsa_features
         sev.ghcb_version = ghcb or (GHCB_VERSION_DEFAULT if es_active else 0)
+        if vm_type == VmType.SNP:
+            sev.vmsa_features |= SVM_SEV_FEAT_SNP_ACTIVE
         try:
             self.sev_asid_new(sev, task)
         except IoctlFailure:
@@ -849,6 +892,8 @@ class KvmModel:
         vcpu.sev_es.vmsa = vmsa
         self._sev_issue_cmd(caller, vm.sev.fd, "LAUNCH_UPDATE_VMSA")
         self._fw(lambda: self.fw.launch_update_vmsa(vm.sev.handle, vmsa))
+        # fpstate_set_confidential, then guest_state_protected.
+        vcpu.fpu_confidential = True
         vcpu.guest_state_protected = True
 
     def sev_launch_measure(
@@ -945,12 +990,31 @@ class KvmModel:
 
     @staticmethod
     def _snp(not_snp_errno: int) -> KvmModel._Handler:
+        """SNP_LAUNCH_START/UPDATE/FINISH: refused on a VM that is not an SNP guest, with the
+        handler's own errno (``snp_launch_start``/``_finish`` ENOTTY, ``snp_launch_update``
+        EINVAL); on an SNP guest the model stops at the payload (it has no SNP launch)."""
+
         def handler(
             task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
         ) -> dict[str, Any]:
-            raise IoctlFailure(not_snp_errno, f"{vm} is not an SEV-SNP guest")
+            if not sev_snp_guest(vm):
+                raise IoctlFailure(not_snp_errno, f"{vm} is not an SEV-SNP guest")
+            if data is None:
+                raise IoctlFailure(errno.EFAULT, "the command needs its parameter struct")
+            raise IoctlFailure(errno.EOPNOTSUPP, "the model does not implement the SNP launch")
 
         return handler
+
+    def snp_enable_certs(
+        self, task: Task, caller: Caller, vm: StructKvm, data: dict[str, Any] | None, sev_fd: int
+    ) -> dict[str, Any]:
+        """``KVM_SEV_SNP_ENABLE_REQ_CERTS`` (``snp_enable_certs``, Linux 6.20)."""
+        if vm.created_vcpus or not sev_snp_guest(vm):
+            raise IoctlFailure(
+                errno.EINVAL, "ENABLE_REQ_CERTS needs an SNP guest without vCPUs yet"
+            )
+        vm.sev.snp_certs_enabled = True
+        return {}
 
     # -- regions ------------------------------------------------------------------------------
     def sev_mem_enc_register_region(
@@ -1097,7 +1161,7 @@ class KvmModel:
             # sev_init_vmcb(dst_svm): nothing to model beyond the SEV-ES state below.
             if not dst.es_active:
                 continue
-            # Pairing is by index only: vcpu_id equality is not checked (spec 2.4).
+            # Pairing is by index only: vcpu_id equality is not checked.
             src_vcpu = src_vm.vcpus[i]
             assert src_vcpu.sev_es is not None
             dst_vcpu.sev_es = src_vcpu.sev_es.copy()
@@ -1119,7 +1183,16 @@ class KvmModel:
                 raise IoctlFailure(errno.EBADF, "the source fd is not an open VM fd")
             self.sev_lock_two_vms(task, dst, src)
             try:
-                if dst.vm_type != src.vm_type or sev_guest(dst) or not sev_guest(src):
+                # One combined check, one errno. The SNP refusal is "KVM: SEV: Do not allow
+                # intra-host migration/mirroring of SNP VMs" (merged 2026, in stable 6.12.97,
+                # 6.18.40 and 7.1.5): SNP state (guest request buffers, the SNP context) is not
+                # moved, so before it an SNP guest moved into an SNP VM half-worked.
+                if (
+                    dst.vm_type != src.vm_type
+                    or sev_guest(dst)
+                    or not sev_guest(src)
+                    or sev_snp_guest(src)
+                ):
                     raise IoctlFailure(errno.EINVAL, _move_refusal(dst, src))
                 src_sev, dst_sev = src.sev, dst.sev
                 dst_sev.misc_cg = task.cgroup
@@ -1167,9 +1240,12 @@ class KvmModel:
                 raise IoctlFailure(errno.EBADF, "the source fd is not an open VM fd")
             self.sev_lock_two_vms(task, dst, src)
             try:
+                # The SNP refusal: the same patch as in sev_vm_move_enc_context_from (a mirror
+                # would not get the SNP VMSA features, so it would run an SNP ASID as SEV).
                 if (
                     sev_guest(dst)
                     or not sev_guest(src)
+                    or sev_snp_guest(src)
                     or is_mirroring_enc_context(src)
                     or dst.created_vcpus
                 ):
@@ -1198,6 +1274,7 @@ class KvmModel:
             return {
                 "vm": vm.vm_id,
                 "type": vm.vm_type.name,
+                "has_protected_state": vm.has_protected_state,
                 "creator_pid": vm.creator[0],
                 "dead": vm.dead,
                 "users": vm.users,
@@ -1208,6 +1285,7 @@ class KvmModel:
                         "index": v.index,
                         "id": v.vcpu_id,
                         "protected": v.guest_state_protected,
+                        "fpu_confidential": v.fpu_confidential,
                         "mutex_owner": _owner_name(v.mutex.owner),
                         "has_vmsa": v.vmsa_valid,
                         "vmsa": v.sev_es.vmsa if v.sev_es is not None else None,
@@ -1230,6 +1308,8 @@ class KvmModel:
                     "migration_in_progress": sev.migration_in_progress,
                     "vmsa_features": sev.vmsa_features,
                     "ghcb_version": sev.ghcb_version,
+                    "snp": sev_snp_guest(vm),
+                    "snp_certs_enabled": sev.snp_certs_enabled,
                     "misc_cg": sev.misc_cg,
                 },
             }
@@ -1267,6 +1347,8 @@ def _move_refusal(dst: StructKvm, src: StructKvm) -> str:
         return f"the VM types differ (destination {dst.vm_type.name}, source {src.vm_type.name})"
     if sev_guest(dst):
         return "the destination is already an SEV guest; moves need a fresh destination VM"
+    if sev_snp_guest(src):
+        return "the source is an SEV-SNP guest: KVM does not move SNP contexts"
     return "the source is not an SEV guest (never initialised, or its context was moved away)"
 
 
@@ -1275,6 +1357,8 @@ def _copy_refusal(dst: StructKvm, src: StructKvm) -> str:
         return "the destination is already an SEV guest"
     if not sev_guest(src):
         return "the source is not an SEV guest"
+    if sev_snp_guest(src):
+        return "the source is an SEV-SNP guest: KVM does not mirror SNP contexts"
     if is_mirroring_enc_context(src):
         return "the source is itself a mirror (mirrors of mirrors are refused)"
     return "the destination already has vCPUs; create a mirror's vCPUs after the copy"

@@ -37,7 +37,7 @@ HEADER = struct.Struct("<4sIII")
 MAX_JSON = 1 << 20
 MAX_BLOBS = 1 << 30
 MAX_FDS = 8
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ServiceSocketError(IntrahostError):

@@ -472,6 +472,7 @@ class Service:
             "build": cfg.firmware.build,
             "supported_vmsa_features": cfg.supported_vmsa_features,
             "supported_vm_types": [int(t) for t in self.model.supported_vm_types()],
+            "sev_nr_max": cfg.sev_nr_max,
             "service_pid": os.getpid(),
             "test_hooks": self.test_hooks,
         }
@@ -694,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sev-asid", type=int, default=509, help="CPUID 0x8000001F ECX")
     parser.add_argument("--min-sev-asid", type=int, default=100, help="CPUID 0x8000001F EDX")
     parser.add_argument("--no-sev-es", action="store_true", help="disable SEV-ES")
+    parser.add_argument("--no-snp", action="store_true", help="disable SEV-SNP (the VM type)")
     parser.add_argument(
         "--key-file", help="platform key file (default: sev-model.key next to the socket)"
     )
@@ -742,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sev_asid=args.max_sev_asid,
         min_sev_asid=args.min_sev_asid,
         sev_es_enabled=not args.no_sev_es,
+        sev_snp_enabled=not args.no_snp,
         firmware=FirmwareVersion(),
     )
     try:

@@ -15,9 +15,15 @@ reason for each step:
    for SEV-ES LAUNCH_UPDATE_VMSA (from then on the vCPUs' register state belongs to the
    platform), LAUNCH_MEASURE, LAUNCH_FINISH.
 
+Which initialisation (see :func:`choose_initialisation`): the legacy KVM_SEV_INIT /
+KVM_SEV_ES_INIT on a default-type VM, also on a host whose ``KVM_CAP_VM_TYPES`` offers the
+SEV VM types (Linux 6.10+), because a guest of those types cannot run after a MOVE.
+
 Once an SEV-ES guest's vCPU state is protected (after LAUNCH_UPDATE_VMSA, or after the MOVE
-of an SEV-ES context) the VMM can no longer read or write the vCPUs' registers:
-:attr:`ConfidentialGuest.registers_protected` tells the state export to leave them out.
+of an SEV-ES context) the VMM does not read or write the vCPUs' registers:
+:attr:`ConfidentialGuest.registers_protected` tells the state export to leave them out. (On
+the default-type VM the kernel would answer those ioctls, with KVM's own copy rather than
+the guest's state; on an SEV-ES-type VM it refuses them with EINVAL.)
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING
 import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Vm
-from intrahost.sev.interface import SEV_POLICY_ES, SevPlatform, SevVm
+from intrahost.sev.interface import SEV_POLICY_ES, PlatformInfo, SevPlatform, SevVm, VmType
 from intrahost.sev.platforms import open_platform
 from intrahost.vmm.persist import JsonRecord, RecordState
 
@@ -44,6 +50,41 @@ IMAGE_BASE = 0x100000
 
 class ConfidentialError(IntrahostError):
     """An SEV guest cannot be set up or taken over."""
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """How a new SEV or SEV-ES guest is initialised: the ``KVM_CREATE_VM`` type (the default
+    type means KVM_SEV_INIT / KVM_SEV_ES_INIT, an SEV type KVM_SEV_INIT2), and why."""
+
+    vm_type: VmType
+    reason: str
+
+
+def choose_initialisation(info: PlatformInfo) -> Initialisation:
+    """The initialisation of a guest this VMM may hand off, by the host's VM types.
+
+    Where ``KVM_CAP_VM_TYPES`` offers no SEV type (before Linux 6.10), the legacy commands on
+    a default-type VM are the only way. Where it does, they are still the way: a MOVE does
+    not carry ``need_init`` (``sev_migrate_from`` in ``sev.c``), and a destination of an SEV
+    type starts with it set (``svm_vm_init``) and can never clear it (KVM_SEV_INIT2 is refused
+    on a VM that is already an SEV guest), so ``svm_vcpu_pre_run`` refuses KVM_RUN there with
+    EINVAL for good. A MOVE also needs both VMs of the same type, so the destination cannot
+    be of the default type either. A default-type destination has no ``need_init`` and runs.
+    """
+    offered = [t for t in (VmType.SEV, VmType.SEV_ES, VmType.SNP) if t in info.supported_vm_types]
+    if not offered:
+        return Initialisation(
+            VmType.DEFAULT,
+            "KVM_SEV_INIT/KVM_SEV_ES_INIT on a default-type VM: this platform offers no SEV VM "
+            "type (KVM_CAP_VM_TYPES)",
+        )
+    return Initialisation(
+        VmType.DEFAULT,
+        "KVM_SEV_INIT/KVM_SEV_ES_INIT on a default-type VM, although the platform offers "
+        f"{', '.join(t.name for t in offered)} (KVM_SEV_INIT2): a MOVE destination of an SEV "
+        "VM type keeps need_init set and can never run",
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +122,10 @@ class ConfidentialGuest:
         The machine must use :attr:`kvm_vm` in place of its VM afterwards."""
         config = machine.config
         platform = open_platform(config.sev_platform)
-        vm, kvm_vm = platform.attach(machine.vm)
+        init = choose_initialisation(platform.info)
+        log.info("SEV initialisation: %s", init.reason)
+        # The machine's KVM VM was created with the default type, which is init.vm_type.
+        vm, kvm_vm = platform.attach(machine.vm, init.vm_type)
         guest = cls(config.sev, platform, vm, kvm_vm)
         if not incoming:
             if config.sev == "sev-es":
@@ -97,6 +141,31 @@ class ConfidentialGuest:
     @property
     def es(self) -> bool:
         return self.mode == "sev-es"
+
+    def handoff_refusal(self) -> str | None:
+        """Why this guest cannot be handed off (checked before the pause), or None.
+
+        * SEV-SNP: KVM refuses to MOVE an SNP context (EINVAL: its SNP state, the guest
+          request buffers and the SNP firmware context, would not move with it), so the
+          destination could never take the guest;
+        * a VM of an SEV type (KVM_SEV_INIT2): the destination could take the context but
+          never run it (see :func:`choose_initialisation`).
+        """
+        vm_type = self.vm.vm_type
+        if vm_type == VmType.SNP:
+            return (
+                "an SEV-SNP guest cannot be handed off: KVM refuses to move an SNP encryption "
+                "context (KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM answers EINVAL, since the SNP "
+                "state would not move with it); the guest stays here"
+            )
+        if vm_type != VmType.DEFAULT:
+            return (
+                f"this {self.mode} guest was initialised with KVM_SEV_INIT2 on a VM of type "
+                f"{vm_type.name}: after a MOVE its destination could never run (KVM does not "
+                "move need_init); only guests initialised with KVM_SEV_INIT/KVM_SEV_ES_INIT "
+                "can be handed off. The guest stays here"
+            )
+        return None
 
     def persist(self) -> RecordState[LaunchRecord]:
         """The ``sev/launch`` state component: the launch record (none before the launch; the

@@ -245,11 +245,25 @@ def test_selftest_parameters_case_runs_on_this_kernel(kernel: kp.KernelPlatform)
     st.test_sev_migrate_parameters(kernel, have_sev_es=False)
 
 
-def test_sev_vm_types_need_a_kernel_that_has_them(kernel: kp.KernelPlatform) -> None:
-    if VmType.SEV in kernel.info.supported_vm_types:
-        pytest.skip("this kernel creates SEV VMs")
-    err = expect(lambda: kernel.create_vm(VmType.SEV), errno.EINVAL)
-    assert "6.10" in err.detail
+@pytest.mark.parametrize("vm_type", [VmType.SEV, VmType.SEV_ES, VmType.SNP])
+def test_sev_vm_types_need_a_kernel_that_has_them(
+    kernel: kp.KernelPlatform, vm_type: VmType
+) -> None:
+    """x86.c ``kvm_arch_init_vm``: a type outside ``kvm_caps.supported_vm_types`` (which
+    sev.c ``sev_set_cpu_caps`` fills only where SEV, SEV-ES, SNP are enabled) is EINVAL."""
+    if vm_type in kernel.info.supported_vm_types:
+        pytest.skip(f"this kernel creates {vm_type.name} VMs")
+    err = expect(lambda: kernel.create_vm(vm_type), errno.EINVAL)
+    assert "6.10" in err.detail and vm_type.name in err.detail
+
+
+@needs_kvm_without_sev
+def test_the_command_bound_of_this_kernel(kernel: kp.KernelPlatform) -> None:
+    """KVM_SEV_NR_MAX: 104 where the KVM_X86_SEV_SNP_REQ_CERTS attribute of /dev/kvm answers
+    (sev.c ``sev_dev_get_attr``, with KVM_SEV_SNP_ENABLE_REQ_CERTS), else 103."""
+    has_attribute = kp._sev_attribute(kernel.kvm, kp.KVM_X86_SEV_SNP_REQ_CERTS) is not None
+    assert kernel.info.sev_nr_max == (104 if has_attribute else 103)
+    assert not has_attribute  # a kernel without SEV has no SEV attributes
 
 
 def test_vcpus_and_state_of_a_created_vm(kernel: kp.KernelPlatform) -> None:
@@ -518,9 +532,9 @@ def test_guest_status_and_init2(recording: Callable[..., Any]) -> None:
         p.handle, p.policy, p.state = 3, 0x4, GuestState.LUPDATE
 
     vm.answers += [init2, status]
-    sev.sev_init2(vmsa_features=1 << 5, ghcb_version=2)
+    sev.sev_init2(vmsa_features=1 << 5, ghcb_version=2, flags=1 << 31)
     got = sev.guest_status()
-    assert seen["init2"] == (1 << 5, 0, 2)
+    assert seen["init2"] == (1 << 5, 1 << 31, 2)  # flags reach the kernel as given
     assert (got.handle, got.policy, got.state) == (3, 4, GuestState.LUPDATE)
     assert [c.id for c in vm.commands] == [22, 16]
 
@@ -687,6 +701,37 @@ def test_model_attach_guards_the_kvm_vm(model: ModelPlatform) -> None:
 
 
 def test_model_attach_protects_sev_es_vcpus_launched_or_moved_in(model: ModelPlatform) -> None:
+    """On VMs of the SEV-ES type (x86.c refuses the register ioctls of a protected vCPU where
+    ``kvm->arch.has_protected_state``, which ``svm_vm_init`` sets for that type)."""
+    kvm = _kvm_or_none()
+    if kvm is None:
+        pytest.skip("no usable /dev/kvm")
+    with kvm:
+        src, src_vm = model.attach(kvm.create_vm(), VmType.SEV_ES)
+        dst, dst_vm = model.attach(kvm.create_vm(), VmType.SEV_ES)
+        try:
+            src.sev_init2()
+            src_vcpu = src_vm.create_vcpu(0)
+            src.create_vcpu(0)
+            dst_vcpu = dst_vm.create_vcpu(0)
+            dst.create_vcpu(0)
+            src.launch_start(SEV_POLICY_ES)
+            src_vcpu.get_regs()
+            src.launch_update_vmsa()  # the VMSA is the attached vCPU's register state
+            expect_kvm(src_vcpu.get_regs, errno.EINVAL)
+            dst_vcpu.get_regs()
+            dst.move_enc_context_from(src.fd)
+            expect_kvm(dst_vcpu.get_regs, errno.EINVAL)  # the service said: protected
+            expect_kvm(src_vcpu.get_regs, errno.EIO)  # dead first
+        finally:
+            for obj in (src_vcpu, dst_vcpu, src_vm, dst_vm, src, dst):
+                obj.close()
+
+
+def test_model_attach_of_a_legacy_es_vm_leaves_register_ioctls_lax(model: ModelPlatform) -> None:
+    """On default-type VMs initialised with KVM_SEV_ES_INIT (no ``has_protected_state``,
+    x86.c) the register ioctls of protected vCPUs succeed, launched or moved in; they carry
+    no guest state."""
     kvm = _kvm_or_none()
     if kvm is None:
         pytest.skip("no usable /dev/kvm")
@@ -700,13 +745,16 @@ def test_model_attach_protects_sev_es_vcpus_launched_or_moved_in(model: ModelPla
             dst_vcpu = dst_vm.create_vcpu(0)
             dst.create_vcpu(0)
             src.launch_start(SEV_POLICY_ES)
-            src_vcpu.get_regs()
-            src.launch_update_vmsa()  # the VMSA is the attached vCPU's register state
-            expect_kvm(src_vcpu.get_regs, errno.EINVAL)
-            dst_vcpu.get_regs()
+            src.launch_update_vmsa()
+            assert src.vcpu_protected(0)
+            assert src_vcpu.get_regs().rip == 0 and bytes(src_vcpu.get_fpu()) == bytes(
+                uapi.kvm_fpu()
+            )
             dst.move_enc_context_from(src.fd)
-            expect_kvm(dst_vcpu.get_regs, errno.EINVAL)  # the service said: protected
-            expect_kvm(src_vcpu.get_regs, errno.EIO)  # dead first
+            assert dst.vcpu_protected(0)
+            assert bytes(dst_vcpu.get_sregs()) == bytes(uapi.kvm_sregs())
+            dst_vcpu.set_regs(uapi.kvm_regs())
+            expect_kvm(src_vcpu.get_regs, errno.EIO)  # the source is dead all the same
         finally:
             for obj in (src_vcpu, dst_vcpu, src_vm, dst_vm, src, dst):
                 obj.close()

@@ -1,4 +1,5 @@
-"""Kernel quirks the model follows on purpose (spec marks them [O]), one test each.
+"""Kernel quirks the model follows on purpose (behaviour of sev.c no selftest covers), one
+test each.
 
 Each is named by a ``QUIRK`` comment at the place in ``intrahost/sevmodel/kvm_sev.py`` where
 the model follows the kernel.
@@ -136,7 +137,7 @@ def test_quirk_sev_es_move_across_cgroups_uses_the_sev_counter() -> None:
 
 
 def test_quirk_moving_a_fresh_mirror_leaks_a_charge() -> None:
-    """Found while modelling (not in the spec): a mirror's misc_cg is NULL.
+    """Found while modelling (no selftest covers it): a mirror's misc_cg is NULL.
 
     MOVE compares the caller's cgroup with the source's NULL one, charges the destination,
     and on success uncharges the NULL cgroup (a no-op). Every move of a freshly copied mirror

@@ -1,4 +1,5 @@
-"""The kernel's sev_migrate_tests.c, every scenario, on every platform (spec section 5).
+"""The kernel's sev_migrate_tests.c and sev_init2_tests.c (tools/testing/selftests/kvm/x86/),
+every scenario, on every platform.
 
 The cases live in ``intrahost.sev.selftest`` so that ``intrahost selftest`` runs the same code.
 On the model, each case must also leave nothing behind: every VM destroyed and no ASID held
@@ -7,12 +8,20 @@ On the model, each case must also leave nothing behind: every VM destroyed and n
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 import pytest
 from sev_testlib import ServiceHandle, start_service, wait_idle
 
-from intrahost.sev import SevPlatform, open_platform, unavailable_reason
+from intrahost.sev import (
+    PlatformInfo,
+    SevError,
+    SevPlatform,
+    VmType,
+    open_platform,
+    unavailable_reason,
+)
 from intrahost.sev import selftest as st
 from intrahost.sevmodel.client import ModelPlatform
 
@@ -86,6 +95,22 @@ def test_mirror_parameters(sev_platform: SevPlatform) -> None:
     _run(sev_platform, "mirror_parameters")
 
 
+def test_init2_vm_types(sev_platform: SevPlatform) -> None:
+    _run(sev_platform, "init2_vm_types")
+
+
+def test_init2_flags(sev_platform: SevPlatform) -> None:
+    _run(sev_platform, "init2_flags")
+
+
+def test_init2_features(sev_platform: SevPlatform) -> None:
+    _run(sev_platform, "init2_features")
+
+
+def test_init2_ghcb_version(sev_platform: SevPlatform) -> None:
+    _run(sev_platform, "init2_ghcb_version")
+
+
 def test_every_case_has_a_test() -> None:
     names = {c.name for c in st.CASES}
     tested = {
@@ -101,7 +126,7 @@ def test_run_all_reports_every_case(selftest_service: ServiceHandle) -> None:
     platform = selftest_service.platform()
     try:
         cases = [
-            st.SelftestCase(c.name, c.run, c.needs_sev_es)
+            st.SelftestCase(c.name, c.run, c.requires, c.suite)
             if c.name != "migrate_locking"
             else st.SelftestCase(c.name, lambda p: st.test_sev_migrate_locking(p, 50))
             for c in st.CASES
@@ -110,9 +135,77 @@ def test_run_all_reports_every_case(selftest_service: ServiceHandle) -> None:
         assert [r.name for r in results] == [c.name for c in st.CASES]
         assert all(r.outcome == "passed" for r in results), results
         assert "150 moves" in results[2].detail
+        assert {c.suite for c in st.CASES} == {st.MIGRATE_TESTS, st.INIT2_TESTS}
     finally:
         wait_idle(platform)
         platform.close()
+
+
+def test_the_mirror_sweep_runs_to_the_platforms_bound(selftest_service: ServiceHandle) -> None:
+    """The selftest sweeps command ids up to KVM_SEV_NR_MAX, which grew to 104 with
+    KVM_SEV_SNP_ENABLE_REQ_CERTS (Linux 6.20): the bound is the platform's, not a constant."""
+    platform = selftest_service.platform()
+    try:
+        assert platform.info.sev_nr_max == 104
+        seen: list[int] = []
+
+        class Recording:
+            def raw_command(self, command: int) -> None:
+                seen.append(command)
+                raise SevError("raw", errno.EINVAL)
+
+            def guest_status(self) -> None:
+                pass
+
+        st.verify_mirror_allowed_cmds(Recording(), 42)  # type: ignore[arg-type]
+        assert max(seen) == 41
+        st.verify_mirror_allowed_cmds(Recording(), platform.info.sev_nr_max)  # type: ignore[arg-type]
+        assert max(seen) == 103
+    finally:
+        platform.close()
+
+
+def test_init2_cases_skip_without_the_sev_vm_types() -> None:
+    """The INIT2 selftest's TEST_REQUIRE: without KVM_X86_SEV_VM in KVM_CAP_VM_TYPES (this
+    host's kernel, for one) every INIT2 case is skipped, and says why."""
+    kernel_like = PlatformInfo(
+        name="kernel",
+        sev_enabled=False,
+        sev_es_enabled=False,
+        max_sev_asid=0,
+        min_sev_asid=1,
+        cbit_position=0,
+        api_major=0,
+        api_minor=0,
+        build=0,
+        supported_vmsa_features=0,
+        supported_vm_types=(VmType.DEFAULT,),
+    )
+
+    class NoSevTypes:
+        info = kernel_like
+
+    for case in st.CASES:
+        if case.suite != st.INIT2_TESTS:
+            continue
+        result = st.run_case(NoSevTypes(), case)  # type: ignore[arg-type]
+        assert result.outcome == "skipped"
+        assert "KVM_CAP_VM_TYPES" in result.detail and "6.10" in result.detail
+
+
+def test_init2_cases_follow_the_platforms_types(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Without SEV-ES (and so without SNP) the INIT2 cases run on the SEV type alone."""
+    handle = start_service(tmp_path_factory.mktemp("sev-init2-noes"), "--no-sev-es")
+    try:
+        platform = handle.platform()
+        assert platform.info.supported_vm_types == (VmType.DEFAULT, VmType.SEV)
+        for case in st.CASES:
+            if case.suite == st.INIT2_TESTS:
+                assert st.run_case(platform, case).outcome == "passed"
+        wait_idle(platform)
+        platform.close()
+    finally:
+        handle.stop()
 
 
 def test_es_cases_skip_without_sev_es(

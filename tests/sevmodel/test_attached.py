@@ -15,15 +15,16 @@ import pytest
 from support import needs_kvm
 
 from intrahost.kvm import Interrupted, Kvm, KvmError, uapi
-from intrahost.sev.interface import SevError
+from intrahost.sev.interface import SevError, VmType
 from intrahost.sevmodel.attached import VMSA_SIZE, AttachedVcpu, AttachedVm
 
 
 class StandInSevVm:
     """What AttachedVm asks of its model VM: liveness, and vcpu_enter / vcpu_exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, vm_type: VmType) -> None:
         self.fd = 1000
+        self.vm_type = vm_type
         self.dead = False
         self.vmsa: bytes | None = None
         self.enter_error: SevError | None = None
@@ -42,9 +43,12 @@ class StandInSevVm:
         self.calls.append(("exit", index, vmsa))
 
 
-@pytest.fixture
-def attached() -> Iterator[tuple[StandInSevVm, AttachedVm, AttachedVcpu]]:
-    sev = StandInSevVm()
+@pytest.fixture(params=[VmType.SEV_ES])
+def attached(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[StandInSevVm, AttachedVm, AttachedVcpu]]:
+    """An attached VM with one vCPU; of the SEV-ES type unless parametrised otherwise."""
+    sev = StandInSevVm(request.param)
     with Kvm() as kvm:
         plain = kvm.create_vm()
         with AttachedVm(plain.detach(), kvm, sev) as vm:  # type: ignore[arg-type]
@@ -61,8 +65,12 @@ def attached() -> Iterator[tuple[StandInSevVm, AttachedVm, AttachedVcpu]]:
 def test_protected_vcpu_refuses_register_access(
     attached: tuple[StandInSevVm, AttachedVm, AttachedVcpu],
 ) -> None:
-    _sev, _vm, vcpu = attached
+    """On an SEV-ES-type VM (x86.c: ``has_protected_state`` with ``guest_state_protected``,
+    and for the FPU ``fpstate_is_confidential``, as LAUNCH_UPDATE_VMSA leaves a vCPU)."""
+    _sev, vm, vcpu = attached
+    assert vm.has_protected_state
     vcpu.protected = True
+    vcpu.fpu_confidential = True
     for call in (vcpu.get_regs, vcpu.get_sregs, vcpu.get_debugregs, vcpu.get_fpu):
         with pytest.raises(KvmError) as info:
             call()
@@ -73,6 +81,50 @@ def test_protected_vcpu_refuses_register_access(
     vcpu.get_lapic()  # not register state: still the VMM's
     vcpu.protected = False
     vcpu.get_regs()
+
+
+@needs_kvm
+def test_a_moved_in_vcpu_of_the_typed_kind_keeps_its_fpu_ioctls(
+    attached: tuple[StandInSevVm, AttachedVm, AttachedVcpu],
+) -> None:
+    """x86.c refuses REGS, SREGS, SREGS2, DEBUGREGS and XCRS on a protected vCPU of a VM with
+    protected state, but FPU and XSAVE only once ``fpstate_is_confidential``: only
+    ``__sev_launch_update_vmsa`` (sev.c) sets that, ``sev_migrate_from`` does not, so on a
+    MOVE destination's vCPU they still answer."""
+    _sev, _vm, vcpu = attached
+    vcpu.protected = True  # what a MOVE of an SEV-ES context leaves
+    for call in (vcpu.get_regs, vcpu.get_sregs, vcpu.get_debugregs, vcpu.get_xcrs):
+        with pytest.raises(KvmError) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    vcpu.get_fpu()
+    vcpu.get_xsave()
+
+
+@needs_kvm
+@pytest.mark.parametrize("attached", [VmType.DEFAULT], indirect=True)
+def test_protected_vcpu_of_a_legacy_es_vm_answers_without_its_state(
+    attached: tuple[StandInSevVm, AttachedVm, AttachedVcpu],
+) -> None:
+    """On a default-type VM initialised with KVM_SEV_ES_INIT, x86.c has no
+    ``has_protected_state``: the register ioctls of a protected vCPU succeed, getters give no
+    guest state (the kernel its stale copy, the model zeroes) and setters change nothing."""
+    _sev, vm, vcpu = attached
+    assert not vm.has_protected_state
+    regs = uapi.kvm_regs()
+    regs.rip = 0x1234
+    vcpu.set_regs(regs)
+    vcpu.protected = True
+    vcpu.fpu_confidential = True
+    assert vcpu.get_regs().rip == 0  # no guest state
+    assert bytes(vcpu.get_sregs()) == bytes(uapi.kvm_sregs())
+    assert bytes(vcpu.get_debugregs()) == bytes(uapi.kvm_debugregs())
+    assert bytes(vcpu.get_fpu()) == bytes(uapi.kvm_fpu())
+    other = uapi.kvm_regs()
+    other.rip = 0x5678
+    vcpu.set_regs(other)  # accepted, and ignored
+    vcpu.protected = False
+    assert vcpu.get_regs().rip == 0x1234
 
 
 @needs_kvm
@@ -127,3 +179,24 @@ def test_vcpu_enter_fails_as_kvm_run(
         vcpu.run()
     assert (info.value.errno, info.value.ioctl) == (errno.EINVAL, "KVM_RUN")
     assert sev.calls == [("enter", 0)]  # not entered: nothing to exit
+
+
+@needs_kvm
+def test_the_vmm_state_export_never_issues_what_a_typed_vm_refuses(
+    attached: tuple[StandInSevVm, AttachedVm, AttachedVcpu],
+) -> None:
+    """x86.c refuses REGS, SREGS(2), DEBUGREGS, XCRS and (FPU confidential) XSAVE on a
+    protected vCPU of an SEV-ES-type VM: the VMM's vCPU export leaves them out and its import
+    does not set what was left out, so neither fails there."""
+    from intrahost.kvm.features import probe_features
+    from intrahost.vmm.kvm_state import VcpuComponent
+
+    _sev, vm, vcpu = attached
+    assert vm.kvm is not None
+    features = probe_features(vm.kvm, vcpu)
+    vcpu.protected = True
+    vcpu.fpu_confidential = True
+    component = VcpuComponent(vcpu, 0, features, b"", protected=lambda: True)
+    state = component.save()
+    assert (state.regs, state.sregs, state.xsave, state.xcrs, state.debugregs) == (None,) * 5
+    component.restore(state)

@@ -1,7 +1,7 @@
 """The model of KVM's sev.c, driven directly (no service): every check in the kernel's order.
 
-Spec references are to /work/shared/research/kernel-semantics.md (section 2.1 for MOVE, 2.6
-for COPY, 3 for locking, 6.4 for ASIDs, 6.5 for regions).
+Section headings name the kernel functions followed (``arch/x86/kvm/svm/sev.c`` unless said
+otherwise).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from intrahost.sevmodel.kvm_sev import INVALID_PAGE, IoctlFailure, KvmModel, Str
 from intrahost.sevmodel.sync import Task
 
 # ------------------------------------------------------------------------------------------
-# MOVE: each check, in order (spec 2.1)
+# MOVE: each check, in order (sev_vm_move_enc_context_from)
 
 
 def test_move_dead_destination_is_eio_before_anything(kvm: KvmModel) -> None:
@@ -226,7 +226,7 @@ def test_dead_source_every_later_operation_is_eio(kvm: KvmModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# COPY (spec 2.6)
+# COPY (sev_vm_copy_enc_context_from)
 
 
 def test_copy_checks(kvm: KvmModel) -> None:
@@ -339,7 +339,7 @@ def test_move_mirror_stays_a_mirror(kvm: KvmModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# locking (spec 3)
+# locking (sev_lock_two_vms, kvm_lock_all_vcpus in virt/kvm/kvm_main.c)
 
 
 def _wait_blocked(kvm: KvmModel, predicate: Callable[[], bool]) -> None:
@@ -513,7 +513,7 @@ def test_launch_update_vmsa_waits_killably_for_vcpus(kvm: KvmModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# ASIDs (spec 6.4)
+# ASIDs (sev_asid_new, __sev_recycle_asids, sev_asid_free)
 
 
 def test_asid_ranges_default_epyc() -> None:
@@ -581,7 +581,7 @@ def test_moved_asid_is_freed_by_the_destination(kvm: KvmModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# commands, init, launch (spec 6.1-6.3, 7.2)
+# commands, init, launch (sev_mem_enc_ioctl, __sev_guest_init, the launch handlers)
 
 
 def test_sev_disabled_is_enotty() -> None:

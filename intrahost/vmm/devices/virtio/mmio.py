@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
-from intrahost.kvm import Vm
+from intrahost.kvm import KvmError, Vm
 from intrahost.vmm.devices.virtio.iothread import IoThread
 from intrahost.vmm.devices.virtio.layout import (
     VIRTIO_MMIO_WINDOW,
@@ -250,7 +250,10 @@ class VirtioMmioDevice:
         self.io.call(self.process_all)
 
     def close(self) -> None:
-        self.detach()
+        try:
+            self.detach()
+        except KvmError as e:  # a VM that is already dead (an SEV VM whose context moved)
+            log.debug("%s: detaching from the VM: %s", self.name, e)
         self.io.close()
         with self._work:
             for q in self.queues:

@@ -46,6 +46,8 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             spec: dict[str, Any] = {"dest": name, "help": flag.help}
             if flag.const is not None:
                 spec |= {"action": "store_const", "const": flag.const}
+            elif flag.repeat:
+                spec["action"] = "append"
             else:
                 spec |= {"choices": flag.choices}
                 if flag.type is not None:
@@ -245,7 +247,10 @@ def cmd_control(args: argparse.Namespace) -> int:
         if args.command == "status":
             status = qmp.execute("query-status")
             info = qmp.execute("query-vm")
-            print(json.dumps({"status": status["status"], "vm": info}, indent=2))
+            report: dict[str, Any] = {"status": status["status"], "vm": info}
+            if info.get("disks"):
+                report["block"] = qmp.execute("query-block")
+            print(json.dumps(report, indent=2))
         elif args.command == "pause":
             qmp.execute("stop")
         elif args.command == "resume":

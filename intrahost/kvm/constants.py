@@ -70,7 +70,9 @@ KVM_CREATE_IRQCHIP = _IO(0x60)
 KVM_IRQ_LINE = _IOW(0x61, uapi.kvm_irq_level)
 KVM_GET_IRQCHIP = _IOWR(0x62, uapi.kvm_irqchip)
 KVM_SET_IRQCHIP = _IOR(0x63, uapi.kvm_irqchip)
+KVM_IRQFD = _IOW(0x76, uapi.kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(0x77, uapi.kvm_pit_config)
+KVM_IOEVENTFD = _IOW(0x79, uapi.kvm_ioeventfd)
 KVM_SET_CLOCK = _IOW(0x7B, uapi.kvm_clock_data)
 KVM_GET_CLOCK = _IOR(0x7C, uapi.kvm_clock_data)
 KVM_GET_PIT2 = _IOR(0x9F, uapi.kvm_pit_state2)
@@ -193,6 +195,12 @@ KVM_MEM_LOG_DIRTY_PAGES = 1
 KVM_MEM_READONLY = 2
 
 KVM_PIT_SPEAKER_DUMMY = 1
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 KVM_CLOCK_TSC_STABLE = 2
 KVM_CLOCK_REALTIME = 1 << 2
 KVM_CLOCK_HOST_TSC = 1 << 3

@@ -227,6 +227,43 @@ class Vm(_FdObject):
         arg.irq = irq
         self._ioctl(K.KVM_IRQ_LINE, "KVM_IRQ_LINE", arg)
 
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes (1, 2, 4, 8; 0 for any) at MMIO
+        address (or, with ``pio``, port) ``addr`` signals eventfd ``fd`` in the kernel instead
+        of exiting to userspace; with ``datamatch`` only a write of that value does.
+        ``deassign`` removes a registration made with the same arguments."""
+        flags = K.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+        if datamatch is not None:
+            flags |= K.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= K.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg = uapi.kvm_ioeventfd(
+            datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags
+        )
+        self._ioctl(K.KVM_IOEVENTFD, "KVM_IOEVENTFD", arg)
+
+    def irqfd(
+        self, fd: int, gsi: int, resample_fd: int | None = None, deassign: bool = False
+    ) -> None:
+        """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi`` on the in-kernel irqchip (an
+        edge; with ``resample_fd``, a level held until the guest's EOI, which then signals
+        ``resample_fd`` so the device can re-assert it). ``deassign`` detaches ``fd``."""
+        flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resample_fd is not None and not deassign:
+            flags |= K.KVM_IRQFD_FLAG_RESAMPLE
+        arg = uapi.kvm_irqfd(
+            fd=fd, gsi=gsi, flags=flags, resamplefd=0 if resample_fd is None else resample_fd
+        )
+        self._ioctl(K.KVM_IRQFD, "KVM_IRQFD", arg)
+
     def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
         chip = uapi.kvm_irqchip(chip_id=chip_id)
         self._ioctl(K.KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP", chip)

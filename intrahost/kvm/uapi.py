@@ -574,6 +574,39 @@ class kvm_irq_level(Struct):
     level: int
 
 
+# --- eventfds: ioeventfd (guest writes signal an eventfd) and irqfd (an eventfd raises a GSI) --
+
+
+class kvm_ioeventfd(Struct):
+    _fields_ = [
+        ("datamatch", u64),
+        ("addr", u64),
+        ("len", u32),
+        ("fd", s32),
+        ("flags", u32),
+        ("pad", u8 * 36),
+    ]
+    datamatch: int
+    addr: int
+    len: int
+    fd: int
+    flags: int
+
+
+class kvm_irqfd(Struct):
+    _fields_ = [
+        ("fd", u32),
+        ("gsi", u32),
+        ("flags", u32),
+        ("resamplefd", u32),
+        ("pad", u8 * 16),
+    ]
+    fd: int
+    gsi: int
+    flags: int
+    resamplefd: int
+
+
 # --- SEV -------------------------------------------------------------------------------------
 
 

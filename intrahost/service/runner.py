@@ -99,6 +99,7 @@ class Vmm:
         api.register("cont", lambda _a: self._cont())
         api.register("quit", lambda _a: self._request_quit())
         api.register("query-vm", lambda _a: self._query_vm())
+        api.register("query-block", lambda _a: self.machine.query_block())
         api.register("migrate", self._migrate, {"uri": (str, True)})
         api.register("query-migrate", lambda _a: self._query_migrate())
 

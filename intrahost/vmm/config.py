@@ -8,12 +8,13 @@ imports little, so that the command line can build its parser without loading KV
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from intrahost.errors import IntrahostError
-from intrahost.vmm.persist import JsonRecord
+from intrahost.vmm.persist import JsonRecord, converted
 
 MAX_VCPUS = 64
 
@@ -41,6 +42,8 @@ class Flag:
     parse: Callable[[str], Any] | None = None
     choices: tuple[str, ...] | None = None
     const: str | None = None
+    #: The flag may be given several times; ``parse`` receives the list of values.
+    repeat: bool = False
 
 
 FLAGS = "intrahost.flags"
@@ -50,9 +53,92 @@ def _flags(*flags: Flag, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={FLAGS: flags})
 
 
+def _flags_converted(
+    *flags: Flag,
+    to_json: Callable[[Any], Any],
+    from_json: Callable[[Any], Any],
+    default: Any,
+) -> Any:
+    return converted(to_json, from_json, default=default, metadata={FLAGS: flags})
+
+
 def config_flags() -> list[tuple[str, tuple[Flag, ...]]]:
     """Each MachineConfig field with its command-line flags."""
     return [(f.name, f.metadata[FLAGS]) for f in dataclasses.fields(MachineConfig)]
+
+
+#: The most ``--disk`` devices (the virtio-mmio device slots, see docs/devices.md).
+MAX_DISKS = 16
+#: A disk id: GET_ID tells the guest at most 20 bytes.
+_DISK_ID = re.compile(r"[A-Za-z0-9_.:-]{1,20}")
+_ON_OFF = {"on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class DiskConfig(JsonRecord, label="disk", error=MachineConfigError):
+    """One ``--disk``: a raw image and how the guest sees it. ``path`` names the image for
+    the VMM that opens it (a VMM taking over a running guest inherits the open image
+    instead); ``size`` is the image's size in bytes once a VMM opened it."""
+
+    path: str
+    readonly: bool = False
+    direct: bool = False
+    id: str = ""
+    size: int | None = None
+
+    def guest_view(self) -> tuple[str, bool, int | None]:
+        """What the guest sees of the disk: its id, read-only flag and capacity."""
+        return (self.id, self.readonly, self.size)
+
+    def check(self) -> None:
+        if not self.path:
+            raise MachineConfigError("--disk needs path=IMAGE")
+        if not _DISK_ID.fullmatch(self.id):
+            raise MachineConfigError(f"--disk id {self.id!r}: use 1 to 20 letters, digits or _.:-")
+
+
+def parse_disk(text: str, index: int = 0) -> DiskConfig:
+    """``path=IMAGE[,readonly=on][,direct=on][,id=NAME]`` (the id defaults to diskN)."""
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MachineConfigError(
+                f"--disk {text!r}: {item!r} is not KEY=VALUE (path=IMAGE[,readonly=on]"
+                "[,direct=on][,id=NAME])"
+            )
+        if key in values:
+            raise MachineConfigError(f"--disk {text!r}: {key} is given twice")
+        if key in ("readonly", "direct"):
+            if value not in _ON_OFF:
+                raise MachineConfigError(f"--disk {text!r}: {key} must be on or off")
+            values[key] = _ON_OFF[value]
+        elif key in ("path", "id"):
+            values[key] = value
+        else:
+            raise MachineConfigError(
+                f"--disk {text!r}: unknown key {key!r} (known: path, readonly, direct, id)"
+            )
+    values.setdefault("id", f"disk{index}")
+    if "path" not in values:
+        raise MachineConfigError(f"--disk {text!r}: path=IMAGE is required")
+    disk = DiskConfig(**values)
+    disk.check()
+    return disk
+
+
+def parse_disks(texts: Sequence[str]) -> tuple[DiskConfig, ...]:
+    return tuple(parse_disk(text, i) for i, text in enumerate(texts))
+
+
+def _disks_from_json(value: Any) -> tuple[DiskConfig, ...]:
+    if not isinstance(value, list):
+        raise MachineConfigError("config: disks must be a list")
+    return tuple(DiskConfig.from_dict(d, where=f"config: disks[{i}]") for i, d in enumerate(value))
+
+
+def _disks_to_json(disks: tuple[DiskConfig, ...]) -> list[dict[str, Any]]:
+    return [d.to_dict() for d in disks]
 
 
 @dataclass(frozen=True)
@@ -101,7 +187,27 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         Flag("--sev-policy", "SEV guest policy bits", type=lambda v: int(v, 0)), default=0
     )
 
-    GUEST_VISIBLE: ClassVar[tuple[str, ...]] = ("memory", "vcpus", "guest", "guest_args", "sev")
+    #: The virtio disks, in device order (see docs/devices.md).
+    disks: tuple[DiskConfig, ...] = _flags_converted(
+        Flag(
+            "--disk",
+            "a raw disk image: path=IMAGE[,readonly=on][,direct=on][,id=NAME] (repeatable)",
+            parse=parse_disks,
+            repeat=True,
+        ),
+        to_json=_disks_to_json,
+        from_json=_disks_from_json,
+        default=(),
+    )
+
+    GUEST_VISIBLE: ClassVar[tuple[str, ...]] = (
+        "memory",
+        "vcpus",
+        "guest",
+        "guest_args",
+        "sev",
+        "disks",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -110,11 +216,29 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
             raise MachineConfigError(f"unknown SEV mode {self.sev!r}: use --sev or --sev-es")
         if self.sev_platform not in ("auto", "kernel", "model"):
             raise MachineConfigError("--platform must be auto, kernel or model")
+        if len(self.disks) > MAX_DISKS:
+            raise MachineConfigError(f"at most {MAX_DISKS} --disk devices, got {len(self.disks)}")
+        ids = [d.id for d in self.disks]
+        if len(set(ids)) != len(ids):
+            raise MachineConfigError(f"--disk ids must differ, got {ids}")
 
     @property
     def cmdline(self) -> str:
-        return f"cpus={self.vcpus} {self.guest_args}".strip()
+        """The guest's command line: the vCPU count, the user's arguments, then one
+        ``virtio_mmio.device=`` entry per virtio device in device order."""
+        parts = [f"cpus={self.vcpus}", self.guest_args]
+        if self.disks:
+            from intrahost.vmm.devices.virtio.layout import cmdline_entry
+
+            parts += [cmdline_entry(n) for n in range(len(self.disks))]
+        return " ".join(p for p in parts if p)
 
     def guest_differences(self, other: MachineConfig) -> list[str]:
-        """The guest-visible fields in which ``other`` differs."""
-        return [f for f in self.GUEST_VISIBLE if getattr(self, f) != getattr(other, f)]
+        """The guest-visible fields in which ``other`` differs (for disks: their ids,
+        read-only flags and sizes, not the image paths)."""
+        return [f for f in self.GUEST_VISIBLE if self._guest_value(f) != other._guest_value(f)]
+
+    def _guest_value(self, field: str) -> Any:
+        if field == "disks":
+            return [d.guest_view() for d in self.disks]
+        return getattr(self, field)

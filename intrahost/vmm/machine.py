@@ -7,7 +7,12 @@ Build order (also the destination's order during a hand-off, all of it before th
 3. the memory slots — after the irqchip, because the first slot registered after
    KVM_CREATE_IRQCHIP waits for an RCU grace period (5-8 ms on these hosts);
 4. the vCPUs, each with the host's supported CPUID;
-5. the devices on the I/O bus: COM1 (IRQ 4) and the debug port.
+5. the devices on the I/O bus: COM1 (IRQ 4) and the debug port;
+6. the virtio-mmio devices, in device order (``--disk`` devices in command-line order): each
+   on the MMIO bus at its fixed window, its interrupt routed through an irqfd and its queue
+   notifications through ioeventfds (docs/devices.md). A booted machine's disk images are
+   opened and locked by :meth:`Machine.create` before anything else, so a locked image fails
+   the start at once.
 
 A booted machine then loads its guest into memory and sets the boot vCPU's registers; a
 machine built for an incoming hand-off instead imports the saved state.
@@ -20,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from intrahost.errors import IntrahostError
@@ -47,6 +52,9 @@ from intrahost.vmm.devices.bus import IoBus, MmioBus
 from intrahost.vmm.devices.console import open_console
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
+from intrahost.vmm.devices.virtio.block import DiskImage, VirtioBlock
+from intrahost.vmm.devices.virtio.layout import device_base, device_gsi
+from intrahost.vmm.devices.virtio.mmio import VirtioMmioDevice
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
 from intrahost.vmm.memory import GuestMemory
 from intrahost.vmm.persist import Persist
@@ -72,9 +80,15 @@ class Machine:
         memory: GuestMemory,
         kvm: Kvm | None = None,
         incoming: bool = False,
+        disk_images: Sequence[DiskImage] = (),
     ) -> None:
         """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
-        SEV context will be moved in, so the SEV VM is not initialised here)."""
+        SEV context will be moved in, so the SEV VM is not initialised here).
+        ``disk_images``: the open images of ``config.disks``, in order (owned from now on):
+        opened by :meth:`create`, or — the hook for a hand-off — rebuilt with
+        :meth:`DiskImage.from_fd` on the fds the source VMM passed."""
+        #: Images not yet adopted by a device (closed by close() if the build fails).
+        self._pending_images = list(disk_images)
         self.config = config
         self.incoming = incoming
         self.confidential: ConfidentialGuest | None = None
@@ -99,6 +113,8 @@ class Machine:
         self.on_guest_stop: Callable[[], None] | None = None
         #: Guest-physical MMIO: devices register here; unclaimed addresses read all ones.
         self.mmio = MmioBus()
+        #: The virtio-mmio devices, in device order.
+        self.virtio: list[VirtioMmioDevice] = []
         #: State components (see components()): the kernel's, rebuilt with the VM; the
         #: devices', registered as each device is added.
         self._kernel_state: dict[str, Persist] = {}
@@ -116,11 +132,26 @@ class Machine:
         """New guest memory and a fresh VM, with the guest loaded and ready to start."""
         from intrahost.vmm.boot import boot_guest
 
-        memory = GuestMemory.create(config.memory, config.memory_path)
+        images = open_disks(config)
+        config = dataclasses.replace(
+            config,
+            disks=tuple(
+                dataclasses.replace(d, size=image.size)
+                for d, image in zip(config.disks, images, strict=True)
+            ),
+        )
         try:
-            machine = cls(config, memory, kvm)
+            memory = GuestMemory.create(config.memory, config.memory_path)
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
+        try:
+            machine = cls(config, memory, kvm, disk_images=images)
         except BaseException:
             memory.close()
+            for image in images:  # idempotent: those a device adopted are closed already
+                image.close()
             raise
         try:
             image_size = boot_guest(machine)
@@ -142,7 +173,34 @@ class Machine:
         self.bus.register(self.debug.base, self.debug.length, self.debug, "debug port")
         self.add_state("device/debug", self.debug.persist())
         self.debug.on_exit = self._guest_exit
+        self._build_virtio()
         self._build_group()
+
+    def _build_virtio(self) -> None:
+        """Step 6 of the build order: one virtio-blk device per disk."""
+        disks = self.config.disks
+        if not disks:
+            return
+        if len(self._pending_images) != len(disks):
+            if self.incoming:
+                raise MachineError(
+                    f"the guest has {len(disks)} disk(s); taking over a guest with disks needs "
+                    "the source VMM's open images, which this version does not pass yet"
+                )
+            raise MachineError(f"{len(disks)} disk(s) configured, {len(self._pending_images)} open")
+        for n, disk in enumerate(disks):
+            image = self._pending_images.pop(0)
+            device = VirtioMmioDevice(
+                VirtioBlock(image, disk.id),
+                self.memory,
+                device_base(n),
+                device_gsi(n),
+                f"virtio-blk{n} ({disk.id})",
+            )
+            self.virtio.append(device)
+            device.attach(self.vm)
+            self.mmio.register(device.base, device.length, device, device.name)
+            self.add_state(f"device/virtio/{n}", device)
 
     def _build_vm(self) -> None:
         """Steps 1-4 of the build order (module docstring) on ``self.vm``."""
@@ -210,17 +268,28 @@ class Machine:
         if paused:
             self.uart.pause()
         self.uart.start()
+        for device in self.virtio:
+            device.start()
+            if paused:
+                device.drain()
         self.started_at = time.monotonic()
         self.group.start(paused=paused)
 
     def pause(self, timeout: float = 5.0) -> None:
-        """Park every vCPU outside KVM_RUN, then stop the UART's output drain. If the vCPUs
-        do not park within ``timeout`` s, the group undoes its pause and raises PauseTimeout
-        before the UART is touched: the machine keeps running as before."""
+        """Park every vCPU outside KVM_RUN, stop the UART's output drain, then drain the
+        virtio devices (each finishes the request it is on and starts no other): after
+        this, no device state changes until :meth:`resume`. If the vCPUs do not park within
+        ``timeout`` s, the group undoes its pause and raises PauseTimeout before anything
+        else is touched: the machine keeps running as before."""
         self.group.pause(timeout)
         self.uart.pause()
+        for device in self.virtio:
+            if not device.drain():
+                log.error("%s did not stop its I/O in time", device.name)
 
     def resume(self) -> None:
+        for device in self.virtio:
+            device.resume()
         self.uart.resume()
         self.group.resume()
 
@@ -292,12 +361,22 @@ class Machine:
         }
         if self.exit_code is not None:
             info["exit-code"] = self.exit_code
+        if self.virtio:
+            info["disks"] = len(self.virtio)
         if self.confidential is not None:
             record = self.confidential.record
             info["sev"] = {"mode": self.confidential.mode, "platform": self.config.sev_platform}
             if record is not None:
                 info["sev"] |= record.to_dict()
         return info
+
+    def query_block(self) -> list[dict[str, Any]]:
+        """The control API's ``query-block``: each disk, its image and its counters."""
+        out = []
+        for device in self.virtio:
+            if isinstance(device.backend, VirtioBlock):
+                out.append(device.backend.query() | device.query())
+        return out
 
     # --- teardown ------------------------------------------------------------------------------
 
@@ -316,6 +395,10 @@ class Machine:
             self.group.stop()
         if hasattr(self, "uart"):
             self.uart.close()
+        for device in self.virtio:
+            device.close()
+        for image in self._pending_images:
+            image.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
@@ -324,6 +407,20 @@ class Machine:
         self.memory.close()
         if self._owns_kvm:
             self.kvm.close()
+
+
+def open_disks(config: MachineConfig) -> list[DiskImage]:
+    """Open and lock every disk image of ``config``, in order; on a failure the ones already
+    open are closed and the error (DiskImageError, DiskLockedError) names the image."""
+    images: list[DiskImage] = []
+    try:
+        for disk in config.disks:
+            images.append(DiskImage.open(disk.path, readonly=disk.readonly, direct=disk.direct))
+    except BaseException:
+        for image in images:
+            image.close()
+        raise
+    return images
 
 
 def _current_vcpu() -> int:

@@ -40,6 +40,11 @@ class MemoryConfigError(IntrahostError):
     """The requested guest memory cannot be set up (size, path, host capacity)."""
 
 
+class GuestAccessError(IntrahostError):
+    """A guest-physical range that is not wholly guest RAM (a device asked to read or write
+    it must refuse: the guest is not trusted)."""
+
+
 @dataclass(frozen=True)
 class MemorySlot:
     """One KVM memory slot: guest-physical range and where it lies in the backing file."""
@@ -171,12 +176,30 @@ class GuestMemory:
         return self._map
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A writable view of ``length`` bytes at guest-physical address ``gpa``."""
-        for s in self.slots:
-            if s.guest_phys_addr <= gpa and gpa + length <= s.guest_phys_addr + s.size:
-                start = s.file_offset + gpa - s.guest_phys_addr
-                return memoryview(self.buffer)[start : start + length]
-        raise MemoryConfigError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+        """A writable view of ``length`` bytes at guest-physical address ``gpa``.
+
+        The whole range must lie in one RAM slot (the slots are not adjacent in guest-physical
+        space: a range crossing the 3 GiB hole is not RAM); anything else raises
+        :class:`GuestAccessError`, so a device handed an address by the guest can never reach
+        outside guest memory. The view pins the mapping: drop it before :meth:`close`."""
+        if gpa >= 0 and length >= 0:
+            end = gpa + length
+            for s in self.slots:
+                base = s.guest_phys_addr
+                if base <= gpa and end <= base + s.size:
+                    start = s.file_offset + gpa - base
+                    return memoryview(self.buffer)[start : start + length]
+        raise GuestAccessError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+
+    def file_offset(self, gpa: int, length: int) -> int:
+        """Where ``length`` bytes at ``gpa`` lie in the backing file (same checks as
+        :meth:`view`)."""
+        if gpa >= 0 and length >= 0:
+            end = gpa + length
+            for s in self.slots:
+                if s.guest_phys_addr <= gpa and end <= s.guest_phys_addr + s.size:
+                    return s.file_offset + gpa - s.guest_phys_addr
+        raise GuestAccessError(f"guest range {gpa:#x}+{length:#x} is not RAM")
 
     def register(self, vm: Vm) -> None:
         """Register every slot with ``vm``."""

@@ -51,6 +51,8 @@ STRUCTS: list[type[ctypes.Structure]] = [
     uapi.kvm_pit_config,
     uapi.kvm_enable_cap,
     uapi.kvm_irq_level,
+    uapi.kvm_ioeventfd,
+    uapi.kvm_irqfd,
     uapi.kvm_sev_cmd,
     uapi.kvm_sev_launch_start,
     uapi.kvm_sev_launch_update_data,

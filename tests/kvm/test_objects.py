@@ -26,6 +26,8 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "set_identity_map_addr": (0xFFFBC000,),
     "set_user_memory_region": (0, 0, 4096, 0),
     "irq_line": (4, 1),
+    "ioeventfd": (0, 0xD000_0050, 4),
+    "irqfd": (0, 5),
     "get_irqchip": (0,),
     "set_irqchip": (uapi.kvm_irqchip(),),
     "set_pit2": (uapi.kvm_pit_state2(),),

@@ -447,3 +447,26 @@ def test_query_block_on_the_control_api(tmp_path: Path, image: Path) -> None:
         if vmm.api is not None:
             vmm.api.close()
         machine.close()
+
+
+@needs_kvm
+def test_a_guest_without_a_virtio_driver_ignores_the_device_entries(image: Path) -> None:
+    """The counter guest has no virtio driver: it skips the ``virtio_mmio.device=`` words the
+    VMM appends to its command line (as Linux without the driver would) and runs as usual."""
+    from intrahost.vmm.machine import Machine
+
+    config = MachineConfig(
+        memory=32 * MiB,
+        guest="counter",
+        guest_args="limit=1000000 progress=262144",
+        serial="none",
+        disks=parse_disks([f"path={image}"]),
+    )
+    machine = Machine.create(config)
+    try:
+        assert "virtio_mmio.device=4K@0xd0000000:5" in machine.config.cmdline
+        machine.start()
+        assert machine.wait(120), "the counter guest did not reach its limit"
+        assert machine.exit_code == 0
+    finally:
+        machine.close()

@@ -65,16 +65,17 @@ def build_key() -> str:
     """The SHA-256 (hex) over the sources, tool versions and flags."""
     digest = hashlib.sha256()
     digest.update(f"recipe {RECIPE_VERSION}\n".encode())
-    for tool, flags in (("as", AS_FLAGS), ("ld", LD_FLAGS)):
-        digest.update(f"{tool} {_tool_version(tool)} {' '.join(flags)}\n".encode())
+    for tool, asm_flags in (("as", AS_FLAGS), ("ld", LD_FLAGS)):
+        digest.update(f"{tool} {_tool_version(tool)} {' '.join(asm_flags)}\n".encode())
     # gcc and objcopy build only the guests with C code: a machine without them still builds
     # (and caches) the others, and gets a GuestBuildError naming them for the C guests.
-    for tool, flags in (
+    c_tools: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("as", AS64_FLAGS),
         ("gcc", CC_FLAGS),
         ("ld", LD64_FLAGS),
         ("objcopy", OBJCOPY_FLAGS),
-    ):
+    )
+    for tool, flags in c_tools:
         version = _tool_version(tool) if shutil.which(tool) else "missing"
         digest.update(f"{tool} {version} {' '.join(flags)}\n".encode())
     for path in _source_files():

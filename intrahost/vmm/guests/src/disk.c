@@ -780,6 +780,7 @@ static void progress_line(const char *what)
     put_field("flushes", STATUS(ST_FLUSHES));
     put_field("io_errors", STATUS(ST_IO_ERRORS));
     put_field("durable", STATUS(ST_DURABLE));
+    put_field("kicks", STATUS(ST_KICKS));
     put_field("tsc", STATUS(ST_TSC_NOW) - STATUS(ST_TSC_START));
     putc('\n');
 }

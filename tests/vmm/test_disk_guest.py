@@ -370,6 +370,18 @@ def test_microvm_disk_runs_to_its_limit(tmp_path: Path, disk_image: Path) -> Non
 
 
 @needs_qemu
+def test_microvm_disk_takes_the_first_block_device(tmp_path: Path, disk_image: Path) -> None:
+    """Entries in the VMM's form (4K@0xd0000000:5) parse; one without a device is skipped."""
+    append = f"virtio_mmio.device=4K@0xd0000000:5 {MICROVM_DEVICE}:0 limit=100 blocks=16"
+    code, serial = run_microvm(tmp_path, append, disk_image)
+    assert code == ExitCode.OK, serial
+    lines = serial.splitlines()
+    assert lines[0] == "disk: no virtio-mmio device at 0xd0000000"
+    assert lines[1].startswith("disk: device at 0xfeb00e00 capacity=8192 blocks=16 ")
+    assert lines[-1].startswith("disk: done writes=100 ")
+
+
+@needs_qemu
 @pytest.mark.parametrize(
     ("append", "code", "message"),
     [

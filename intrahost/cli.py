@@ -6,6 +6,7 @@
     intrahost status|pause|resume|stop --api-socket PATH
     intrahost migrate --api-socket PATH unix:DEST_PATH
     intrahost upgrade --api-socket PATH [--exec COMMAND] [-- NEW VMM FLAGS]
+    intrahost guest-check disk IMAGE [--status-from FILE] [--output text|json]
 
 Every error a user can cause ends with one line on stderr and a non-zero exit status.
 """
@@ -101,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
     p = sub.add_parser("selftest", help="the kernel's SEV migration selftests, on a platform")
     p.add_argument("--platform", choices=("auto", "kernel", "model"), default="auto")
+    p = sub.add_parser("guest-check", help="check a disk image the built-in disk guest wrote")
+    p.add_argument("guest", choices=("disk",))
+    p.add_argument("image", help="the disk image")
+    p.add_argument(
+        "--status-from",
+        metavar="FILE",
+        help="the guest's view of its completed writes: a JSON file, or a file of the "
+        "guest's memory (its --memory-path file, a memory dump); without it, only the "
+        "image's blocks are described",
+    )
+    p.add_argument("--output", choices=("text", "json"), default="text")
     p = sub.add_parser("platform", help="the SEV model platform service")
     p.add_argument("action", choices=("serve",))
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
@@ -134,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_upgrade(args)
         if args.command == "selftest":
             return cmd_selftest(args)
+        if args.command == "guest-check":
+            return cmd_guest_check(args)
         if args.command == "platform":
             from intrahost.sevmodel.service import main as serve
 
@@ -364,6 +378,16 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     where = f" (its output: {args.output})" if args.output else ""
     print(f"new VMM pid {new.pid} serves {args.api_socket}{where}")
     return 0
+
+
+def cmd_guest_check(args: argparse.Namespace) -> int:
+    """Exit status 0 if the image passes, 1 if it does not (or on an error)."""
+    from intrahost.vmm.guests.diskcheck import GuestView, check_image
+
+    view = GuestView.load(args.status_from) if args.status_from else None
+    report = check_image(args.image, view)
+    print(json.dumps(report.to_json(), indent=2) if args.output == "json" else report.summary())
+    return 0 if report.ok else 1
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from intrahost.service.api import (
     check_socket_directory,
     socket_state,
 )
-from intrahost.vmm.guests.probe import CounterProbe
+from intrahost.vmm.guests.probe import CounterProbe, DiskProbe
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,17 @@ class Vmm:
         return {"status": status, "running": status == "running"}
 
     def _query_vm(self) -> dict[str, Any]:
-        """The machine's own description, plus the built-in counter guest's view of itself
-        (its status slots, read from guest memory) when that guest runs."""
+        """The machine's own description, plus a built-in guest's view of itself (read from
+        guest memory): the counter guest's status slots, the disk guest's progress."""
         info = self.machine.query()
         if self.machine.config.guest == "counter":
             counters = CounterProbe(self.machine.memory.buffer).counters()
             if counters is not None:
                 info["counter"] = counters
+        elif self.machine.config.guest == "disk":
+            progress = DiskProbe(self.machine.memory.buffer).progress()
+            if progress is not None:
+                info["disk"] = progress
         return info
 
     def _stop(self) -> None:

@@ -53,10 +53,10 @@ def _isolated_cache(guest_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_list_guests() -> None:
-    assert list_guests() == ["counter", "hello"]
+    assert list_guests() == ["counter", "disk", "hello"]
 
 
-@pytest.mark.parametrize("name", ["hello", "counter"])
+@pytest.mark.parametrize("name", ["hello", "counter", "disk"])
 def test_build_produces_multiboot_elf32(name: str, guest_cache: Path) -> None:
     path = build_guest(name)
     assert path.parent.parent == guest_cache / "intrahost" / "guests"
@@ -107,7 +107,7 @@ def test_build_key_follows_the_sources(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_unknown_guest() -> None:
-    with pytest.raises(GuestBuildError, match=r"no built-in guest 'nope'.*counter, hello"):
+    with pytest.raises(GuestBuildError, match=r"no built-in guest 'nope'.*counter, disk, hello"):
         build_guest("nope")
 
 
@@ -116,6 +116,35 @@ def test_missing_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "_versions", {})
     with pytest.raises(GuestBuildError, match=r"GNU 'as' is not on PATH.*binutils"):
         build_guest("hello")
+
+
+def test_c_guests_need_gcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without gcc the assembly guests still build; the C guests name the missing compiler."""
+    for tool in ("as", "ld"):
+        (tmp_path / tool).symlink_to(shutil.which(tool) or tool)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(build, "_versions", {})
+    assert build_guest("counter").is_file()
+    with pytest.raises(GuestBuildError, match=r"GNU 'gcc' is not on PATH.*apt-get install gcc"):
+        build_guest("disk")
+
+
+def test_c_guest_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = []
+    for attempt in ("one", "two"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / attempt))
+        images.append(build_guest("disk").read_bytes())
+    assert images[0] == images[1]
+    assert images[0][:5] == b"\x7fELF\x01"  # converted to ELF32 for multiboot loaders
+
+
+def test_compiler_error_is_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = _copy_sources(tmp_path / "src")
+    with (sources / "disk.c").open("a") as file:
+        file.write("int broken(void) { return undeclared_name; }\n")
+    monkeypatch.setattr(build, "SOURCE_DIR", sources)
+    with pytest.raises(GuestBuildError, match=r"(?s)building guest 'disk'.*undeclared_name"):
+        build_guest("disk")
 
 
 def test_assembler_error_is_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

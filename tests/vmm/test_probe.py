@@ -11,7 +11,7 @@ import pytest
 from support import needs_kvm
 
 from intrahost.vmm.guests import layout
-from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting, host_tsc_khz
+from intrahost.vmm.guests.probe import CounterProbe, DiskProbe, GuestNotCounting, host_tsc_khz
 from intrahost.vmm.machine import Machine, MachineConfig
 from intrahost.vmm.memory import MiB
 
@@ -110,3 +110,19 @@ def test_reset_needs_a_writable_view(counter: Machine) -> None:
     probe = CounterProbe(bytes(counter.memory.buffer[: layout.STATUS_END]))
     with pytest.raises(layout.GuestLayoutError, match="writable"):
         probe.reset_gaps()
+
+
+def test_the_disk_guest_without_a_disk_says_so() -> None:
+    """Under this VMM (CPL0 emulated, CPL3 native) the disk guest boots, runs its C code at
+    CPL3 and, given no virtio_mmio.device= entry, fails with NO_DEVICE in its status page."""
+    config = MachineConfig(memory=16 * MiB, guest="disk", guest_args="limit=1", serial="none")
+    machine = Machine.create(config)
+    try:
+        machine.start()
+        assert machine.wait(timeout=20), "the disk guest did not end"
+        assert machine.exit_code == layout.ExitCode.NO_DEVICE
+        progress = DiskProbe(machine.memory.buffer).progress()
+        assert progress is not None
+        assert (progress["state"], progress["exit-code"]) == ("failed", layout.ExitCode.NO_DEVICE)
+    finally:
+        machine.close()

@@ -1,9 +1,12 @@
-"""The built-in test guests: assembly sources, their reproducible build, and a multiboot loader.
+"""The built-in test guests: their sources, their reproducible build, and a multiboot loader.
 
-* :mod:`~intrahost.vmm.guests.build` builds ``hello`` and ``counter`` with GNU as/ld;
+* :mod:`~intrahost.vmm.guests.build` builds ``hello`` and ``counter`` with GNU as/ld, and
+  ``disk`` (C behind an assembly boot path) with gcc too;
 * :mod:`~intrahost.vmm.guests.loader` loads a multiboot ELF32 (or raw) image into guest RAM;
 * :mod:`~intrahost.vmm.guests.layout` holds the guests' fixed ABI (addresses, ports, report
-  tags) and reads the counter guest's status and memory back.
+  tags) and reads the counter and disk guests' status and memory back;
+* :mod:`~intrahost.vmm.guests.probe` is those guests seen from the host (``query-vm``);
+* :mod:`~intrahost.vmm.guests.diskcheck` checks a disk image the disk guest wrote.
 
 docs/guests.md describes the guests and their ABI.
 """

@@ -1,12 +1,16 @@
-"""Build the built-in guests from their assembly sources with GNU ``as`` and ``ld``.
+"""Build the built-in guests from their sources with GNU ``as``, ``ld`` (and ``gcc``).
 
-Each ``src/<name>.S`` is one guest. It is assembled with ``as --32`` (the sources switch to
-16- and 64-bit code with ``.code16``/``.code64``) and linked with ``ld -m elf_i386`` and
-``src/guest.ld`` into a multiboot ELF32 image.
+Each ``src/<name>.S`` is one guest. An assembly-only guest is assembled with ``as --32`` (the
+sources switch to 16- and 64-bit code with ``.code16``/``.code64``) and linked with
+``ld -m elf_i386`` and ``src/guest.ld`` into a multiboot ELF32 image. A guest that also has a
+``src/<name>.c`` is 64-bit C code behind an assembly boot path: the ``.S`` is assembled with
+``as --64``, the ``.c`` compiled freestanding with ``gcc -m64``, both linked with
+``ld -m elf_x86_64`` into an ELF64, and ``objcopy -O elf32-i386`` makes that the multiboot
+ELF32 image (multiboot loaders, QEMU's included, take ELF32 only).
 
 Images are cached under ``$XDG_CACHE_HOME/intrahost/guests/<key>/<name>.elf`` (default
-``~/.cache``), where ``<key>`` is the SHA-256 of every source file, the versions of ``as``
-and ``ld`` and the build flags, so a change to any of them builds afresh. The build is
+``~/.cache``), where ``<key>`` is the SHA-256 of every source file, the versions of the
+tools and the build flags, so a change to any of them builds afresh. The build is
 reproducible (the same inputs give the same bytes: no timestamps, no build ID, no absolute
 paths) and an image appears in the cache atomically (written under a temporary name, then
 renamed), so concurrent builds are safe.
@@ -27,9 +31,19 @@ SOURCE_DIR = Path(__file__).parent / "src"
 LINKER_SCRIPT = "guest.ld"
 AS_FLAGS = ("--32", "--fatal-warnings")
 LD_FLAGS = ("-m", "elf_i386", "--fatal-warnings", "--build-id=none", "-T", LINKER_SCRIPT)
+#: For the guests with C code: the boot path, the C code, the 64-bit link, the conversion.
+AS64_FLAGS = ("--64", "--fatal-warnings")
+CC_FLAGS = (
+    "-m64", "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror",
+    "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",
+    "-mno-red-zone", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables",
+    "-fno-tree-loop-distribute-patterns", "-fno-ident",
+)  # fmt: skip
+LD64_FLAGS = ("-m", "elf_x86_64", "--fatal-warnings", "--build-id=none", "-T", LINKER_SCRIPT)
+OBJCOPY_FLAGS = ("-O", "elf32-i386")
 #: Bump to invalidate every cached image when the recipe changes in a way the key misses.
-RECIPE_VERSION = "1"
-_SOURCE_SUFFIXES = (".S", ".inc", ".ld")
+RECIPE_VERSION = "2"
+_SOURCE_SUFFIXES = (".S", ".inc", ".ld", ".c", ".h")
 
 
 class GuestBuildError(IntrahostError):
@@ -51,8 +65,19 @@ def build_key() -> str:
     """The SHA-256 (hex) over the sources, tool versions and flags."""
     digest = hashlib.sha256()
     digest.update(f"recipe {RECIPE_VERSION}\n".encode())
-    for tool, flags in (("as", AS_FLAGS), ("ld", LD_FLAGS)):
-        digest.update(f"{tool} {_tool_version(tool)} {' '.join(flags)}\n".encode())
+    for tool, asm_flags in (("as", AS_FLAGS), ("ld", LD_FLAGS)):
+        digest.update(f"{tool} {_tool_version(tool)} {' '.join(asm_flags)}\n".encode())
+    # gcc and objcopy build only the guests with C code: a machine without them still builds
+    # (and caches) the others, and gets a GuestBuildError naming them for the C guests.
+    c_tools: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("as", AS64_FLAGS),
+        ("gcc", CC_FLAGS),
+        ("ld", LD64_FLAGS),
+        ("objcopy", OBJCOPY_FLAGS),
+    )
+    for tool, flags in c_tools:
+        version = _tool_version(tool) if shutil.which(tool) else "missing"
+        digest.update(f"{tool} {version} {' '.join(flags)}\n".encode())
     for path in _source_files():
         data = path.read_bytes()
         digest.update(f"{path.name} {len(data)}\n".encode())
@@ -82,8 +107,15 @@ def build_guest(name: str) -> Path:
         # or of the temporary directory's name reaches the image.
         for path in _source_files():
             shutil.copyfile(path, work / path.name)
-        _run(["as", *AS_FLAGS, "-o", f"{name}.o", f"{name}.S"], work, name)
-        _run(["ld", *LD_FLAGS, "-o", f"{name}.elf", f"{name}.o"], work, name)
+        if (SOURCE_DIR / f"{name}.c").is_file():
+            _run(["as", *AS64_FLAGS, "-o", f"{name}-boot.o", f"{name}.S"], work, name)
+            _run(["gcc", *CC_FLAGS, "-c", "-o", f"{name}-c.o", f"{name}.c"], work, name)
+            objects = [f"{name}-boot.o", f"{name}-c.o"]
+            _run(["ld", *LD64_FLAGS, "-o", f"{name}64.elf", *objects], work, name)
+            _run(["objcopy", *OBJCOPY_FLAGS, f"{name}64.elf", f"{name}.elf"], work, name)
+        else:
+            _run(["as", *AS_FLAGS, "-o", f"{name}.o", f"{name}.S"], work, name)
+            _run(["ld", *LD_FLAGS, "-o", f"{name}.elf", f"{name}.o"], work, name)
         image = (work / f"{name}.elf").read_bytes()
     _write_atomically(target, image)
     return target
@@ -99,9 +131,10 @@ def _source_files() -> list[Path]:
 def _tool_path(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
+        package = "gcc" if tool == "gcc" else "binutils"
         raise GuestBuildError(
             f"cannot build the built-in guests: GNU {tool!r} is not on PATH "
-            "(install binutils, e.g. `apt-get install binutils`)"
+            f"(install {package}, e.g. `apt-get install {package}`)"
         )
     return path
 
@@ -119,7 +152,7 @@ def _tool_version(tool: str) -> str:
 
 
 def _run(command: list[str], cwd: Path, guest: str | None) -> str:
-    """Run a binutils command; its stdout, or a GuestBuildError with its stderr."""
+    """Run a build tool; its stdout, or a GuestBuildError with its stderr."""
     command = [_tool_path(command[0]), *command[1:]]
     try:
         result = subprocess.run(

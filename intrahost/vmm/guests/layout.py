@@ -1,7 +1,8 @@
-"""The fixed ABI of the built-in guests, and host-side readers of the counter guest's memory.
+"""The fixed ABI of the built-in guests, and host-side readers of their memory.
 
 Every address, port and number here is also written into the guest sources
-(``src/common.inc``) and described in ``docs/guests.md``; change all three together.
+(``src/common.inc``; ``src/disk.h`` for the disk guest) and described in ``docs/guests.md``;
+change all three together.
 
 The readers take any bytes-like view of guest RAM in which guest-physical address ``A`` is
 at index ``A`` (an ``mmap`` of the guest memory, a ``bytes`` copy, a ``memoryview``).
@@ -74,6 +75,10 @@ class ReportTag(enum.IntEnum):
     FAULT = 5  # value: exception vector | error code << 32
     FAULT_RIP = 6  # value: the faulting RIP
     ERROR = 7  # value: the exit code the guest is about to write (a set-up error)
+    DISK_WRITES = 8  # disk guest, at the end: writes completed
+    DISK_READS = 9  # verify reads completed
+    DISK_VERIFY_FAILURES = 10  # verify reads that did not find the last completed write
+    DISK_IO_ERRORS = 11  # requests the device completed with a status other than OK
 
 
 class ExitCode(enum.IntEnum):
@@ -85,6 +90,10 @@ class ExitCode(enum.IntEnum):
     AP_TIMEOUT = 3  # fewer vCPUs came up than cpus= asked for
     NOT_MULTIBOOT = 4  # not entered with EAX = 0x2BADB002
     FAULT = 5  # a CPU exception; FAULT and FAULT_RIP were reported
+    NO_DEVICE = 6  # disk guest: no usable virtio-blk device on the command line
+    DEVICE_ERROR = 7  # the device refused the driver (features, queue, read-only, too small)
+    IO_ERROR = 8  # a request completed with a status other than OK
+    VERIFY_FAILED = 9  # a block read back did not carry the last write seen complete there
 
 
 #: The hello guest's HELLO report value: ASCII "HELLO".
@@ -284,6 +293,137 @@ def verify_region(mem: ReadableBuffer, vcpu: int) -> None:
         )
 
 
+# --- the disk guest ------------------------------------------------------------------------------
+
+#: The disk guest's status page (the counter guest's address; the magic tells them apart).
+DISK_STATUS_ADDR = STATUS_ADDR
+DISK_STATUS_MAGIC = b"IHDISK01"
+DISK_STATUS_MAGIC_U64 = int.from_bytes(DISK_STATUS_MAGIC, "little")
+#: The virtqueue: descriptor table, avail ring at +0x1000, used ring at +0x2000.
+DISK_QUEUE_ADDR = 0x300000
+#: One request slot per request in flight: a 16-byte virtio-blk header, the status at +16.
+DISK_REQUESTS_ADDR = 0x303000
+DISK_REQUEST_SIZE = 32
+#: One 4 KiB data buffer per request slot.
+DISK_BUFFERS_ADDR = 0x400000
+#: u64 per block: the sequence number of the last write to it the guest saw complete (0: none).
+DISK_SEQ_TABLE_ADDR = 0x800000
+
+#: The status page's u64 fields, in order (offset = 8 * index).
+DISK_STATUS_FIELDS = (
+    "magic",
+    "state",
+    "exit_code",
+    "device_base",
+    "capacity",
+    "blocks",
+    "inflight",
+    "flush",
+    "verify",
+    "limit",
+    "progress",
+    "generation",
+    "queue_size",
+    "features",
+    "writes_submitted",
+    "writes_completed",
+    "reads_completed",
+    "verify_failures",
+    "flushes",
+    "io_errors",
+    "max_completed",
+    "durable",
+    "tsc_start",
+    "tsc_now",
+    "kicks",
+    "last_failure",
+)
+DISK_STATUS_SIZE = 256
+
+#: The block the disk guest writes: 4 KiB, a 64-byte header, payload words.
+DISK_BLOCK_SIZE = 4096
+DISK_SECTORS_PER_BLOCK = DISK_BLOCK_SIZE // 512
+DISK_BLOCK_MAGIC = b"IHDSKBLK"
+DISK_BLOCK_MAGIC_U64 = int.from_bytes(DISK_BLOCK_MAGIC, "little")
+BLK_MAGIC = 0  # u64
+BLK_GENERATION = 8  # u64: the run's generation
+BLK_BLOCK = 16  # u64: the block's own index
+BLK_SEQ = 24  # u64: the write's sequence number (from 1)
+BLK_BLOCKS = 32  # u64: the run's block count; sequence s goes to block (s - 1) % blocks
+BLK_CRC = 40  # u32: zlib CRC-32 of the whole block with these 4 bytes zero
+BLK_HEADER_SIZE = 64  # bytes 44-63 are zero
+#: Payload word i (8 <= i < 512) = generation ^ (seq * MUL_SEQ + i * MUL_WORD) mod 2^64.
+PAYLOAD_MUL_SEQ = 0x9E3779B97F4A7C15
+PAYLOAD_MUL_WORD = 0xD6E8FEB86659FD93
+
+DISK_DEFAULT_INFLIGHT = 8
+DISK_DEFAULT_FLUSH = 64
+DISK_DEFAULT_VERIFY = 1
+DISK_DEFAULT_PROGRESS = 65536
+
+_DISK_STATUS = struct.Struct(f"<{len(DISK_STATUS_FIELDS)}Q")
+
+
+class DiskState(enum.IntEnum):
+    """The disk guest's ``state`` field."""
+
+    STARTING = 0  # parsing, finding and setting up the device
+    RUNNING = 1  # the workload runs
+    FINISHED = 2  # limit reached; exit_code says how it went
+    FAILED = 3  # set-up failed; exit_code says why
+
+
+@dataclass(frozen=True)
+class DiskStatus:
+    """The disk guest's status page (see docs/guests.md for each field)."""
+
+    state: int
+    exit_code: int
+    device_base: int
+    capacity: int
+    blocks: int
+    inflight: int
+    flush: int
+    verify: int
+    limit: int
+    progress: int
+    generation: int
+    queue_size: int
+    features: int
+    writes_submitted: int
+    writes_completed: int
+    reads_completed: int
+    verify_failures: int
+    flushes: int
+    io_errors: int
+    max_completed: int
+    durable: int
+    tsc_start: int
+    tsc_now: int
+    kicks: int
+    last_failure: int
+
+
+def read_disk_status(mem: ReadableBuffer) -> DiskStatus:
+    """The disk guest's status page. Raises :class:`GuestStatusMissing` without its magic."""
+    with _byte_view(mem, DISK_STATUS_ADDR + DISK_STATUS_SIZE) as view:
+        magic, *fields = _DISK_STATUS.unpack_from(view, DISK_STATUS_ADDR)
+    if magic != DISK_STATUS_MAGIC_U64:
+        raise GuestStatusMissing(
+            f"no disk guest status at {DISK_STATUS_ADDR:#x}: magic is {_U64.pack(magic)!r}, "
+            f"not {DISK_STATUS_MAGIC!r} (the guest has not started yet, or it is not the "
+            "disk guest)"
+        )
+    return DiskStatus(*fields)
+
+
+def read_disk_seq_table(mem: ReadableBuffer, blocks: int) -> tuple[int, ...]:
+    """The first ``blocks`` entries of the disk guest's sequence table."""
+    end = DISK_SEQ_TABLE_ADDR + 8 * blocks
+    with _byte_view(mem, end) as view:
+        return struct.unpack_from(f"<{blocks}Q", view, DISK_SEQ_TABLE_ADDR)
+
+
 def _check_vcpu(vcpu: int) -> None:
     if not 0 <= vcpu < MAX_VCPUS:
         raise GuestLayoutError(f"vCPU index {vcpu} is outside 0..{MAX_VCPUS - 1}")
@@ -296,6 +436,7 @@ def _byte_view(mem: ReadableBuffer, needed: int) -> Iterator[memoryview]:
         if len(view) < needed:
             raise GuestLayoutError(
                 f"guest memory of {len(view):#x} bytes ends before {needed:#x}: "
-                "the counter guest needs at least 8 MiB of RAM"
+                "the counter guest needs at least 8 MiB of RAM, the disk guest 8 MiB plus "
+                "8 bytes per block"
             )
         yield view

@@ -1,5 +1,6 @@
-"""The built-in counter guest seen through its memory: its status slots, its gap record, and
-the pause it observed.
+"""The built-in guests seen through their memory: the counter guest's status slots, its gap
+record and the pause it observed (:class:`CounterProbe`); the disk guest's progress and its
+view of the writes it saw complete (:class:`DiskProbe`).
 
 For the control API's ``query-vm`` (the service adds :meth:`CounterProbe.counters` to what the
 machine reports), the tests and the benchmarks. Nothing on a hand-off's path uses it: a VMM
@@ -30,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from intrahost.errors import IntrahostError
 from intrahost.vmm.guests import layout
-from intrahost.vmm.guests.layout import CounterStatus, GuestStatusMissing
+from intrahost.vmm.guests.diskcheck import GuestView
+from intrahost.vmm.guests.layout import CounterStatus, DiskState, DiskStatus, GuestStatusMissing
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from _typeshed import WriteableBuffer
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 
 class GuestNotCounting(IntrahostError):
@@ -138,3 +140,49 @@ def host_tsc_khz() -> int:
 
     with Kvm() as kvm, kvm.create_vm() as vm:
         return vm.get_tsc_khz()
+
+
+class DiskProbe:
+    """The disk guest in ``memory`` (any view of guest RAM, see the module docstring), for
+    ``query-vm``'s ``disk`` member, the tests and the image check (:mod:`.diskcheck`)."""
+
+    def __init__(self, memory: ReadableBuffer) -> None:
+        self.memory = memory
+
+    def status(self) -> DiskStatus | None:
+        """The status page; None if memory holds none (not started yet, or another guest)."""
+        try:
+            return layout.read_disk_status(self.memory)
+        except GuestStatusMissing:
+            return None
+
+    def progress(self) -> dict[str, Any] | None:
+        """``query-vm``'s ``disk`` member: the workload's counters."""
+        status = self.status()
+        if status is None:
+            return None
+        try:
+            state = DiskState(status.state).name.lower()
+        except ValueError:
+            state = str(status.state)
+        return {
+            "state": state,
+            "exit-code": status.exit_code,
+            "device-base": status.device_base,
+            "blocks": status.blocks,
+            "generation": status.generation,
+            "writes-submitted": status.writes_submitted,
+            "writes-completed": status.writes_completed,
+            "reads-verified": status.reads_completed,
+            "verify-failures": status.verify_failures,
+            "flushes": status.flushes,
+            "io-errors": status.io_errors,
+            "last-seq": status.max_completed,
+            "durable-seq": status.durable,
+        }
+
+    def view(self) -> GuestView:
+        """What the guest saw complete, for :func:`~intrahost.vmm.guests.diskcheck.check_image`.
+
+        Read it from a paused or stopped guest (see :meth:`GuestView.from_memory`)."""
+        return GuestView.from_memory(self.memory)

@@ -24,35 +24,10 @@
     MULTIBOOT_HEADER MB_FLAG_MEMINFO
     NO_EXEC_STACK
 
-/* GDT selectors. Each vCPU has its own 16-byte TSS descriptor from SEL_TSS0 on. */
-    .set SEL_KCODE64,   0x08
-    .set SEL_KDATA,     0x10
-    .set SEL_KCODE32,   0x18
-    .set SEL_UDATA,     0x20
-    .set SEL_UCODE64,   0x28
-    .set SEL_TSS0,      0x30
-    .set RPL3,          3
+    .include "longmode.inc"
 
     .set KSTACK_SHIFT,  12              /* 4 KiB kernel stack per vCPU (TSS.RSP0) */
     .set USTACK_SHIFT,  12              /* 4 KiB user stack per vCPU */
-    .set TSS_SHIFT,     9               /* 512 bytes per TSS: 104 + I/O bitmap + 0xFF */
-    .set TSS_IOMAP,     104             /* the I/O permission bitmap follows the TSS */
-    .set IOMAP_PORTS,   0x510           /* the bitmap covers ports 0-0x50F; others fault */
-    .set TSS_LIMIT,     TSS_IOMAP + IOMAP_PORTS / 8   /* includes the closing 0xFF byte */
-
-    .set IDT_ENTRIES,   32              /* CPU exceptions only; IF stays 0 */
-    .set GATE_INTR,     0x8E            /* present, DPL0, 64-bit interrupt gate */
-    .set VECTOR_UD,     6
-
-    .set CR0_PE,        0x00000001
-    .set CR0_PG,        0x80000000
-    .set CR4_PAE,       0x00000020
-    .set MSR_EFER,      0xC0000080
-    .set EFER_LME,      0x00000100
-    .set RFLAGS_USER,   0x3002          /* IOPL=3, IF=0, bit 1 (see enter_user) */
-
-    .set PTE_USER_RW,   0x007           /* present, writable, user */
-    .set PTE_LARGE,     0x080           /* 2 MiB page */
 
     .set PIC_MASTER_DATA, 0x21
     .set PIC_SLAVE_DATA, 0xA1
@@ -91,75 +66,12 @@ _start:
     movl %ebx, mb_info
     movl $(kstacks + (1 << KSTACK_SHIFT)), %esp
 
-    /* IDT: vector i goes to fault_stubs + 16 i. */
-    movl $idt, %edi
-    movl $fault_stubs, %esi
-    movl $GATE_INTR, %ebx
-    movl $IDT_ENTRIES, %ecx
-1:
-    call set_gate32
-    addl $16, %edi
-    addl $16, %esi
-    decl %ecx
-    jnz 1b
+    LM_BUILD_IDT
 
     xorl %edi, %edi                     /* vCPU index 0 */
     jmp cpu_enter_long_mode
 
-/* Write the 64-bit gate at %edi for handler %esi with type/attribute byte %bl. */
-set_gate32:
-    movl %esi, %eax
-    andl $0xFFFF, %eax
-    orl $(SEL_KCODE64 << 16), %eax
-    movl %eax, 0(%edi)
-    movl %esi, %eax
-    andl $0xFFFF0000, %eax
-    movb %bl, %ah
-    movl %eax, 4(%edi)
-    movl $0, 8(%edi)
-    movl $0, 12(%edi)
-    ret
-
-/*
- * Shared by every vCPU: %edi = vCPU index, %esp = its kernel stack. Writes the descriptor
- * of this vCPU's (static) TSS into the GDT, loads the GDT and switches to long mode.
- */
-cpu_enter_long_mode:
-    movl %edi, %eax
-    shll $TSS_SHIFT, %eax
-    addl $tss_array, %eax               /* %eax = this vCPU's TSS */
-    movl %edi, %edx
-    shll $4, %edx
-    addl $(gdt + SEL_TSS0), %edx        /* %edx = its 16-byte TSS descriptor */
-    movl %eax, %ecx
-    shll $16, %ecx
-    orl $TSS_LIMIT, %ecx
-    movl %ecx, 0(%edx)                  /* base 15:0, limit 15:0 */
-    movl %eax, %ecx
-    shrl $16, %ecx
-    andl $0xFF, %ecx
-    orl $0x8900, %ecx                   /* present, DPL0, available 64-bit TSS */
-    movl %eax, %ebx
-    andl $0xFF000000, %ebx
-    orl %ebx, %ecx
-    movl %ecx, 4(%edx)                  /* base 31:16, type */
-    movl $0, 8(%edx)
-    movl $0, 12(%edx)
-
-    lgdt gdtr
-    movl %cr4, %eax
-    orl $CR4_PAE, %eax
-    movl %eax, %cr4
-    movl $pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $EFER_LME, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $(CR0_PG | CR0_PE), %eax
-    movl %eax, %cr0
-    ljmp $SEL_KCODE64, $long_entry
+    LM_CODE32
 
 /* APs arrive here from the trampoline, in 32-bit protected mode with no stack. */
 ap_entry32:
@@ -211,24 +123,7 @@ ap_trampoline_end:
 /* 64-bit kernel code (CPL0, emulated: keep it short)                                   */
 /* ------------------------------------------------------------------------------------ */
     .code64
-long_entry:
-    movw $SEL_KDATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
-    movl %edi, %edi                     /* index (upper halves undefined after the switch) */
-    movl %edi, %eax
-    incl %eax
-    shll $KSTACK_SHIFT, %eax
-    leaq kstacks(%rip), %rsp
-    addq %rax, %rsp
-    movl %edi, %eax
-    shll $4, %eax
-    addl $SEL_TSS0, %eax
-    ltr %ax
-    lidt idtr(%rip)
+    LM_LONG_ENTRY
     testl %edi, %edi
     jnz ap_main
 
@@ -267,29 +162,7 @@ ap_main:
     pause
     jmp 1b
 
-/*
- * %edi = vCPU index: drop to CPL3 at user_main on this vCPU's user stack.
- *
- * CPL3 port I/O is allowed twice over: by IOPL=3 in the RFLAGS image and by the TSS I/O
- * bitmap (UART and debug port only). Under this project's KVM (PVM) the iretq drops IOPL,
- * so the bitmap is what makes it work there; QEMU/TCG and hardware honour either.
- */
-enter_user:
-    movl %edi, %eax
-    incl %eax
-    shll $USTACK_SHIFT, %eax
-    leaq ustacks(%rip), %rcx
-    addq %rax, %rcx
-    movw $(SEL_UDATA | RPL3), %ax
-    movw %ax, %ds
-    movw %ax, %es
-    pushq $(SEL_UDATA | RPL3)           /* SS */
-    pushq %rcx                          /* RSP */
-    pushq $RFLAGS_USER                  /* RFLAGS */
-    pushq $(SEL_UCODE64 | RPL3)         /* CS */
-    leaq user_main(%rip), %rax
-    pushq %rax                          /* RIP */
-    iretq
+    LM_ENTER_USER
 
 /*
  * Parse "key=value" words of the multiboot command line into cfg_*. Words without '='
@@ -620,202 +493,13 @@ delay_ticks:
     jb 1b
     ret
 
-/* Report ERROR (%edi = exit code) and end the run with that code; then halt. */
-fatal:
-    movl %edi, %r12d
-    movl $TAG_ERROR, %edi
-    movl %r12d, %esi
-    call debug_report
-    movl %r12d, %eax
-    movw $DEBUG_EXIT, %dx
-    outb %al, %dx
-park64:
-    cli
-    hlt
-    jmp park64
-
-/*
- * CPU exceptions. Stack on entry to fault_common: vector, error code, RIP, CS, RFLAGS,
- * RSP, SS.
- *
- * A #UD at user_halt is not a fault: it is how CPL3 code that has finished asks for its
- * vCPU to be halted (under this project's KVM, `int $n` from CPL3 raises #UD instead of
- * going through the gate, so a software interrupt cannot be used). Anything else reports
- * FAULT and FAULT_RIP, prints one line and ends the run with EXIT_FAULT. The vCPU index
- * comes from the task register. The print lock is only tried for a while: the fault may
- * have hit while this vCPU held it.
- */
-    .balign 16, 0xCC
-fault_stubs:
-    .set vector, 0
-    .rept 32
-    .balign 16, 0xCC
-    .set error_code, (vector == 8) || (vector >= 10 && vector <= 14) || (vector == 17)
-    .set error_code, error_code || (vector == 21) || (vector == 29) || (vector == 30)
-    .if error_code                      /* the CPU pushed an error code */
-    .else
-    pushq $0                            /* no error code from the CPU: push one */
-    .endif
-    pushq $vector
-    jmp fault_common
-    .set vector, vector + 1
-    .endr
-
-fault_common:
-    cmpq $VECTOR_UD, 0(%rsp)
-    jne 1f
-    leaq user_halt(%rip), %rax
-    cmpq %rax, 16(%rsp)
-    je park64
-1:
-    call io_try_lock
-    xorl %eax, %eax
-    str %ax
-    subl $SEL_TSS0, %eax
-    shrl $4, %eax
-    movl %eax, %ebp                     /* %ebp = vCPU index */
-    movl %ebp, %edi
-    shll $TAG_VCPU_SHIFT, %edi
-    orl $TAG_FAULT, %edi
-    movq 8(%rsp), %rsi
-    shlq $32, %rsi
-    orq 0(%rsp), %rsi
-    call debug_report
-    movl %ebp, %edi
-    shll $TAG_VCPU_SHIFT, %edi
-    orl $TAG_FAULT_RIP, %edi
-    movq 16(%rsp), %rsi
-    call debug_report
-    leaq msg_cpu(%rip), %rsi
-    call puts
-    movl %ebp, %eax
-    call put_dec
-    leaq msg_fault_vector(%rip), %rsi
-    call puts
-    movq 0(%rsp), %rax
-    call put_dec
-    leaq msg_fault_error(%rip), %rsi
-    call puts
-    movq 8(%rsp), %rax
-    call put_hex16
-    leaq msg_fault_rip(%rip), %rsi
-    call puts
-    movq 16(%rsp), %rax
-    call put_hex16
-    movb $'\n', %al
-    call putc
-    movb $EXIT_FAULT, %al
-    movw $DEBUG_EXIT, %dx
-    outb %al, %dx
-    jmp park64
+    LM_FAULT_HANDLERS
 
 /* ------------------------------------------------------------------------------------ */
 /* 64-bit helpers usable at CPL0 and at CPL3. Clobbers are listed per routine.            */
 /* ------------------------------------------------------------------------------------ */
 
-/* %rax = TSC. Clobbers %rdx. */
-read_tsc:
-    rdtsc
-    shlq $32, %rdx
-    orq %rdx, %rax
-    ret
-
-/* Write %al to the UART. Clobbers %rax, %rdx. */
-putc:
-    UART_PUTC_AL
-    ret
-
-/* Write the NUL-terminated string at %rsi. Clobbers %rax, %rdx, %rsi. */
-puts:
-    movb (%rsi), %al
-    testb %al, %al
-    jz 1f
-    call putc
-    incq %rsi
-    jmp puts
-1:
-    ret
-
-/* Write %rax in decimal. Clobbers %rax, %rcx, %rdx, %rsi, %rdi. */
-put_dec:
-    subq $24, %rsp
-    leaq 24(%rsp), %rdi                 /* end of the digit buffer */
-    movq %rdi, %rsi
-    movl $10, %ecx
-1:
-    xorl %edx, %edx
-    divq %rcx
-    addb $'0', %dl
-    decq %rsi
-    movb %dl, (%rsi)
-    testq %rax, %rax
-    jnz 1b
-2:
-    movb (%rsi), %al
-    call putc
-    incq %rsi
-    cmpq %rdi, %rsi
-    jb 2b
-    addq $24, %rsp
-    ret
-
-/* Write %rax as 16 hex digits. Clobbers %rax, %rcx, %rdx, %rdi, %r8. */
-put_hex16:
-    movq %rax, %r8
-    movl $16, %ecx
-    leaq hex_digits(%rip), %rdi
-1:
-    rolq $4, %r8
-    movl %r8d, %eax
-    andl $15, %eax
-    movb (%rdi, %rax), %al
-    call putc
-    decl %ecx
-    jnz 1b
-    ret
-
-/* Report (%edi = tag, %rsi = value) on the debug port. Clobbers %rax, %rdx. */
-debug_report:
-    movl %edi, %eax
-    OUTL_EAX DEBUG_TAG
-    movl %esi, %eax
-    OUTL_EAX DEBUG_VALUE_LO
-    movq %rsi, %rax
-    shrq $32, %rax
-    OUTL_EAX DEBUG_VALUE_HI
-    ret
-
-/* The UART and debug-port lock: reports and lines of different vCPUs never interleave. */
-io_lock:
-    movl $1, %eax
-    xchgl %eax, io_lock_word(%rip)
-    testl %eax, %eax
-    jz 2f
-1:
-    pause
-    cmpl $0, io_lock_word(%rip)
-    jne 1b
-    jmp io_lock
-2:
-    ret
-
-io_unlock:
-    movl $0, io_lock_word(%rip)
-    ret
-
-/* io_lock for the fault path: give up after 65536 tries. Clobbers %rax, %rcx. */
-io_try_lock:
-    movl $0x10000, %ecx
-1:
-    movl $1, %eax
-    xchgl %eax, io_lock_word(%rip)
-    testl %eax, %eax
-    jz 2f
-    pause
-    decl %ecx
-    jnz 1b
-2:
-    ret
+    LM_HELPERS
 
 /* ------------------------------------------------------------------------------------ */
 /* CPL3: the hot loop. %edi = vCPU index.                                               */
@@ -1018,69 +702,11 @@ msg_fault_rip:      .asciz " rip="
 /* ------------------------------------------------------------------------------------ */
     .data
     .balign 4096
-pml4:
-    .long pdpt + PTE_USER_RW, 0
-    .fill 511, 8, 0
-pdpt:
-    .long pd + 0x0000 + PTE_USER_RW, 0
-    .long pd + 0x1000 + PTE_USER_RW, 0
-    .long pd + 0x2000 + PTE_USER_RW, 0
-    .long pd + 0x3000 + PTE_USER_RW, 0
-    .fill 508, 8, 0
-pd:                                     /* 2048 x 2 MiB = identity map of 0-4 GiB */
-    .set page, 0
-    .rept 2048
-    .long page | PTE_LARGE | PTE_USER_RW, 0
-    .set page, page + 0x200000
-    .endr
+    LM_PAGE_TABLES
 
-    .balign 16
-gdt:
-    .quad 0
-    .quad 0x00AF9A000000FFFF            /* 0x08 kernel code, 64-bit */
-    .quad 0x00CF92000000FFFF            /* 0x10 kernel data */
-    .quad 0x00CF9A000000FFFF            /* 0x18 kernel code, 32-bit (AP start-up) */
-    .quad 0x00CFF2000000FFFF            /* 0x20 user data, DPL3 */
-    .quad 0x00AFFA000000FFFF            /* 0x28 user code, 64-bit, DPL3 */
-    .fill MAX_CPUS * 2, 8, 0            /* 0x30 + 16 i: TSS of vCPU i, filled at start-up */
-gdt_end:
+    LM_GDT MAX_CPUS
 
-    .balign 8
-    .word 0, 0, 0
-gdtr:
-    .word gdt_end - gdt - 1
-    .long gdt, 0
-    .balign 8
-    .word 0, 0, 0
-idtr:
-    .word IDT_ENTRIES * 16 - 1
-    .long idt, 0
-
-/*
- * One TSS per vCPU: RSP0 = top of that vCPU's kernel stack, then an I/O permission bitmap
- * that allows only the UART (0x3F8-0x3FF) and the debug port (0x500-0x50F).
- */
-    .balign 4096
-tss_array:
-    .set cpu, 0
-    .rept MAX_CPUS
-    .long 0                             /* reserved */
-    .long kstacks + ((cpu + 1) << KSTACK_SHIFT), 0   /* RSP0 */
-    .fill 22, 4, 0                      /* RSP1, RSP2, IST1-7, reserved */
-    .word 0, TSS_IOMAP                  /* reserved, I/O bitmap offset */
-    .set port, 0
-    .rept IOMAP_PORTS / 8
-    .if (port == UART_DATA) || (port >= DEBUG_TAG && port < IOMAP_PORTS)
-    .byte 0x00
-    .else
-    .byte 0xFF
-    .endif
-    .set port, port + 8
-    .endr
-    .byte 0xFF                          /* the bitmap must end with a byte of ones */
-    .balign 1 << TSS_SHIFT
-    .set cpu, cpu + 1
-    .endr
+    LM_TSS_ARRAY MAX_CPUS
 
     .balign 8
 cfg_progress:       .quad DEFAULT_PROGRESS

@@ -1,0 +1,916 @@
+/*
+ * disk.c - the built-in disk guest: a polling virtio-blk driver (virtio-mmio, version 2,
+ * one split virtqueue) and a write/verify workload, all at CPL3.
+ *
+ * disk_main finds the first virtio-blk device among the command line's
+ * `virtio_mmio.device=SIZE@BASE:IRQ` entries, negotiates VERSION_1 (and FLUSH when offered),
+ * sets up queue 0 and then loops: it writes 4 KiB blocks round-robin over the disk (sequence
+ * number s goes to block (s - 1) % blocks), each with a header (magic, generation, block,
+ * sequence, block count, CRC-32) and a payload derived from them, with `inflight` requests in
+ * flight; it flushes every `flush` writes and reads back one older block every `verify`
+ * writes, checking it carries the last sequence seen complete there. Progress goes to the
+ * status page (disk.h) and, every `progress` writes, to the UART.
+ *
+ * Ordering rules that the host's verifier relies on:
+ * - a request is never submitted for a block that has another request in flight, so each
+ *   block has at most one write the guest has not yet seen complete: the one of sequence
+ *   seq_table[block] + blocks (or block + 1 if the table holds 0);
+ * - seq_table[block] is stored before writes_completed counts the write;
+ * - durable: a flush covers the writes seen complete before it was submitted.
+ *
+ * The hot loop makes no MMIO reads: it polls the used ring in memory and writes QueueNotify
+ * once per batch, and only when the device has not set VIRTQ_USED_F_NO_NOTIFY.
+ */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "disk.h"
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+int disk_main(u32 mbi);
+
+/* --- virtio-mmio (version 2) and virtio-blk ------------------------------------------ */
+
+#define VIRTIO_MAGIC            0x74726976u /* "virt" */
+#define REG_MAGIC               0x000
+#define REG_VERSION             0x004
+#define REG_DEVICE_ID           0x008
+#define REG_DEVICE_FEATURES     0x010
+#define REG_DEVICE_FEATURES_SEL 0x014
+#define REG_DRIVER_FEATURES     0x020
+#define REG_DRIVER_FEATURES_SEL 0x024
+#define REG_QUEUE_SEL           0x030
+#define REG_QUEUE_NUM_MAX       0x034
+#define REG_QUEUE_NUM           0x038
+#define REG_QUEUE_READY         0x044
+#define REG_QUEUE_NOTIFY        0x050
+#define REG_STATUS              0x070
+#define REG_QUEUE_DESC_LOW      0x080
+#define REG_QUEUE_DESC_HIGH     0x084
+#define REG_QUEUE_DRIVER_LOW    0x090
+#define REG_QUEUE_DRIVER_HIGH   0x094
+#define REG_QUEUE_DEVICE_LOW    0x0A0
+#define REG_QUEUE_DEVICE_HIGH   0x0A4
+#define REG_CONFIG_GENERATION   0x0FC
+#define REG_CONFIG              0x100
+
+#define STATUS_ACKNOWLEDGE      1u
+#define STATUS_DRIVER           2u
+#define STATUS_DRIVER_OK        4u
+#define STATUS_FEATURES_OK      8u
+#define STATUS_NEEDS_RESET      64u
+#define STATUS_FAILED           128u
+
+#define DEVICE_ID_BLOCK         2u
+#define F_BLK_RO                (1ull << 5)
+#define F_BLK_FLUSH             (1ull << 9)
+#define F_VERSION_1             (1ull << 32)
+
+#define BLK_T_IN                0u
+#define BLK_T_OUT               1u
+#define BLK_T_FLUSH             4u
+#define BLK_S_OK                0u
+
+#define DESC_F_NEXT             1u
+#define DESC_F_WRITE            2u
+#define AVAIL_F_NO_INTERRUPT    1u
+#define USED_F_NO_NOTIFY        1u
+
+#define MAX_QUEUE               256u
+#define DESCS_PER_SLOT          3u
+#define MAX_INFLIGHT            (MAX_QUEUE / DESCS_PER_SLOT)
+#define MAX_DEVICES             16
+#define SECTORS_PER_BLOCK       (BLOCK_SIZE / 512)
+
+struct desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+struct avail {
+    u16 flags;
+    u16 idx;
+    u16 ring[MAX_QUEUE];
+};
+
+struct used_elem {
+    u32 id;
+    u32 len;
+};
+
+struct used {
+    u16 flags;
+    u16 idx;
+    struct used_elem ring[MAX_QUEUE];
+};
+
+struct request {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+    u8 status;
+};
+
+#define DESCS ((volatile struct desc *)DISK_QUEUE_ADDR)
+#define AVAIL ((volatile struct avail *)(DISK_QUEUE_ADDR + 0x1000))
+#define USED ((volatile struct used *)(DISK_QUEUE_ADDR + 0x2000))
+#define REQUEST(slot) \
+    ((volatile struct request *)(DISK_REQUESTS_ADDR + (u64)(slot) * DISK_REQUEST_SIZE))
+#define BUFFER(slot) ((u64 *)(DISK_BUFFERS_ADDR + (u64)(slot) * BLOCK_SIZE))
+#define SEQ_TABLE ((volatile u64 *)DISK_SEQ_TABLE_ADDR)
+#define STATUS(field) (*(volatile u64 *)(DISK_STATUS_ADDR + (field)))
+
+/* --- CPU, ports, output --------------------------------------------------------------- */
+
+#define barrier() __asm__ volatile("" ::: "memory")
+
+static inline void outb(u16 port, u8 value)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline void outl(u16 port, u32 value)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+    u8 value;
+    __asm__ volatile("inb %1, %0" : "=a"(value) : "Nd"(port));
+    return value;
+}
+
+static inline u64 rdtsc(void)
+{
+    u32 low, high;
+    __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
+    return ((u64)high << 32) | low;
+}
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+
+/* A full fence: the device must see avail->idx before the driver reads used->flags. */
+static inline void mb(void)
+{
+    __asm__ volatile("mfence" ::: "memory");
+}
+
+static inline u32 mmio_read(u64 base, u32 reg)
+{
+    return *(volatile u32 *)(base + reg);
+}
+
+static inline void mmio_write(u64 base, u32 reg, u32 value)
+{
+    *(volatile u32 *)(base + reg) = value;
+}
+
+/* gcc may emit calls to these even in freestanding code. */
+void *memset(void *dst, int value, size_t n);
+void *memcpy(void *dst, const void *src, size_t n);
+
+void *memset(void *dst, int value, size_t n)
+{
+    u8 *d = dst;
+    while (n--)
+        *d++ = (u8)value;
+    return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    u8 *d = dst;
+    const u8 *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+static void putc(char c)
+{
+    while (!(inb(UART_LSR) & UART_LSR_THRE))
+        ;
+    outb(UART_DATA, (u8)c);
+}
+
+static void puts(const char *s)
+{
+    while (*s)
+        putc(*s++);
+}
+
+static void put_dec(u64 value)
+{
+    char digits[24];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    while (n)
+        putc(digits[--n]);
+}
+
+static void put_hex(u64 value)
+{
+    static const char hex[] = "0123456789abcdef";
+    int shift = 60;
+    puts("0x");
+    while (shift > 0 && !(value >> shift))
+        shift -= 4;
+    for (; shift >= 0; shift -= 4)
+        putc(hex[(value >> shift) & 15]);
+}
+
+/* "<key>=<value>" in decimal, with a leading space. */
+static void put_field(const char *key, u64 value)
+{
+    putc(' ');
+    puts(key);
+    putc('=');
+    put_dec(value);
+}
+
+static void report(u32 tag, u64 value)
+{
+    outl(DEBUG_TAG, tag);
+    outl(DEBUG_VALUE_LO, (u32)value);
+    outl(DEBUG_VALUE_HI, (u32)(value >> 32));
+}
+
+/* Print "disk: error: <message>", report ERROR and return the exit code for disk_main. */
+static int fail(int code, const char *message)
+{
+    puts("disk: error: ");
+    puts(message);
+    putc('\n');
+    STATUS(ST_EXIT_CODE) = (u64)code;
+    STATUS(ST_STATE) = DISK_STATE_FAILED;
+    report(TAG_ERROR, (u64)code);
+    return code;
+}
+
+/* --- CRC-32 (zlib's: reflected polynomial 0xEDB88320), slicing by 8 --------------------- */
+
+static u32 crc_table[8][256];
+
+static void crc_init(void)
+{
+    for (u32 i = 0; i < 256; i++) {
+        u32 c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (u32 i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+/* CRC-32 of a 4 KiB block (8-byte aligned). */
+static u32 crc32_block(const u64 *words)
+{
+    u32 c = 0xFFFFFFFFu;
+    for (int i = 0; i < BLOCK_SIZE / 8; i++) {
+        u64 w = words[i];
+        u32 one = (u32)w ^ c;
+        u32 two = (u32)(w >> 32);
+        c = crc_table[7][one & 0xFF] ^ crc_table[6][(one >> 8) & 0xFF] ^
+            crc_table[5][(one >> 16) & 0xFF] ^ crc_table[4][one >> 24] ^
+            crc_table[3][two & 0xFF] ^ crc_table[2][(two >> 8) & 0xFF] ^
+            crc_table[1][(two >> 16) & 0xFF] ^ crc_table[0][two >> 24];
+    }
+    return ~c;
+}
+
+/* --- command line --------------------------------------------------------------------- */
+
+struct mmio_entry {
+    u64 size;
+    u64 base;
+    u64 irq;
+};
+
+static struct {
+    u64 inflight, flush, verify, limit, progress, blocks, generation;
+    struct mmio_entry devices[MAX_DEVICES];
+    int ndevices;
+} cfg = {DEFAULT_INFLIGHT, DEFAULT_FLUSH, DEFAULT_VERIFY, 0, DEFAULT_PROGRESS, 0, 0, {{0}}, 0};
+
+static int is_end(char c)
+{
+    return c == 0 || c == ' ' || c == '\t' || c == '\n';
+}
+
+/* Parse a decimal or 0x-hex number at *p; 0 if malformed or too large. */
+static int parse_number(const char **p, u64 *value)
+{
+    const char *s = *p;
+    u64 base = 10, v = 0;
+    int digits = 0;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        base = 16;
+        s += 2;
+    }
+    for (;; s++) {
+        u64 d;
+        if (*s >= '0' && *s <= '9')
+            d = (u64)(*s - '0');
+        else if (base == 16 && (*s | 0x20) >= 'a' && (*s | 0x20) <= 'f')
+            d = (u64)((*s | 0x20) - 'a' + 10);
+        else
+            break;
+        if (v > (~0ull - d) / base)
+            return 0;
+        v = v * base + d;
+        digits++;
+    }
+    *p = s;
+    *value = v;
+    return digits > 0;
+}
+
+/* SIZE@BASE:IRQ[:ID], as Linux's virtio_mmio parses it (SIZE may end in K, M or G). */
+static int parse_mmio_entry(const char *s, struct mmio_entry *entry)
+{
+    if (!parse_number(&s, &entry->size))
+        return 0;
+    if (*s == 'K' || *s == 'k') {
+        entry->size <<= 10;
+        s++;
+    } else if (*s == 'M' || *s == 'm') {
+        entry->size <<= 20;
+        s++;
+    } else if (*s == 'G' || *s == 'g') {
+        entry->size <<= 30;
+        s++;
+    }
+    if (*s++ != '@' || !parse_number(&s, &entry->base) || *s++ != ':' ||
+        !parse_number(&s, &entry->irq))
+        return 0;
+    if (*s == ':') {
+        u64 id;
+        s++;
+        if (!parse_number(&s, &id))
+            return 0;
+    }
+    return is_end(*s) && entry->size >= 0x100 + 24 && entry->base + entry->size <= (1ull << 32);
+}
+
+static int key_is(const char *word, u64 length, const char *key)
+{
+    u64 i = 0;
+    for (; i < length; i++)
+        if (key[i] != word[i])
+            return 0;
+    return key[i] == 0;
+}
+
+static void put_word(const char *word)
+{
+    while (!is_end(*word))
+        putc(*word++);
+    putc('\n');
+}
+
+static int parse_cmdline(const char *s)
+{
+    static const char unknown[] = "disk: error: unknown command line key (use inflight, flush, "
+                                  "verify, limit, progress, blocks, generation, "
+                                  "virtio_mmio.device): ";
+    static const char bad[] = "disk: error: bad value (inflight 1-85, progress >= 1, "
+                              "virtio_mmio.device=SIZE@BASE:IRQ below 4 GiB, at most 16): ";
+    while (*s) {
+        const char *word = s, *eq = 0;
+        while (is_end(*s) && *s)
+            s++;
+        word = s;
+        while (!is_end(*s)) {
+            if (*s == '=' && !eq)
+                eq = s;
+            s++;
+        }
+        if (!eq)
+            continue; /* no '=': e.g. the image path a loader passes first */
+        u64 klen = (u64)(eq - word);
+        const char *v = eq + 1;
+        u64 value = 0;
+        int ok;
+        if (key_is(word, klen, "virtio_mmio.device")) {
+            ok = cfg.ndevices < MAX_DEVICES && parse_mmio_entry(v, &cfg.devices[cfg.ndevices]);
+            cfg.ndevices += ok;
+        } else {
+            ok = parse_number(&v, &value) && is_end(*v);
+            if (!ok) {
+                /* reported below */
+            } else if (key_is(word, klen, "cpus")) {
+                /* the VMM passes its vCPU count; this guest uses vCPU 0 only */
+            } else if (key_is(word, klen, "inflight")) {
+                ok = value >= 1 && value <= MAX_INFLIGHT;
+                cfg.inflight = value;
+            } else if (key_is(word, klen, "flush")) {
+                cfg.flush = value;
+            } else if (key_is(word, klen, "verify")) {
+                cfg.verify = value;
+            } else if (key_is(word, klen, "limit")) {
+                cfg.limit = value;
+            } else if (key_is(word, klen, "progress")) {
+                ok = value >= 1;
+                cfg.progress = value;
+            } else if (key_is(word, klen, "blocks")) {
+                cfg.blocks = value;
+            } else if (key_is(word, klen, "generation")) {
+                cfg.generation = value;
+            } else {
+                puts(unknown);
+                put_word(word);
+                return 0;
+            }
+        }
+        if (!ok) {
+            puts(bad);
+            put_word(word);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* --- the device ----------------------------------------------------------------------- */
+
+static u64 dev;        /* MMIO base of the device in use */
+static u64 features;   /* accepted */
+static u32 queue_size; /* a power of two */
+
+/* Find the first virtio-blk device among the entries; 0 if there is none. */
+static int find_device(void)
+{
+    for (int i = 0; i < cfg.ndevices; i++) {
+        u64 base = cfg.devices[i].base;
+        if (mmio_read(base, REG_MAGIC) != VIRTIO_MAGIC) {
+            puts("disk: no virtio-mmio device at ");
+            put_hex(base);
+            putc('\n');
+            continue;
+        }
+        if (mmio_read(base, REG_VERSION) != 2) {
+            puts("disk: legacy (version 1) virtio-mmio device at ");
+            put_hex(base);
+            puts(" skipped: version 2 is required\n");
+            continue;
+        }
+        if (mmio_read(base, REG_DEVICE_ID) == DEVICE_ID_BLOCK) {
+            dev = base;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static u64 read_features(void)
+{
+    mmio_write(dev, REG_DEVICE_FEATURES_SEL, 1);
+    u64 high = mmio_read(dev, REG_DEVICE_FEATURES);
+    mmio_write(dev, REG_DEVICE_FEATURES_SEL, 0);
+    return (high << 32) | mmio_read(dev, REG_DEVICE_FEATURES);
+}
+
+static u64 read_capacity(void)
+{
+    u32 generation, low, high;
+    do {
+        generation = mmio_read(dev, REG_CONFIG_GENERATION);
+        low = mmio_read(dev, REG_CONFIG);
+        high = mmio_read(dev, REG_CONFIG + 4);
+    } while (generation != mmio_read(dev, REG_CONFIG_GENERATION));
+    return ((u64)high << 32) | low;
+}
+
+/* Reset, negotiate and set up queue 0; 0 on success, else an exit code (reported). */
+static int setup_device(void)
+{
+    mmio_write(dev, REG_STATUS, 0);
+    if (mmio_read(dev, REG_STATUS) != 0)
+        return fail(EXIT_DEVICE_ERROR, "the device did not reset");
+    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE);
+    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    u64 offered = read_features();
+    if (!(offered & F_VERSION_1))
+        return fail(EXIT_DEVICE_ERROR, "the device does not offer VIRTIO_F_VERSION_1");
+    if (offered & F_BLK_RO)
+        return fail(EXIT_DEVICE_ERROR, "the disk is read-only (VIRTIO_BLK_F_RO)");
+    features = F_VERSION_1 | (offered & F_BLK_FLUSH);
+    mmio_write(dev, REG_DRIVER_FEATURES_SEL, 0);
+    mmio_write(dev, REG_DRIVER_FEATURES, (u32)features);
+    mmio_write(dev, REG_DRIVER_FEATURES_SEL, 1);
+    mmio_write(dev, REG_DRIVER_FEATURES, (u32)(features >> 32));
+    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    if (!(mmio_read(dev, REG_STATUS) & STATUS_FEATURES_OK))
+        return fail(EXIT_DEVICE_ERROR, "the device refused the features (FEATURES_OK did not stick)");
+
+    mmio_write(dev, REG_QUEUE_SEL, 0);
+    if (mmio_read(dev, REG_QUEUE_READY) != 0)
+        return fail(EXIT_DEVICE_ERROR, "queue 0 is already in use after a reset");
+    u32 max = mmio_read(dev, REG_QUEUE_NUM_MAX);
+    if (max < DESCS_PER_SLOT)
+        return fail(EXIT_DEVICE_ERROR, "queue 0 is missing or smaller than 3 descriptors");
+    queue_size = MAX_QUEUE;
+    while (queue_size > max)
+        queue_size >>= 1;
+    if (cfg.inflight > queue_size / DESCS_PER_SLOT)
+        cfg.inflight = queue_size / DESCS_PER_SLOT;
+
+    memset((void *)DISK_QUEUE_ADDR, 0, 0x3000);
+    for (u32 slot = 0; slot < cfg.inflight; slot++) {
+        volatile struct desc *d = &DESCS[slot * DESCS_PER_SLOT];
+        u64 request = DISK_REQUESTS_ADDR + slot * DISK_REQUEST_SIZE;
+        d[0].addr = request;
+        d[0].len = 16;
+        d[0].flags = DESC_F_NEXT;
+        d[0].next = (u16)(slot * DESCS_PER_SLOT + 1);
+        d[1].addr = (u64)BUFFER(slot);
+        d[1].len = BLOCK_SIZE;
+        d[1].flags = DESC_F_NEXT;
+        d[1].next = (u16)(slot * DESCS_PER_SLOT + 2);
+        d[2].addr = request + 16;
+        d[2].len = 1;
+        d[2].flags = DESC_F_WRITE;
+    }
+    AVAIL->flags = AVAIL_F_NO_INTERRUPT;
+    mmio_write(dev, REG_QUEUE_NUM, queue_size);
+    mmio_write(dev, REG_QUEUE_DESC_LOW, DISK_QUEUE_ADDR);
+    mmio_write(dev, REG_QUEUE_DESC_HIGH, 0);
+    mmio_write(dev, REG_QUEUE_DRIVER_LOW, DISK_QUEUE_ADDR + 0x1000);
+    mmio_write(dev, REG_QUEUE_DRIVER_HIGH, 0);
+    mmio_write(dev, REG_QUEUE_DEVICE_LOW, DISK_QUEUE_ADDR + 0x2000);
+    mmio_write(dev, REG_QUEUE_DEVICE_HIGH, 0);
+    mmio_write(dev, REG_QUEUE_READY, 1);
+    mmio_write(dev, REG_STATUS,
+               STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    u32 status = mmio_read(dev, REG_STATUS);
+    if (status & (STATUS_NEEDS_RESET | STATUS_FAILED) || !(status & STATUS_DRIVER_OK))
+        return fail(EXIT_DEVICE_ERROR, "the device did not accept DRIVER_OK");
+    return 0;
+}
+
+/* --- the workload --------------------------------------------------------------------- */
+
+enum kind { FREE, WRITE, READ, FLUSH };
+
+static struct {
+    u8 kind;
+    u64 block, seq; /* seq: the write's sequence; for a flush, the sequence it covers */
+} slots[MAX_INFLIGHT];
+
+static u32 free_slots[MAX_INFLIGHT];
+static u32 nfree;
+static u16 avail_idx, used_idx, submitted_in_batch;
+static u64 blocks, next_seq = 1, next_block, writes_since_flush, writes_since_verify;
+static int flush_in_flight;
+
+static int block_busy(u64 block)
+{
+    for (u32 i = 0; i < cfg.inflight; i++)
+        if (slots[i].kind != FREE && slots[i].kind != FLUSH && slots[i].block == block)
+            return 1;
+    return 0;
+}
+
+/* Every write seen complete has a sequence number <= this (the oldest in flight - 1). */
+static u64 completed_watermark(void)
+{
+    u64 low = next_seq;
+    for (u32 i = 0; i < cfg.inflight; i++)
+        if (slots[i].kind == WRITE && slots[i].seq < low)
+            low = slots[i].seq;
+    return low - 1;
+}
+
+static void fill_block(u64 *w, u64 block, u64 seq)
+{
+    u64 generation = cfg.generation;
+    w[0] = BLOCK_MAGIC;
+    w[1] = generation;
+    w[2] = block;
+    w[3] = seq;
+    w[4] = blocks;
+    w[5] = 0;
+    w[6] = 0;
+    w[7] = 0;
+    u64 value = seq * PAYLOAD_MUL_SEQ + 8 * PAYLOAD_MUL_WORD;
+    for (int i = 8; i < BLOCK_SIZE / 8; i++) {
+        w[i] = generation ^ value;
+        value += PAYLOAD_MUL_WORD;
+    }
+    w[5] = crc32_block(w);
+}
+
+/* Does the block read into w carry exactly what (block, seq) wrote? */
+static int block_matches(u64 *w, u64 block, u64 seq)
+{
+    if (w[0] != BLOCK_MAGIC || w[1] != cfg.generation || w[2] != block || w[3] != seq ||
+        w[4] != blocks || w[6] != 0 || w[7] != 0)
+        return 0;
+    u64 stored = w[5];
+    if (stored >> 32)
+        return 0;
+    w[5] = 0;
+    return crc32_block(w) == (u32)stored;
+}
+
+static void submit(u32 slot, u32 type, u64 block)
+{
+    volatile struct request *request = REQUEST(slot);
+    volatile struct desc *head = &DESCS[slot * DESCS_PER_SLOT];
+    request->type = type;
+    request->sector = block * SECTORS_PER_BLOCK;
+    request->status = 0xFF;
+    if (type == BLK_T_FLUSH) {
+        request->sector = 0;
+        head->next = (u16)(slot * DESCS_PER_SLOT + 2);
+    } else {
+        head->next = (u16)(slot * DESCS_PER_SLOT + 1);
+        head[1].flags = (u16)(DESC_F_NEXT | (type == BLK_T_IN ? DESC_F_WRITE : 0));
+    }
+    AVAIL->ring[avail_idx & (queue_size - 1)] = (u16)(slot * DESCS_PER_SLOT);
+    avail_idx++;
+    submitted_in_batch++;
+}
+
+/* Make the batch visible to the device, and notify it unless it said it polls. */
+static void kick(void)
+{
+    if (!submitted_in_batch)
+        return;
+    barrier(); /* descriptors and ring entries before the index (x86 keeps store order) */
+    AVAIL->idx = avail_idx;
+    submitted_in_batch = 0;
+    mb();
+    if (!(USED->flags & USED_F_NO_NOTIFY)) {
+        mmio_write(dev, REG_QUEUE_NOTIFY, 0);
+        STATUS(ST_KICKS)++;
+    }
+}
+
+static void verify_failed(u64 block, u64 seq, u64 *w)
+{
+    u64 failures = ++STATUS(ST_VERIFY_FAILURES);
+    STATUS(ST_LAST_FAILURE) = block + 1;
+    if (failures > 8)
+        return;
+    puts("disk: verify failure: block");
+    put_dec(block);
+    puts(" expected seq=");
+    put_dec(seq);
+    puts(", the disk has magic=");
+    put_hex(w[0]);
+    puts(" generation=");
+    put_hex(w[1]);
+    put_field("block", w[2]);
+    put_field("seq", w[3]);
+    putc('\n');
+}
+
+/* Take every completion the device has posted. Returns how many. */
+static u32 reap(void)
+{
+    u32 n = 0;
+    while (used_idx != USED->idx) {
+        barrier(); /* the ring entry after the index (x86 keeps load order) */
+        u32 slot = USED->ring[used_idx & (queue_size - 1)].id / DESCS_PER_SLOT;
+        u8 status = REQUEST(slot)->status;
+        u64 block = slots[slot].block, seq = slots[slot].seq;
+        if (status != BLK_S_OK) {
+            STATUS(ST_IO_ERRORS)++;
+        } else if (slots[slot].kind == WRITE) {
+            SEQ_TABLE[block] = seq;
+            barrier();
+            STATUS(ST_WRITES_COMPLETED)++;
+            if (seq > STATUS(ST_MAX_COMPLETED))
+                STATUS(ST_MAX_COMPLETED) = seq;
+        } else if (slots[slot].kind == READ) {
+            u64 *w = BUFFER(slot);
+            if (!block_matches(w, block, seq))
+                verify_failed(block, seq, w);
+            STATUS(ST_READS_COMPLETED)++;
+        } else {
+            STATUS(ST_FLUSHES)++;
+            if (seq > STATUS(ST_DURABLE))
+                STATUS(ST_DURABLE) = seq;
+        }
+        if (slots[slot].kind == FLUSH)
+            flush_in_flight = 0;
+        slots[slot].kind = FREE;
+        free_slots[nfree++] = slot;
+        used_idx++;
+        n++;
+    }
+    return n;
+}
+
+static u32 take_slot(u8 kind, u64 block, u64 seq)
+{
+    u32 slot = free_slots[--nfree];
+    slots[slot].kind = kind;
+    slots[slot].block = block;
+    slots[slot].seq = seq;
+    return slot;
+}
+
+/* Submit what the free slots allow. Returns how many requests. */
+static u32 submit_batch(int writing)
+{
+    u32 n = 0;
+    while (nfree) {
+        if (cfg.flush && writes_since_flush >= cfg.flush && !flush_in_flight) {
+            u32 slot = take_slot(FLUSH, 0, completed_watermark());
+            submit(slot, BLK_T_FLUSH, 0);
+            flush_in_flight = 1;
+            writes_since_flush = 0;
+        } else if (cfg.verify && writes_since_verify >= cfg.verify) {
+            /* The block half a round behind the write cursor, if it was written and is idle. */
+            u64 block = next_block + blocks / 2;
+            if (block >= blocks)
+                block -= blocks;
+            u64 seq = SEQ_TABLE[block];
+            writes_since_verify = 0;
+            if (seq && !block_busy(block)) {
+                u32 slot = take_slot(READ, block, seq);
+                submit(slot, BLK_T_IN, block);
+            }
+        } else if (writing && (!cfg.limit || next_seq <= cfg.limit)) {
+            if (block_busy(next_block))
+                break; /* its previous request is still in flight: wait for it */
+            u32 slot = take_slot(WRITE, next_block, next_seq);
+            fill_block(BUFFER(slot), next_block, next_seq);
+            submit(slot, BLK_T_OUT, next_block);
+            STATUS(ST_WRITES_SUBMITTED) = next_seq;
+            next_seq++;
+            if (++next_block == blocks)
+                next_block = 0;
+            writes_since_flush++;
+            writes_since_verify++;
+        } else {
+            break;
+        }
+        n++;
+    }
+    kick();
+    return n;
+}
+
+static void progress_line(const char *what)
+{
+    STATUS(ST_TSC_NOW) = rdtsc();
+    puts("disk:");
+    puts(what);
+    put_field("writes", STATUS(ST_WRITES_COMPLETED));
+    put_field("reads", STATUS(ST_READS_COMPLETED));
+    put_field("verify_failures", STATUS(ST_VERIFY_FAILURES));
+    put_field("flushes", STATUS(ST_FLUSHES));
+    put_field("io_errors", STATUS(ST_IO_ERRORS));
+    put_field("durable", STATUS(ST_DURABLE));
+    put_field("kicks", STATUS(ST_KICKS));
+    put_field("tsc", STATUS(ST_TSC_NOW) - STATUS(ST_TSC_START));
+    putc('\n');
+}
+
+static void drain(void)
+{
+    while (nfree < cfg.inflight)
+        if (!reap())
+            cpu_relax();
+}
+
+static int run(void)
+{
+    for (u32 i = 0; i < cfg.inflight; i++)
+        free_slots[nfree++] = cfg.inflight - 1 - i;
+    u64 next_progress = cfg.progress;
+    STATUS(ST_TSC_START) = rdtsc();
+    STATUS(ST_STATE) = DISK_STATE_RUNNING;
+    for (;;) {
+        u32 done = reap();
+        if (cfg.limit && next_seq > cfg.limit && nfree == cfg.inflight)
+            break;
+        u32 sent = submit_batch(1);
+        if (STATUS(ST_WRITES_COMPLETED) >= next_progress) {
+            next_progress += cfg.progress;
+            progress_line("");
+        }
+        if (!done && !sent)
+            cpu_relax();
+    }
+    if (cfg.flush) { /* a final flush makes every write durable */
+        writes_since_flush = cfg.flush;
+        writes_since_verify = 0;
+        submit_batch(0);
+        drain();
+    }
+    progress_line(" done");
+    report(TAG_DISK_WRITES, STATUS(ST_WRITES_COMPLETED));
+    report(TAG_DISK_READS, STATUS(ST_READS_COMPLETED));
+    report(TAG_DISK_VERIFY_FAILURES, STATUS(ST_VERIFY_FAILURES));
+    report(TAG_DISK_IO_ERRORS, STATUS(ST_IO_ERRORS));
+    int code = STATUS(ST_VERIFY_FAILURES) ? EXIT_VERIFY_FAILED
+               : STATUS(ST_IO_ERRORS)     ? EXIT_IO_ERROR
+                                          : EXIT_OK;
+    STATUS(ST_EXIT_CODE) = (u64)code;
+    STATUS(ST_STATE) = DISK_STATE_FINISHED;
+    return code;
+}
+
+/* --- entry ---------------------------------------------------------------------------- */
+
+#define MBI_FLAGS 0
+#define MBI_MEM_UPPER 8
+#define MBI_CMDLINE 16
+#define MBI_HAS_MEM 0x001u
+#define MBI_HAS_CMDLINE 0x004u
+#define IMAGE_BASE 0x100000ull
+
+int disk_main(u32 mbi)
+{
+    const u8 *info = (const u8 *)(u64)mbi;
+    u32 flags = *(const u32 *)(info + MBI_FLAGS);
+    const char *cmdline = "";
+    if (flags & MBI_HAS_CMDLINE)
+        cmdline = (const char *)(u64)*(const u32 *)(info + MBI_CMDLINE);
+
+    memset((void *)DISK_STATUS_ADDR, 0, ST_SIZE);
+    if (!parse_cmdline(cmdline)) {
+        STATUS(ST_EXIT_CODE) = EXIT_BAD_CMDLINE;
+        STATUS(ST_STATE) = DISK_STATE_FAILED;
+        report(TAG_ERROR, EXIT_BAD_CMDLINE);
+        return EXIT_BAD_CMDLINE;
+    }
+    if (!cfg.generation)
+        cfg.generation = rdtsc() | 1;
+    STATUS(ST_INFLIGHT) = cfg.inflight;
+    STATUS(ST_VERIFY) = cfg.verify;
+    STATUS(ST_LIMIT) = cfg.limit;
+    STATUS(ST_PROGRESS) = cfg.progress;
+    STATUS(ST_GENERATION) = cfg.generation;
+    STATUS(ST_MAGIC) = STATUS_MAGIC;
+
+    if (!cfg.ndevices)
+        return fail(EXIT_NO_DEVICE, "no virtio_mmio.device= entry on the command line "
+                                    "(give the VMM a disk)");
+    if (!find_device())
+        return fail(EXIT_NO_DEVICE, "no virtio-blk device among the virtio_mmio.device= entries");
+    STATUS(ST_DEVICE_BASE) = dev;
+    int code = setup_device();
+    if (code)
+        return code;
+    if (!(features & F_BLK_FLUSH))
+        cfg.flush = 0;
+    u64 capacity = read_capacity();
+    STATUS(ST_CAPACITY) = capacity;
+    STATUS(ST_INFLIGHT) = cfg.inflight;
+    STATUS(ST_FLUSH) = cfg.flush;
+    STATUS(ST_QUEUE_SIZE) = queue_size;
+    STATUS(ST_FEATURES) = features;
+
+    blocks = capacity / SECTORS_PER_BLOCK;
+    if (cfg.blocks) {
+        if (cfg.blocks > blocks)
+            return fail(EXIT_BAD_CMDLINE, "blocks= is larger than the disk");
+        blocks = cfg.blocks;
+    }
+    if (!blocks)
+        return fail(EXIT_DEVICE_ERROR, "the disk is smaller than one 4 KiB block");
+    u64 ram_end = IMAGE_BASE + ((flags & MBI_HAS_MEM) ? (u64) * (const u32 *)(info + MBI_MEM_UPPER) << 10 : 0);
+    if (flags & MBI_HAS_MEM && DISK_SEQ_TABLE_ADDR + 8 * blocks > ram_end) {
+        if (cfg.blocks || ram_end <= DISK_SEQ_TABLE_ADDR + 8)
+            return fail(EXIT_NO_MEMORY, "not enough guest RAM for the sequence table "
+                                        "(8 bytes per 4 KiB block from 8 MiB on)");
+        blocks = (ram_end - DISK_SEQ_TABLE_ADDR) / 8;
+    }
+    STATUS(ST_BLOCKS) = blocks;
+    memset((void *)DISK_SEQ_TABLE_ADDR, 0, 8 * blocks);
+    crc_init();
+
+    puts("disk: device at ");
+    put_hex(dev);
+    put_field("capacity", capacity);
+    put_field("blocks", blocks);
+    put_field("queue", queue_size);
+    put_field("inflight", cfg.inflight);
+    put_field("flush", cfg.flush);
+    put_field("verify", cfg.verify);
+    put_field("limit", cfg.limit);
+    puts(" generation=");
+    put_hex(cfg.generation);
+    putc('\n');
+    return run();
+}

@@ -259,6 +259,14 @@ class Receiver:
                 + ", ".join(f"--{f.replace('_', '-')}" for f in differing)
                 + " must match the running guest"
             )
+        if "memory_path" in local and not self.copy_memory:
+            sent = self.memory[0].path if self.memory else None
+            wanted = local["memory_path"]
+            if sent is None or os.path.abspath(wanted) != os.path.abspath(sent):
+                self._refuse(
+                    f"--memory-path {wanted} can't change across a hand-off: the guest's "
+                    f"memory is {sent or 'a memfd'}"
+                )
         if self.copy_memory:
             if self.memory:
                 self._refuse("copy mode takes no memory fds")
@@ -347,6 +355,9 @@ class Receiver:
             self._refuse(f"cannot import the state: {e}")
         if run_state is not None:
             self.running_after_commit = bool(run_state.get("running"))
+            booted_at = run_state.get("booted_at")
+            if isinstance(booted_at, int | float):  # absent from older senders
+                self.machine.booted_at = float(booted_at)
         imported = time.monotonic_ns()
         self.faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED

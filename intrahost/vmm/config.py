@@ -28,6 +28,12 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
+def integer(text: str) -> int:
+    """An integer in C notation (5, 0x5, 0o5, 0b101). Named: a command line's error message
+    names the type function ("invalid integer value: 'x'")."""
+    return int(text, 0)
+
+
 @dataclass(frozen=True)
 class Flag:
     """How ``intrahost run`` sets a :class:`MachineConfig` field (the CLI builds its flags
@@ -98,7 +104,7 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         default="auto",
     )
     sev_policy: int = _flags(
-        Flag("--sev-policy", "SEV guest policy bits", type=lambda v: int(v, 0)), default=0
+        Flag("--sev-policy", "SEV guest policy bits", type=integer), default=0
     )
 
     GUEST_VISIBLE: ClassVar[tuple[str, ...]] = ("memory", "vcpus", "guest", "guest_args", "sev")

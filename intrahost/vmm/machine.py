@@ -89,6 +89,10 @@ class Machine:
         self.debug = DebugPort(current_vcpu=_current_vcpu)
         self.group: VcpuGroup
         self.started_at = 0.0
+        #: When the guest first started, on the host's CLOCK_BOOTTIME (seconds): kept across
+        #: hand-offs (the destination takes the source's), so the guest's uptime survives
+        #: upgrades. None until the guest starts.
+        self.booted_at: float | None = None
         self.exit_code: int | None = None
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -210,6 +214,8 @@ class Machine:
             self.uart.pause()
         self.uart.start()
         self.started_at = time.monotonic()
+        if self.booted_at is None:
+            self.booted_at = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.group.start(paused=paused)
 
     def pause(self) -> None:
@@ -282,6 +288,11 @@ class Machine:
             "guest": self.config.guest,
             "status": self.status,
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "guest-uptime": (
+                round(time.clock_gettime(time.CLOCK_BOOTTIME) - self.booted_at, 3)
+                if self.booted_at is not None
+                else 0.0
+            ),
             "exits": list(self.group.exits),
             "serial-bytes": self.uart.bytes_written,
             "pid": os.getpid(),

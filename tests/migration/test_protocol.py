@@ -123,6 +123,22 @@ def test_guest_visible_override_is_refused_naming_the_flag() -> None:
         s.baton.close()
 
 
+def test_a_memory_path_override_is_refused() -> None:
+    """The new VMM can't move guest memory to another file: a --memory-path that differs
+    from the memory the source sends is refused, naming the flag (it was silently ignored)."""
+    s = Session(ReceiveOptions(overrides={"memory_path": "/dev/shm/other", "serial": "none"}))
+    try:
+        start(s)
+        with GuestMemory.create(16 * MiB) as mem:
+            s.source.request(Command.MEMORY_FD, protocol.to_json({"size": 16 * MiB}), [mem.fd])
+        config = MachineConfig(memory=16 * MiB).to_dict()
+        with pytest.raises(PeerRefused, match="--memory-path"):
+            s.source.request(Command.CONFIG, protocol.to_json(config))
+    finally:
+        s.finish()
+        s.baton.close()
+
+
 def test_abandon_is_accepted_in_any_state(session: Session) -> None:
     start(session)
     session.source.request(Command.ABANDON)

@@ -103,9 +103,7 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         ),
         default="auto",
     )
-    sev_policy: int = _flags(
-        Flag("--sev-policy", "SEV guest policy bits", type=integer), default=0
-    )
+    sev_policy: int = _flags(Flag("--sev-policy", "SEV guest policy bits", type=integer), default=0)
 
     GUEST_VISIBLE: ClassVar[tuple[str, ...]] = ("memory", "vcpus", "guest", "guest_args", "sev")
 

@@ -45,7 +45,7 @@ from intrahost.vmm.config import MachineConfig as MachineConfig
 from intrahost.vmm.config import MachineConfigError as MachineConfigError
 from intrahost.vmm.devices.bus import IoBus, MmioBus
 from intrahost.vmm.devices.debugport import DebugPort
-from intrahost.vmm.devices.uart import COM1_BASE, Uart16550, open_console
+from intrahost.vmm.devices.uart import COM1_BASE, Console, Uart16550, open_console
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
 from intrahost.vmm.memory import GuestMemory
 from intrahost.vmm.persist import Persist
@@ -71,11 +71,14 @@ class Machine:
         memory: GuestMemory,
         kvm: Kvm | None = None,
         incoming: bool = False,
+        console: Console | None = None,
     ) -> None:
         """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
-        SEV context will be moved in, so the SEV VM is not initialised here)."""
+        SEV context will be moved in, so the SEV VM is not initialised here). ``console``:
+        the UART's console (the machine owns it), instead of opening ``config.serial``."""
         self.config = config
         self.incoming = incoming
+        self._console = console
         self.confidential: ConfidentialGuest | None = None
         self.memory = memory
         self.kvm = kvm or Kvm()
@@ -136,8 +139,9 @@ class Machine:
 
     def _build(self) -> None:
         self._build_vm()
+        console, self._console = self._console, None
         self.uart = Uart16550(
-            open_console(self.config.serial),
+            console if console is not None else open_console(self.config.serial),
             irq=self._uart_irq,
         )
         self.bus.register(COM1_BASE, self.uart.length, self.uart, "COM1")
@@ -323,6 +327,9 @@ class Machine:
             self.group.stop()
         if hasattr(self, "uart"):
             self.uart.close()
+        if self._console is not None:  # given, but the build failed before the UART took it
+            self._console.close()
+            self._console = None
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()

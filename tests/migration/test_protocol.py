@@ -72,6 +72,12 @@ def test_version_n_is_accepted_and_others_refused(session: Session) -> None:
         other.finish()
 
 
+def test_start_names_the_features_a_sender_may_use(session: Session) -> None:
+    """A sender passes a pty console's fd only to a destination that lists the feature (an
+    older destination, which lists none, would refuse the unknown CONSOLE_FD)."""
+    assert protocol.CONSOLE_FD_FEATURE in start(session)["features"]
+
+
 def test_unexpected_message_names_state_and_message(session: Session) -> None:
     start(session)
     with pytest.raises(PeerRefused, match="can't handle STATE in receive state started"):

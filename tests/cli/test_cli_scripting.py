@@ -153,6 +153,13 @@ def test_errors_are_one_json_document(sockdir: Path, args: tuple[str, ...]) -> N
     assert "no control socket" in error["desc"] or "no VMM waits" in error["desc"], error
 
 
+def test_selftest_errors_are_json(sockdir: Path) -> None:
+    if Path("/dev/sev").exists():
+        pytest.skip("this host has SEV: the kernel platform is available")
+    error = json_error(cli("selftest", "--platform", "kernel", "--output", "json"))
+    assert "/dev/sev" in error["desc"] and error["class"] == "PlatformUnavailableError"
+
+
 def test_usage_errors_are_json_too(sockdir: Path) -> None:
     error = json_error(cli("status", "--output", "json"))
     assert "--api-socket" in error["desc"] and "--name" in error["desc"]

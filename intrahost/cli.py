@@ -63,10 +63,6 @@ class NewVmmFailed(CliError):
         self.output = output
 
 
-class InternalError(IntrahostError):
-    """An unexpected exception (a bug, or a peer of an unexpected kind)."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors raised (main reports them, as text or JSON)."""
 

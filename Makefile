@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-ops lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# The operations tests: the fleet upgrade play of docs/operations.md with ansible-core.
+test-ops: $(STAMP)
+	$(BIN)/pytest -m ops
 
 bench: $(STAMP)
 	$(BIN)/python bench/exits.py

@@ -28,6 +28,23 @@ def pytest_configure(config: pytest.Config) -> None:
     install_kick_handler()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def runtime_dir() -> Iterator[Path]:
+    """A private XDG_RUNTIME_DIR for the whole run: VMMs started without --api-socket put
+    their control sockets in $XDG_RUNTIME_DIR/intrahost, never in the host's /run."""
+    path = Path(tempfile.mkdtemp(prefix="ih-run-", dir="/tmp"))
+    path.chmod(0o700)
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["XDG_RUNTIME_DIR"]
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = old
+    kill_processes_mentioning(str(path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     """A short private directory (unix socket paths must fit in 107 bytes)."""

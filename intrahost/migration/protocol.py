@@ -71,6 +71,14 @@ class Command(enum.IntEnum):
     MEMORY_DATA = 8
     #: SEV guests: the source's VM (its fd, for KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM).
     SEV_CONTEXT = 9
+    #: A pty console's master side, so the guest keeps its terminal: sent only to a
+    #: destination whose START reply lists the feature :data:`CONSOLE_FD_FEATURE`.
+    CONSOLE_FD = 10
+
+
+#: The START reply's ``features`` name what a destination accepts beyond its protocol
+#: version; a sender uses a feature only if it is listed (older destinations list none).
+CONSOLE_FD_FEATURE = "console-fd"
 
 
 class Status(enum.IntEnum):

@@ -6,6 +6,8 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     MEMORY --MEMORY_FD--> MEMORY            (one per memory fd)
     MEMORY --CONFIG--> CONFIGURED           (validated against this VMM's own flags)
     CONFIGURED --SEV_CONTEXT(+VM fd)--> CONFIGURED   (SEV guests: the source's VM)
+    CONFIGURED --CONSOLE_FD(+pty fd)--> CONFIGURED   (a pty console's master: kept if this
+                                                      VMM's console is a pty too)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
@@ -63,6 +65,7 @@ from intrahost.migration.state import (
     restore_machine,
     warm_up_import,
 )
+from intrahost.vmm.devices.console import PtyConsole
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 
@@ -134,6 +137,9 @@ class Receiver:
         self._copy_target: GuestMemory | None = None
         #: SEV: the source VM's fd, named in MOVE.
         self.sev_source_fd = -1
+        #: The source's pty console (master fd, slave path), adopted when this VMM's console
+        #: is a pty too.
+        self.console: tuple[int, str] | None = None
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -172,7 +178,7 @@ class Receiver:
         ReceiveState.ESTABLISHED: {Command.START},
         ReceiveState.STARTED: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
-        ReceiveState.CONFIGURED: {Command.READY, Command.SEV_CONTEXT},
+        ReceiveState.CONFIGURED: {Command.READY, Command.SEV_CONTEXT, Command.CONSOLE_FD},
         ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
@@ -193,7 +199,10 @@ class Receiver:
             msg.close_fds()
             self._refuse(f"can't handle {command.name} in receive state {self.state.value}")
         fds_expected = (
-            1 if command in (Command.START, Command.MEMORY_FD, Command.SEV_CONTEXT) else 0
+            1
+            if command
+            in (Command.START, Command.MEMORY_FD, Command.SEV_CONTEXT, Command.CONSOLE_FD)
+            else 0
         )
         if len(msg.fds) != fds_expected:
             msg.close_fds()
@@ -226,7 +235,9 @@ class Receiver:
             )
         self.copy_memory = bool(body.get("copy_memory", False))
         self.state = ReceiveState.STARTED
-        self.channel.ok({"version": protocol.PROTOCOL_VERSION})
+        self.channel.ok(
+            {"version": protocol.PROTOCOL_VERSION, "features": [protocol.CONSOLE_FD_FEATURE]}
+        )
 
     def _on_memory_fd(self, msg: Message) -> None:
         body = msg.json()
@@ -259,6 +270,14 @@ class Receiver:
                 + ", ".join(f"--{f.replace('_', '-')}" for f in differing)
                 + " must match the running guest"
             )
+        if "memory_path" in local and not self.copy_memory:
+            sent = self.memory[0].path if self.memory else None
+            wanted = local["memory_path"]
+            if sent is None or os.path.abspath(wanted) != os.path.abspath(sent):
+                self._refuse(
+                    f"--memory-path {wanted} can't change across a hand-off: the guest's "
+                    f"memory is {sent or 'a memfd'}"
+                )
         if self.copy_memory:
             if self.memory:
                 self._refuse("copy mode takes no memory fds")
@@ -289,6 +308,20 @@ class Receiver:
         self.sev_source_fd = fd
         self.channel.ok()
 
+    def _on_console_fd(self, msg: Message) -> None:
+        assert self.config is not None
+        body = msg.json()
+        fd = msg.fds.pop()
+        path = body.get("path")
+        if body.get("kind") != "pty" or not isinstance(path, str) or self.console is not None:
+            os.close(fd)
+            self._refuse("CONSOLE_FD must carry one pty master with its path")
+        if self.config.serial == "pty":
+            self.console = (fd, path)
+        else:
+            os.close(fd)  # this VMM's console is another one (--serial)
+        self.channel.ok()
+
     def _on_ready(self, msg: Message) -> None:
         assert self.config is not None
         if self.config.sev and self.sev_source_fd < 0:
@@ -303,8 +336,12 @@ class Receiver:
                 memory = GuestMemory(os.dup(mem.fd), mem.size, mem.path)
         except (MemoryConfigError, OSError) as e:
             self._refuse(f"cannot map the guest memory: {e}")
+        console = None
+        if self.console is not None:
+            console = PtyConsole(*self.console)
+            self.console = None
         try:
-            self.machine = Machine(self.config, memory, self.kvm, incoming=True)
+            self.machine = Machine(self.config, memory, self.kvm, incoming=True, console=console)
         except IntrahostError as e:
             memory.close()
             self._refuse(f"cannot build the same machine here: {e}")
@@ -347,6 +384,9 @@ class Receiver:
             self._refuse(f"cannot import the state: {e}")
         if run_state is not None:
             self.running_after_commit = bool(run_state.get("running"))
+            booted_at = run_state.get("booted_at")
+            if isinstance(booted_at, int | float):  # absent from older senders
+                self.machine.booted_at = float(booted_at)
         imported = time.monotonic_ns()
         self.faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
@@ -449,3 +489,6 @@ class Receiver:
         if self.sev_source_fd >= 0:
             os.close(self.sev_source_fd)
             self.sev_source_fd = -1
+        if self.console is not None:
+            os.close(self.console[0])
+            self.console = None

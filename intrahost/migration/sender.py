@@ -2,7 +2,8 @@
 
 Phases, in order::
 
-    connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> READY      guest still runs
+    connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> [SEV_CONTEXT(+VM)]
+            -> [CONSOLE_FD(+pty master)] -> READY                        guest still runs
     pause -> export -> STATE -> COMMIT                                    the blackout
     release the VM (the destination runs the guest)
 
@@ -36,6 +37,7 @@ from intrahost.migration import protocol
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.migration.state import save_machine, warm_up_export
+from intrahost.vmm.devices.console import PtyConsole
 from intrahost.vmm.machine import Machine
 from intrahost.vmm.vcpu import PauseTimeout
 
@@ -120,7 +122,9 @@ class Sender:
             channel = self._connect()
             self._checkpoint("start", channel)
             start = {"version": protocol.PROTOCOL_VERSION, "copy_memory": self.options.copy_memory}
-            channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            started = channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            features = started.get("features")
+            features = features if isinstance(features, list) else []
             self._checkpoint("memory", channel)
             if not self.options.copy_memory:
                 channel.request(
@@ -133,6 +137,14 @@ class Sender:
             if machine.confidential is not None:
                 # The VM itself travels: the destination names it in MOVE.
                 channel.request(Command.SEV_CONTEXT, fds=[machine.confidential.vm.fd])
+            console = machine.uart.console
+            if isinstance(console, PtyConsole) and protocol.CONSOLE_FD_FEATURE in features:
+                # The guest's terminal travels: its users keep their session on it.
+                channel.request(
+                    Command.CONSOLE_FD,
+                    protocol.to_json({"kind": "pty", "path": console.slave_path}),
+                    [console.master_fd],
+                )
             self._checkpoint("ready", channel)
             channel.request(Command.READY, timeout=self.options.ready_timeout)
             warm_up_export(machine)

@@ -14,8 +14,9 @@ the names are the envelope's contract between VMM versions::
                                       (register parts absent for a protected vCPU)
     device/uart device/debug    JSON  device state records
     sev/launch                  JSON  SEV guests: mode, platform, policy, handle, measurement
-    vmm/run-state               JSON  {running}: whether the guest ran before the pause
-                                      (optional)
+    vmm/run-state               JSON  {running, booted_at}: whether the guest ran before
+                                      the pause, and when it first started (CLOCK_BOOTTIME
+                                      seconds; optional, as is the component)
 
 ``vm`` and ``vcpu/N`` are described in ``intrahost.vmm.kvm_state``; a device's record in its
 module. ``config`` is read before the destination machine exists (it says how to build it);
@@ -49,9 +50,10 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
         prefix = name + "/"
         for part, payload in component.save_parts():
             components.append(Component(prefix + part if part else name, payload))
-    components.append(
-        Component("vmm/run-state", json_payload({"running": running}), required=False)
-    )
+    run_state: dict[str, object] = {"running": running}
+    if machine.booted_at is not None:
+        run_state["booted_at"] = machine.booted_at
+    components.append(Component("vmm/run-state", json_payload(run_state), required=False))
     return envelope.encode(components)
 
 

@@ -41,6 +41,7 @@ from intrahost.service.api import (
     check_socket_directory,
     socket_state,
 )
+from intrahost.service.settings import RunSettings
 from intrahost.vmm.guests.probe import CounterProbe, DiskProbe
 from intrahost.vmm.machine import Machine
 
@@ -58,14 +59,20 @@ class IncomingError(IntrahostError):
 class Vmm:
     """Serves ``machine`` on the control socket at ``api_path`` (if any). ``faults``: the
     fault tests' hooks for its hand-offs out (the process builds them from its environment
-    with :func:`intrahost.migration.faults.from_environment`); none by default."""
+    with :func:`intrahost.migration.faults.from_environment`); none by default. ``settings``:
+    how the process was started, for ``query-settings`` (an upgrade's new VMM inherits them)."""
 
     def __init__(
-        self, machine: Machine, api_path: str | None = None, faults: Faults = NO_FAULTS
+        self,
+        machine: Machine,
+        api_path: str | None = None,
+        faults: Faults = NO_FAULTS,
+        settings: RunSettings | None = None,
     ) -> None:
         self.machine = machine
         self.api_path = api_path
         self.faults = faults
+        self.settings = settings or RunSettings(f"vm-{os.getpid()}", api_path)
         self.api: ApiServer | None = None
         self._done = threading.Event()
         self._quit = False
@@ -102,6 +109,7 @@ class Vmm:
         api.register("query-block", lambda _a: self.machine.query_block())
         api.register("migrate", self._migrate, {"uri": (str, True)})
         api.register("query-migrate", lambda _a: self._query_migrate())
+        api.register("query-settings", lambda _a: self._query_settings())
 
     def _emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         if self.api is not None:
@@ -115,6 +123,7 @@ class Vmm:
         """The machine's own description, plus a built-in guest's view of itself (read from
         guest memory): the counter guest's status slots, the disk guest's progress."""
         info = self.machine.query()
+        info["console"] = self.machine.uart.console.description
         if self.machine.config.guest == "counter":
             counters = CounterProbe(self.machine.memory.buffer).counters()
             if counters is not None:
@@ -124,6 +133,14 @@ class Vmm:
             if progress is not None:
                 info["disk"] = progress
         return info
+
+    def _query_settings(self) -> dict[str, Any]:
+        """How this VMM was started: its run settings, the machine's configuration and its
+        console (what ``intrahost upgrade`` gives the new VMM by default)."""
+        return self.settings.to_dict() | {
+            "config": self.machine.config.to_dict(),
+            "console": self.machine.uart.console.description,
+        }
 
     def _stop(self) -> None:
         self._check_not_migrating()

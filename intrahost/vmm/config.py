@@ -29,6 +29,12 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
+def integer(text: str) -> int:
+    """An integer in C notation (5, 0x5, 0o5, 0b101). Named: a command line's error message
+    names the type function ("invalid integer value: 'x'")."""
+    return int(text, 0)
+
+
 @dataclass(frozen=True)
 class Flag:
     """How ``intrahost run`` sets a :class:`MachineConfig` field (the CLI builds its flags
@@ -183,9 +189,7 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         ),
         default="auto",
     )
-    sev_policy: int = _flags(
-        Flag("--sev-policy", "SEV guest policy bits", type=lambda v: int(v, 0)), default=0
-    )
+    sev_policy: int = _flags(Flag("--sev-policy", "SEV guest policy bits", type=integer), default=0)
 
     #: The virtio disks, in device order (see docs/devices.md).
     disks: tuple[DiskConfig, ...] = _flags_converted(

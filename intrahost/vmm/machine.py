@@ -49,7 +49,7 @@ from intrahost.vmm.confidential import ConfidentialGuest
 from intrahost.vmm.config import MachineConfig as MachineConfig
 from intrahost.vmm.config import MachineConfigError as MachineConfigError
 from intrahost.vmm.devices.bus import IoBus, MmioBus
-from intrahost.vmm.devices.console import open_console
+from intrahost.vmm.devices.console import Console, open_console
 from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
 from intrahost.vmm.devices.virtio.block import DiskImage, VirtioBlock
@@ -81,16 +81,19 @@ class Machine:
         kvm: Kvm | None = None,
         incoming: bool = False,
         disk_images: Sequence[DiskImage] = (),
+        console: Console | None = None,
     ) -> None:
         """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
         SEV context will be moved in, so the SEV VM is not initialised here).
         ``disk_images``: the open images of ``config.disks``, in order (owned from now on):
         opened by :meth:`create`, or — the hook for a hand-off — rebuilt with
-        :meth:`DiskImage.from_fd` on the fds the source VMM passed."""
+        :meth:`DiskImage.from_fd` on the fds the source VMM passed. ``console``: the UART's
+        console (the machine owns it), instead of opening ``config.serial``."""
         #: Images not yet adopted by a device (closed by close() if the build fails).
         self._pending_images = list(disk_images)
         self.config = config
         self.incoming = incoming
+        self._console = console
         self.confidential: ConfidentialGuest | None = None
         self.memory = memory
         self.kvm = kvm or Kvm()
@@ -104,6 +107,10 @@ class Machine:
         self.debug = DebugPort(current_vcpu=_current_vcpu)
         self.group: VcpuGroup
         self.started_at = 0.0
+        #: When the guest first started, on the host's CLOCK_BOOTTIME (seconds): kept across
+        #: hand-offs (the destination takes the source's), so the guest's uptime survives
+        #: upgrades. None until the guest starts.
+        self.booted_at: float | None = None
         self.exit_code: int | None = None
         self._stopped = threading.Event()
         self._shutdown_lock = threading.Lock()
@@ -164,8 +171,9 @@ class Machine:
 
     def _build(self) -> None:
         self._build_vm()
+        console, self._console = self._console, None
         self.uart = Uart16550(
-            open_console(self.config.serial),
+            console if console is not None else open_console(self.config.serial),
             irq=self._uart_irq,
         )
         self.bus.register(COM1_BASE, self.uart.length, self.uart, "COM1")
@@ -273,6 +281,8 @@ class Machine:
             if paused:
                 device.drain()
         self.started_at = time.monotonic()
+        if self.booted_at is None:
+            self.booted_at = time.clock_gettime(time.CLOCK_BOOTTIME)
         self.group.start(paused=paused)
 
     def pause(self, timeout: float = 5.0) -> None:
@@ -354,6 +364,11 @@ class Machine:
             "guest": self.config.guest,
             "status": self.status,
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "guest-uptime": (
+                round(time.clock_gettime(time.CLOCK_BOOTTIME) - self.booted_at, 3)
+                if self.booted_at is not None
+                else 0.0
+            ),
             "exits": list(self.group.exits),
             "serial-bytes": self.uart.bytes_written,
             "serial-dropped": self.uart.console_dropped,
@@ -399,6 +414,9 @@ class Machine:
             device.close()
         for image in self._pending_images:
             image.close()
+        if self._console is not None:  # given, but the build failed before the UART took it
+            self._console.close()
+            self._console = None
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()

@@ -72,6 +72,12 @@ def test_version_n_is_accepted_and_others_refused(session: Session) -> None:
         other.finish()
 
 
+def test_start_names_the_features_a_sender_may_use(session: Session) -> None:
+    """A sender passes a pty console's fd only to a destination that lists the feature (an
+    older destination, which lists none, would refuse the unknown CONSOLE_FD)."""
+    assert protocol.CONSOLE_FD_FEATURE in start(session)["features"]
+
+
 def test_unexpected_message_names_state_and_message(session: Session) -> None:
     start(session)
     with pytest.raises(PeerRefused, match="can't handle STATE in receive state started"):
@@ -117,6 +123,22 @@ def test_guest_visible_override_is_refused_naming_the_flag() -> None:
             s.source.request(Command.MEMORY_FD, protocol.to_json({"size": 16 * MiB}), [mem.fd])
         config = MachineConfig(memory=16 * MiB, vcpus=1).to_dict()
         with pytest.raises(PeerRefused, match="--vcpus"):
+            s.source.request(Command.CONFIG, protocol.to_json(config))
+    finally:
+        s.finish()
+        s.baton.close()
+
+
+def test_a_memory_path_override_is_refused() -> None:
+    """The new VMM can't move guest memory to another file: a --memory-path that differs
+    from the memory the source sends is refused, naming the flag (it was silently ignored)."""
+    s = Session(ReceiveOptions(overrides={"memory_path": "/dev/shm/other", "serial": "none"}))
+    try:
+        start(s)
+        with GuestMemory.create(16 * MiB) as mem:
+            s.source.request(Command.MEMORY_FD, protocol.to_json({"size": 16 * MiB}), [mem.fd])
+        config = MachineConfig(memory=16 * MiB).to_dict()
+        with pytest.raises(PeerRefused, match="--memory-path"):
             s.source.request(Command.CONFIG, protocol.to_json(config))
     finally:
         s.finish()

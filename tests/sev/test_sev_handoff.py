@@ -253,9 +253,15 @@ def test_a_destination_that_is_already_sev_is_refused_by_the_move(
 
     class AlreadySev(Machine):
         def __init__(
-            self, config: MachineConfig, memory: Any, kvm: Any = None, incoming: bool = False
+            self,
+            config: MachineConfig,
+            memory: Any,
+            kvm: Any = None,
+            incoming: bool = False,
+            console: Any = None,
         ):
-            super().__init__(config, memory, kvm, incoming=False)  # inits SEV: wrong here
+            # incoming=False inits SEV: wrong here.
+            super().__init__(config, memory, kvm, incoming=False, console=console)
 
     monkeypatch.setattr(receiver_module, "Machine", AlreadySev)
     machine = Machine.create(

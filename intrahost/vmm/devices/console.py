@@ -248,19 +248,12 @@ class PtyConsole(Console):
 
     has_input = True
 
-    def __init__(self) -> None:
-        try:
-            master, slave = os.openpty()
-        except OSError as error:
-            raise ConsoleError(
-                f"cannot open a pseudo-terminal: {error.strerror}; is /dev/ptmx available? "
-                f"use --console stdout or file:PATH instead"
-            ) from error
-        try:
-            self.slave_path = os.ttyname(slave)
-            tty.setraw(slave)
-        finally:
-            os.close(slave)
+    def __init__(self, master: int | None = None, slave_path: str | None = None) -> None:
+        """A new pseudo-terminal; or, with ``master`` (an fd this console then owns) and
+        ``slave_path``, the one another VMM opened (a hand-off keeps the guest's terminal)."""
+        if master is None or slave_path is None:
+            master, slave_path = self._open()
+        self.slave_path = slave_path
         os.set_blocking(master, False)
         self._master: int | None = master
         self.description = f"pty:{self.slave_path}"
@@ -269,6 +262,29 @@ class PtyConsole(Console):
             self.slave_path,
             self.slave_path,
         )
+
+    @staticmethod
+    def _open() -> tuple[int, str]:
+        try:
+            master, slave = os.openpty()
+        except OSError as error:
+            raise ConsoleError(
+                f"cannot open a pseudo-terminal: {error.strerror}; is /dev/ptmx available? "
+                f"use --console stdout or file:PATH instead"
+            ) from error
+        try:
+            path = os.ttyname(slave)
+            tty.setraw(slave)
+        finally:
+            os.close(slave)
+        return master, path
+
+    @property
+    def master_fd(self) -> int:
+        """The terminal's master side (what a hand-off passes to the new VMM)."""
+        if self._master is None:
+            raise OSError(errno.EBADF, "pty console is closed")
+        return self._master
 
     def _poll(self, events: int, timeout: float) -> int:
         if self._master is None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import PATIENCE
 
 from intrahost.errors import IntrahostError
 from intrahost.vmm.devices import (
@@ -74,7 +75,7 @@ def send(uart: Uart16550, data: bytes) -> None:
         outb(uart, u.THR, byte)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = PATIENCE) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -99,6 +99,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.timeout(900)  # 50 upgrades: minutes on a loaded host
 def test_fifty_upgrades_leave_no_gap_no_leak_and_no_drift(
     vmm_factory: Any, sockdir: Path, shm_file: Path
 ) -> None:

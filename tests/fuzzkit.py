@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hypothesis import strategies as st
+from support import PATIENCE, wait_until
 
 from intrahost.migration import envelope, protocol
 from intrahost.migration.envelope import Component
@@ -110,6 +111,7 @@ def real_seeds(with_kvm: bool) -> tuple[Seed, ...]:
     ]  # fmt: skip
     if with_kvm:
         from intrahost.migration.state import save_machine
+        from intrahost.vmm.guests import layout
         from intrahost.vmm.machine import Machine, MachineConfig
 
         for vcpus in (1, 2):
@@ -117,9 +119,17 @@ def real_seeds(with_kvm: bool) -> tuple[Seed, ...]:
                 memory=16 * MiB, vcpus=vcpus, guest_args="progress=1048576", serial="none"
             )
             machine = Machine.create(config)
+
+            def counting(machine: Machine = machine, vcpus: int = vcpus) -> bool:
+                try:
+                    status = layout.read_status(machine.memory.buffer)
+                except layout.GuestStatusMissing:
+                    return False
+                return status.running == vcpus and all(s.counter for s in status.slots)
+
             try:
                 machine.start()
-                time.sleep(0.2)
+                wait_until(counting, f"the counter guest to count on {vcpus} vCPUs")
                 machine.pause()
                 state = save_machine(machine)
                 image = bytes(machine.memory.buffer)
@@ -652,7 +662,7 @@ def run_session(session: Session, timeout: float = 0.3) -> Outcome:
     if session.ending == "eof":
         with contextlib.suppress(OSError):
             ours.shutdown(socket.SHUT_WR)
-    thread.join(timeout * (len(session.frames) + 4) + 10)
+    thread.join(timeout * (len(session.frames) + 4) + PATIENCE)
     hung = thread.is_alive()
     seconds = time.monotonic() - t0
     responses, malformed = ([], None) if hung else _read_responses(ours)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import PATIENCE, wait_until
 
 from intrahost.sev import SevError
 from intrahost.sevmodel.client import ModelPlatform
@@ -37,18 +38,11 @@ def expect(call: Callable[[], object], expected: int) -> SevError:
     return info.value
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
+def wait_for(predicate: Callable[[], Any], timeout: float = PATIENCE, what: str = "") -> Any:
+    return wait_until(predicate, what or str(predicate), timeout, interval=0.01)
 
 
-def wait_idle(platform: ModelPlatform, timeout: float = 10.0) -> dict[str, Any]:
+def wait_idle(platform: ModelPlatform, timeout: float = PATIENCE) -> dict[str, Any]:
     """Wait until the service has no VM left and no ASID is held (only awaiting reclaim)."""
 
     def idle() -> dict[str, Any] | None:
@@ -80,7 +74,7 @@ class ServiceHandle:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=PATIENCE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -102,7 +96,7 @@ def start_service(directory: Path, *extra: str) -> ServiceHandle:
         ]
     )
     handle = ServiceHandle(path, proc)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the service exited with {proc.returncode}: {handle.log()}")

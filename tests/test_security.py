@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import HAVE_KVM, VmmProcess, needs_kvm, wait_for_path
+from support import HAVE_KVM, PATIENCE, VmmProcess, needs_kvm, wait_for_path
 
 import intrahost
 from intrahost.migration.protocol import FRAME, Status
@@ -40,6 +40,10 @@ from intrahost.service.api import ApiServer, check_socket_directory
 
 NOBODY = 65534
 root_only = pytest.mark.skipif(os.getuid() != 0, reason="needs root (to become uid 65534)")
+#: How long a destination that must turn a peer away waits for its sender (it waits all of it,
+#: so not PATIENCE): a peer in a child process connects and is refused well within it even on
+#: a loaded host.
+REFUSED_PEER_WAIT = 10.0
 
 #: Directory modes, and whether others could replace a socket in it.
 DIR_MODES = [
@@ -184,7 +188,7 @@ def _connect_and_read(path: Path) -> Callable[[], bytes]:
 
     def work() -> bytes:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(PATIENCE)
         s.connect(str(path))
         data = b""
         while chunk := s.recv(65536):
@@ -205,7 +209,9 @@ class Destination:
     """runner.receive() in a thread, on a migration socket that anyone may connect to (so that
     the credential check alone decides)."""
 
-    def __init__(self, path: Path, allow_uids: tuple[int, ...] = (), timeout: float = 3) -> None:
+    def __init__(
+        self, path: Path, allow_uids: tuple[int, ...] = (), timeout: float = PATIENCE
+    ) -> None:
         self.listener = runner.listen(f"unix:{path}")
         path.chmod(0o666)
         self.error: BaseException | None = None
@@ -224,7 +230,7 @@ class Destination:
         self.thread.start()
 
     def join(self) -> None:
-        self.thread.join(15)
+        self.thread.join(2 * PATIENCE)
         assert not self.thread.is_alive()
 
 
@@ -234,7 +240,7 @@ def test_another_uid_is_refused_with_a_reason_and_the_destination_keeps_waiting(
 ) -> None:
     path = shared_dir / "mig.sock"
     with caplog.at_level(logging.INFO):
-        dest = Destination(path, timeout=2)
+        dest = Destination(path, timeout=REFUSED_PEER_WAIT)
         status, data = _in_child(NOBODY, _connect_and_read(path))()
         assert dest.thread.is_alive(), "a refused peer ended the wait"
         dest.join()
@@ -275,7 +281,7 @@ def test_root_is_refused_by_a_destination_that_is_not_root(shared_dir: Path) -> 
 
     def destination() -> bytes:
         try:
-            runner.receive(f"unix:{path}", ReceiveOptions(timeout=0.5), timeout=3)
+            runner.receive(f"unix:{path}", ReceiveOptions(timeout=0.5), timeout=REFUSED_PEER_WAIT)
         except runner.IncomingError as e:
             return str(e).encode()
         return b"accepted"
@@ -308,9 +314,9 @@ def test_an_allowed_sender_of_another_uid_cannot_name_the_console_file(
     box: dict[str, Any] = {}
 
     def serve() -> None:
-        options = ReceiveOptions(timeout=5)  # no --serial given to this destination
+        options = ReceiveOptions(timeout=PATIENCE)  # no --serial given to this destination
         try:
-            box["machine"] = runner.receive(f"unix:{path}", options, 10, listener, (NOBODY,))
+            box["machine"] = runner.receive(f"unix:{path}", options, PATIENCE, listener, (NOBODY,))
         except BaseException as e:
             box["error"] = e
 
@@ -320,7 +326,7 @@ def test_an_allowed_sender_of_another_uid_cannot_name_the_console_file(
     def source() -> bytes:
         factory = fuzzkit.FdFactory(seed)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(PATIENCE)
         s.connect(str(path))
         statuses = []
         for frame in frames:
@@ -332,7 +338,7 @@ def test_an_allowed_sender_of_another_uid_cannot_name_the_console_file(
         return bytes(statuses)
 
     status, statuses = _in_child(NOBODY, source)()
-    thread.join(15)
+    thread.join(2 * PATIENCE)
     machine = box.get("machine")
     try:
         assert status == 0 and statuses == bytes(len(frames)), statuses
@@ -361,7 +367,7 @@ def test_run_incoming_allow_uid_option(
         )
         mig.chmod(0o666)
         status, data = _in_child(NOBODY, _connect_and_read(mig))()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + PATIENCE
         while allow and vmm.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         outcomes[allow] = (status, data, vmm.alive(), vmm.output())

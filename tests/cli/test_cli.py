@@ -8,12 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_kvm
+from support import needs_kvm, wait_until
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
@@ -54,21 +53,22 @@ def test_run_status_pause_resume_stop(vmm_factory: Any, sockdir: Path) -> None:
         wait_path=api,
     )
     assert api.stat().st_mode & 0o777 == 0o600
-    deadline = time.monotonic() + 20
-    while True:
-        status = json.loads(cli("status", "--api-socket", str(api)).stdout)
-        if [c["count"] > 0 for c in status["vm"].get("counter", [])] == [True, True]:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
+
+    def counting() -> dict[str, Any] | None:
+        status: dict[str, Any] = json.loads(cli("status", "--api-socket", str(api)).stdout)
+        counts = [c["count"] > 0 for c in status["vm"].get("counter", [])]
+        return status if counts == [True, True] else None
+
+    status = wait_until(counting, "both vCPUs to count", proc=vmm, interval=0.05)
     assert status["status"] == "running"
     assert status["vm"]["vcpus"] == 2 and status["vm"]["memory"] == 32 << 20
     assert cli("pause", "--api-socket", str(api)).returncode == 0
     assert json.loads(cli("status", "--api-socket", str(api)).stdout)["status"] == "paused"
     assert cli("resume", "--api-socket", str(api)).returncode == 0
     assert json.loads(cli("status", "--api-socket", str(api)).stdout)["status"] == "running"
+    wait_until(lambda: " count=" in serial.read_text(), "a count line on the serial console")
     assert cli("stop", "--api-socket", str(api)).returncode == 0
-    assert vmm.wait(10) == 0
+    assert vmm.wait() == 0
     assert not api.exists()
     assert " count=" in serial.read_text()
 
@@ -144,11 +144,12 @@ def test_api_socket_in_use_is_refused_and_a_stale_one_replaced(
     proc = vmm_factory(
         "run", "--memory", "16M", "--serial", "none", "--api-socket", str(stale), name="second"
     )
-    deadline = time.monotonic() + 20
-    while cli("status", "--api-socket", str(stale)).returncode != 0:
-        assert proc.alive(), proc.output()
-        assert time.monotonic() < deadline, "the VMM did not replace the stale socket"
-        time.sleep(0.1)
+    wait_until(
+        lambda: cli("status", "--api-socket", str(stale)).returncode == 0,
+        "the VMM to replace the stale socket",
+        proc=proc,
+        interval=0.1,
+    )
     cli("stop", "--api-socket", str(stale))
 
 

@@ -10,12 +10,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.migration import faults
 from intrahost.service.qmp_client import QmpClient
@@ -42,6 +41,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *texts: str)
     return lines[0]
 
 
+#: The destination's per-message timeout in the tests that need a migration to stay active for
+#: a while: its ``stall`` fault (on READY) lasts 2.5 times that, 20 s, long enough for a few CLI
+#: commands on a loaded host; the source waits for the READY answer longer than that.
+STALLING_DEST_TIMEOUT = "8"
+PATIENT_SOURCE_TIMEOUT = str(PATIENCE)
+
+
 def _source(vmm_factory: Any, sockdir: Path) -> Path:
     api = sockdir / "api.sock"
     vmm_factory(
@@ -56,12 +62,14 @@ def test_two_migrations_at_once(
 ) -> None:
     """A second migrate while one is under way is refused, naming the one in progress; the
     first is not disturbed."""
-    api = _source(vmm_factory, sockdir)
+    with monkeypatch.context() as env:
+        env.setenv("INTRAHOST_MIGRATION_TIMEOUT", PATIENT_SOURCE_TIMEOUT)
+        api = _source(vmm_factory, sockdir)
     mig = sockdir / "mig.sock"
-    # A destination that stalls 5 s on READY: the first migration stays active that long.
+    # A destination that stalls 20 s on READY: the first migration stays active that long.
     with monkeypatch.context() as env:
         env.setenv(faults.ENV, "destination:recv-ready:stall")
-        env.setenv("INTRAHOST_MIGRATION_TIMEOUT", "2")
+        env.setenv("INTRAHOST_MIGRATION_TIMEOUT", STALLING_DEST_TIMEOUT)
         vmm_factory(
             "run", "--incoming", f"unix:{mig}", "--serial", "none",
             "--api-socket", str(sockdir / "api2.sock"), name="dest", wait_path=mig,
@@ -76,18 +84,18 @@ def test_two_migrations_at_once(
         stdin=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
         with QmpClient(api) as qmp:
-            while qmp.execute("query-migrate")["status"] != "active":
-                assert time.monotonic() < deadline, "the first migration did not start"
-                time.sleep(0.02)
+            wait_until(
+                lambda: qmp.execute("query-migrate")["status"] == "active",
+                "the first migration to start",
+            )
         for destination in (f"unix:{mig}", f"unix:{other}"):
             second = cli("migrate", "--api-socket", str(api), destination)
             assert_one_line_error(
                 second, f"a migration to unix:{mig} is already in progress", "query-migrate"
             )
         # The first one goes on (and, the stall over, completes).
-        out, err = first.communicate(timeout=60)
+        out, err = first.communicate(timeout=2 * PATIENCE)
     finally:
         if first.poll() is None:
             first.kill()
@@ -151,12 +159,19 @@ def test_allow_uid_needs_incoming_and_a_uid(sockdir: Path) -> None:
     assert not os.path.exists(sockdir / "m.sock")
 
 
-def test_status_of_a_vmm_mid_migration_still_answers(vmm_factory: Any, sockdir: Path) -> None:
+def test_status_of_a_vmm_mid_migration_still_answers(
+    vmm_factory: Any, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While a migration is active, control commands that change the guest are refused with
     one line naming it, and status answers."""
-    api = _source(vmm_factory, sockdir)
+    with monkeypatch.context() as env:
+        env.setenv("INTRAHOST_MIGRATION_TIMEOUT", PATIENT_SOURCE_TIMEOUT)
+        api = _source(vmm_factory, sockdir)
     mig = sockdir / "mig.sock"
-    env_fault = {faults.ENV: "destination:recv-ready:stall", "INTRAHOST_MIGRATION_TIMEOUT": "2"}
+    env_fault = {
+        faults.ENV: "destination:recv-ready:stall",
+        "INTRAHOST_MIGRATION_TIMEOUT": STALLING_DEST_TIMEOUT,
+    }
     dest = subprocess.Popen(
         [sys.executable, "-m", "intrahost", "run", "--incoming", f"unix:{mig}", "--serial",
          "none", "--api-socket", str(sockdir / "api2.sock")],
@@ -164,10 +179,8 @@ def test_status_of_a_vmm_mid_migration_still_answers(vmm_factory: Any, sockdir: 
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not mig.exists():
-            assert time.monotonic() < deadline and dest.poll() is None
-            time.sleep(0.02)
+        wait_until(lambda: mig.exists() or dest.poll() is not None, f"{mig} to appear")
+        assert dest.poll() is None, "the destination exited"
         with QmpClient(api) as qmp:
             qmp.execute("migrate", uri=f"unix:{mig}")
             for command in ("pause", "resume"):
@@ -176,10 +189,12 @@ def test_status_of_a_vmm_mid_migration_still_answers(vmm_factory: Any, sockdir: 
                 )
             status = cli("status", "--api-socket", str(api))
             assert status.returncode == 0 and json.loads(status.stdout)["status"] == "running"
-            deadline = time.monotonic() + 60
-            while qmp.execute("query-migrate")["status"] == "active":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(
+                lambda: qmp.execute("query-migrate")["status"] != "active",
+                "the migration to end",
+                timeout=2 * PATIENCE,
+                interval=0.05,
+            )
     finally:
         dest.kill()
         dest.wait()

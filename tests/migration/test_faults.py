@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.migration import faults
 from intrahost.service.qmp_client import QmpClient, QmpConnectionError
@@ -36,7 +36,10 @@ from intrahost.vmm.guests import layout
 pytestmark = needs_kvm
 
 TIMEOUT = 2.0  # each side's per-message timeout in these tests
-SETTLE = 6 * TIMEOUT + 2.5 * TIMEOUT + 10  # worst case: a stall past every timeout
+SETTLE = 6 * TIMEOUT + 2.5 * TIMEOUT + PATIENCE  # worst case: a stall past every timeout
+#: How long the test waits for a VMM's control socket to answer: a VMM that is alive answers
+#: (a slow answer must not pass for a VMM that runs nothing).
+QMP_TIMEOUT = 10.0
 
 CASES = [
     ("source", point, kind)
@@ -85,12 +88,12 @@ class Vmm:
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
-        self.proc.wait(10)
+        self.proc.wait(PATIENCE)
 
 
 def _status(api: Path) -> str | None:
     try:
-        with QmpClient(api, timeout=2) as qmp:
+        with QmpClient(api, timeout=QMP_TIMEOUT) as qmp:
             return str(qmp.execute("query-status")["status"])
     except (QmpConnectionError, OSError):
         return None
@@ -122,19 +125,25 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
         fault if side == "destination" else None,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not (api_src.exists() and mig.exists() and shm.exists()):
-            assert source.alive() and dest.alive(), "a VMM failed to start"
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(
+            lambda: (
+                (api_src.exists() and mig.exists() and shm.exists())
+                or not (source.alive() and dest.alive())
+            ),
+            "both VMMs to start",
+            interval=0.01,
+        )
+        assert source.alive() and dest.alive(), "a VMM failed to start"
         fd = os.open(shm, os.O_RDONLY)
         mem = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(fd)
-        while layout.read_slot(mem, 0).counter == 0 if _has_status(mem) else True:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(
+            lambda: _has_status(mem) and layout.read_slot(mem, 0).counter > 0,
+            "the guest to count",
+            interval=0.01,
+        )
         fds_before = source.fds()
-        qmp = QmpClient(api_src, timeout=2)
+        qmp = QmpClient(api_src, timeout=QMP_TIMEOUT)
         try:
             qmp.execute("migrate", uri=f"unix:{mig}")
         except QmpConnectionError:
@@ -164,14 +173,15 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
             outcome = "source" if src_runs else "destination"
             survivor_api = api_src if src_runs else api_dst
             a = layout.read_slot(mem, 0).counter
-            time.sleep(0.1)
-            assert layout.read_slot(mem, 0).counter > a, "the survivor's guest does not advance"
+            wait_until(
+                lambda: layout.read_slot(mem, 0).counter > a, "the survivor's guest to advance"
+            )
             with QmpClient(survivor_api) as q:
                 q.execute("stop")
                 layout.verify_region(mem, 0)
                 q.execute("cont")
             other = dest if src_runs else source
-            deadline = time.monotonic() + 3 * TIMEOUT + 5
+            deadline = time.monotonic() + 3 * TIMEOUT + PATIENCE
             while other.alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
             if src_runs:
@@ -184,7 +194,7 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
                 else:
                     assert not mig.exists(), "the migration socket was left behind"
                 # (control connections the test opened close asynchronously)
-                deadline = time.monotonic() + 3
+                deadline = time.monotonic() + PATIENCE
                 while source.fds() > fds_before and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert source.fds() <= fds_before, "the source leaked fds"
@@ -225,7 +235,7 @@ def _has_status(mem: mmap.mmap) -> bool:
 
 def _migration_status(api: Path) -> str | None:
     try:
-        with QmpClient(api, timeout=2) as qmp:
+        with QmpClient(api, timeout=QMP_TIMEOUT) as qmp:
             return str(qmp.execute("query-migrate")["status"])
     except (QmpConnectionError, OSError):
         return None

@@ -53,7 +53,7 @@ import pytest
 from fuzzkit import Frame, Seed, Session
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import HAVE_KVM, needs_kvm
+from support import HAVE_KVM, PATIENCE, needs_kvm
 
 from intrahost.migration import envelope, protocol
 from intrahost.migration.envelope import Component, StateFormatError
@@ -350,7 +350,7 @@ def test_a_huge_announced_payload_is_refused_without_allocating_it() -> None:
         ours, receiver, thread, box = _receiver()
         # A START that announces 60 GiB: the receiver must refuse from the header alone.
         ours.sendall(FRAME.pack(Command.START, 0, 0, 60 << 30) + b"{}")
-        thread.join(10)
+        thread.join(PATIENCE)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -369,7 +369,7 @@ def test_a_payload_under_the_cap_is_read_as_it_arrives() -> None:
     try:
         ours, receiver, thread, _box = _receiver(timeout=0.5)
         ours.sendall(FRAME.pack(Command.START, 0, 0, protocol.MAX_PAYLOAD) + b"x" * 1024)
-        thread.join(10)
+        thread.join(PATIENCE)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -405,7 +405,7 @@ def test_more_fds_than_a_message_may_carry_are_all_closed() -> None:
     )
     for fd in fds:
         os.close(fd)
-    thread.join(10)
+    thread.join(PATIENCE)
     ours.close()
     assert "escaped" not in box and receiver.state is ReceiveState.FAILED
     assert "fds" in (receiver.error or ""), receiver.error
@@ -525,11 +525,13 @@ def test_bug_a_peer_holding_the_baton_lock_stalls_the_receiver() -> None:
 
     baton = Baton.create()
     ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the "source": takes the lock and keeps it for 3 s
+    if pid == 0:  # the "source": takes the lock and keeps it until the test is done
+        os.close(done_w)
         fcntl.lockf(baton.fd, fcntl.LOCK_EX)
         os.write(ready_w, b"x")
-        time.sleep(3)
+        os.read(done_r, 1)
         os._exit(0)
     try:
         os.read(ready_r, 1)
@@ -539,13 +541,17 @@ def test_bug_a_peer_holding_the_baton_lock_stalls_the_receiver() -> None:
             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", baton.fd))],
         )
         t0 = time.monotonic()
-        thread.join(10)
+        thread.join(PATIENCE)
         elapsed = time.monotonic() - t0
+        ended_while_locked = not thread.is_alive()
         ours.close()
     finally:
+        os.write(done_w, b"x")
         os.waitpid(pid, 0)
         baton.close()
-        os.close(ready_r)
-        os.close(ready_w)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+    assert ended_while_locked, "the receiver waited for the lock the peer still holds"
     assert receiver.state is ReceiveState.FAILED
-    assert elapsed < 1.5, f"the refusal took {elapsed:.1f} s: the receiver waited for the lock"
+    # It gave up on the lock after its own timeout (0.5 s), not the default one.
+    assert elapsed < protocol.DEFAULT_TIMEOUT, f"the refusal took {elapsed:.1f} s"

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm
 
 from intrahost.migration import protocol
 from intrahost.migration.protocol import (
@@ -30,7 +30,7 @@ class Session:
 
     def __init__(self, options: ReceiveOptions | None = None) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.source = Channel(a, timeout=10)
+        self.source = Channel(a, timeout=PATIENCE)
         self.receiver = Receiver(Channel(b, timeout=5), options or ReceiveOptions(timeout=5))
         self.result: object = None
         self.thread = threading.Thread(target=self._run)
@@ -42,7 +42,7 @@ class Session:
 
     def finish(self) -> None:
         self.source.close()
-        self.thread.join(10)
+        self.thread.join(PATIENCE)
         assert not self.thread.is_alive()
 
 
@@ -66,7 +66,7 @@ def test_version_n_is_accepted_and_others_refused(session: Session) -> None:
     try:
         with pytest.raises(PeerRefused, match="protocol version 99 is not accepted"):
             start(other, 99)
-        other.thread.join(5)
+        other.thread.join(PATIENCE)
         assert other.receiver.state is ReceiveState.FAILED
     finally:
         other.finish()
@@ -82,7 +82,7 @@ def test_unexpected_message_names_state_and_message(session: Session) -> None:
     start(session)
     with pytest.raises(PeerRefused, match="can't handle STATE in receive state started"):
         session.source.request(Command.STATE, b"")
-    session.thread.join(5)
+    session.thread.join(PATIENCE)
     assert session.receiver.state is ReceiveState.FAILED
     # The failed receiver made sure the baton can never say COMMITTED.
     assert session.baton.read() == Baton.ABANDONED
@@ -148,7 +148,7 @@ def test_a_memory_path_override_is_refused() -> None:
 def test_abandon_is_accepted_in_any_state(session: Session) -> None:
     start(session)
     session.source.request(Command.ABANDON)
-    session.thread.join(5)
+    session.thread.join(PATIENCE)
     assert session.receiver.state is ReceiveState.ABANDONED
     assert session.result is None
 
@@ -156,7 +156,7 @@ def test_abandon_is_accepted_in_any_state(session: Session) -> None:
 def test_eof_mid_protocol_discards(session: Session) -> None:
     start(session)
     session.source.close()
-    session.thread.join(10)
+    session.thread.join(PATIENCE)
     assert session.receiver.state is ReceiveState.FAILED
     assert "closed" in (session.receiver.error or "")
 
@@ -181,7 +181,7 @@ def test_a_state_that_does_not_import_is_refused_and_nothing_runs() -> None:
         s.source.request(Command.READY)
         with pytest.raises(PeerRefused, match="cannot import the state"):
             s.source.request(Command.STATE, b"IHSTATE\0garbage")
-        s.thread.join(5)
+        s.thread.join(PATIENCE)
         assert s.receiver.machine is None and s.result is None
         assert s.baton.read() == Baton.ABANDONED
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
@@ -43,10 +43,11 @@ def _import(state_bytes: bytes, memory_image: bytes) -> Machine:
 
 def _runs_on(machine: Machine, counter: int) -> None:
     machine.start()
-    deadline = time.monotonic() + 10
-    while layout.read_slot(machine.memory.buffer, 0).counter <= counter:
-        assert time.monotonic() < deadline, "the imported guest did not continue"
-        time.sleep(0.01)
+    wait_until(
+        lambda: layout.read_slot(machine.memory.buffer, 0).counter > counter,
+        "the imported guest to continue",
+        interval=0.01,
+    )
     machine.pause()
     layout.verify_region(machine.memory.buffer, 0)
 
@@ -103,7 +104,8 @@ def source(sockdir: Path) -> Iterator[Machine]:
 def test_uart_output_in_the_fifo_and_a_pending_interrupt_complete_on_the_new_vmm(
     source: Machine, sockdir: Path
 ) -> None:
-    time.sleep(0.3)
+    serial_0 = sockdir / "serial-0.log"
+    wait_until(lambda: " count=" in serial_0.read_text(), "the guest to print on the UART")
     # An interrupt pending at the hand-off: received data with its interrupt enabled.
     source.uart.write_register(U.IER, U.IER_RDA)
     assert source.uart.receive(b"X") == 1
@@ -113,10 +115,7 @@ def test_uart_output_in_the_fifo_and_a_pending_interrupt_complete_on_the_new_vmm
     time.sleep(0.05)
     source.uart.resume()
     source.uart.pause()
-    deadline = time.monotonic() + 5
-    while not source.uart.tx_pending:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_until(lambda: source.uart.tx_pending, "output queued in the UART", interval=0.001)
     source.uart.resume()
 
     url = f"unix:{sockdir / 'mig.sock'}"
@@ -133,16 +132,16 @@ def test_uart_output_in_the_fifo_and_a_pending_interrupt_complete_on_the_new_vmm
     thread.start()
     # Stall the console again right before the pause so bytes are queued at the save.
     source.uart.pause()
-    while not source.uart.tx_pending:
-        time.sleep(0.001)
+    wait_until(lambda: source.uart.tx_pending, "output queued in the UART", interval=0.001)
     # Sender.run pauses the machine (and keeps the UART paused), exports, hands off.
     Sender(source, url).run()
-    thread.join(10)
+    thread.join(PATIENCE)
     dest = box["m"]
     try:
         assert dest.uart.irq_level, "the pending interrupt did not survive"
         assert dest.uart.read_register(U.RBR) == ord("X")
-        time.sleep(0.3)
+        serial_1 = sockdir / "serial-1.log"
+        wait_until(lambda: " count=" in serial_1.read_text(), "the new VMM's guest to print")
         dest.group.pause()  # stop the guest, then let the UART drain what it holds
         dest.uart.flush(1.0)
     finally:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import VmmProcess, needs_kvm
+from support import PATIENCE, VmmProcess, needs_kvm, wait_until
 
 from intrahost.service.api import MAX_CLIENTS, MAX_MESSAGE
 
@@ -26,7 +25,7 @@ pytestmark = needs_kvm
 class Session:
     """A raw client: sends bytes, reads CRLF-terminated JSON lines."""
 
-    def __init__(self, path: Path, negotiate: bool = True, timeout: float = 5) -> None:
+    def __init__(self, path: Path, negotiate: bool = True, timeout: float = PATIENCE) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
@@ -61,7 +60,7 @@ class Session:
         assert "return" in reply, reply
         return reply["return"]
 
-    def wait_closed(self, timeout: float = 5) -> None:
+    def wait_closed(self, timeout: float = PATIENCE) -> None:
         """Return once the server has hung up (TimeoutError if it does not)."""
         self.sock.settimeout(timeout)
         with contextlib.suppress(ConnectionResetError):
@@ -101,16 +100,12 @@ class _Probe:
         return sum(c["count"] for c in self.session.execute("query-vm").get("counter", []))
 
     def wait_counting(self) -> None:
-        deadline = time.monotonic() + 20
-        while self.total() == 0:
-            assert time.monotonic() < deadline, "the guest did not start counting"
-            time.sleep(0.05)
+        wait_until(lambda: self.total() > 0, "the guest to start counting", interval=0.05)
 
     def assert_running(self) -> None:
         assert self.session.execute("query-status") == {"status": "running", "running": True}
         before = self.total()
-        time.sleep(0.1)
-        assert self.total() > before, "the guest stopped counting"
+        wait_until(lambda: self.total() > before, "the guest to go on counting")
 
 
 def _still_fine(api: Path) -> None:
@@ -158,7 +153,7 @@ def test_more_clients_than_the_cap_are_told_and_dropped(vmm: tuple[VmmProcess, P
         for _ in range(40 - 1):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(api))  # blocking: waits while the listen backlog is full
-            s.settimeout(5)
+            s.settimeout(PATIENCE)
             clients.append(s)
         greeted = refused = 0
         for s in clients:
@@ -176,15 +171,15 @@ def test_more_clients_than_the_cap_are_told_and_dropped(vmm: tuple[VmmProcess, P
         for s in clients:
             s.close()
         probe.session.close()
-    # The slots free up as clients leave.
-    deadline = time.monotonic() + 5
-    while True:
+
+    def slots_free() -> bool:  # the slots free up as clients leave
         try:
             _still_fine(api)
-            break
         except (AssertionError, KeyError, EOFError, json.JSONDecodeError):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(slots_free, "a control connection to be served again", interval=0.1)
 
 
 HOSTILE_JSON = [
@@ -264,11 +259,12 @@ def test_a_migration_to_nowhere_fails_and_the_guest_keeps_running(
     s = Session(api)
     for uri in (f"unix:{sockdir}/nobody.sock", "unix:/proc/self/nonexistent/x"):
         assert s.execute("migrate", uri=uri) == {}
-        deadline = time.monotonic() + 10
-        while (state := s.execute("query-migrate"))["status"] == "active":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        state = wait_until(lambda: _ended(s.execute("query-migrate")), "the migration to end")
         assert state["status"] == "failed", state
         assert "no destination is waiting" in state["error-desc"], state
     s.close()
     _still_fine(api)
+
+
+def _ended(state: dict[str, Any]) -> dict[str, Any] | None:
+    return None if state["status"] == "active" else state

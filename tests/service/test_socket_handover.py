@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import PATIENCE
 
 from intrahost.service import api as api_module
 from intrahost.service.api import ApiServer
@@ -20,7 +21,7 @@ from intrahost.service.api import ApiServer
 
 def _answers(path: Path) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
+    s.settimeout(PATIENCE)  # a refused or reset connection fails at once
     try:
         s.connect(str(path))
         return b"QMP" in s.recv(4096)

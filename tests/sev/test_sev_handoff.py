@@ -8,13 +8,12 @@ import errno
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.kvm import KvmError
 from intrahost.migration.sender import MigrationFailed, Sender
@@ -34,7 +33,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         [sys.executable, "-m", "intrahost", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=3 * PATIENCE,
         stdin=subprocess.DEVNULL,
         env=(os.environ | env) if env else None,
     )
@@ -44,6 +43,16 @@ def _vm_info(api: Path) -> dict[str, Any]:
     with QmpClient(api) as qmp:
         info: dict[str, Any] = qmp.execute("query-vm")
         return info
+
+
+def _wait_count_past(api: Path, count: int) -> int:
+    """Wait until the guest's counter is past ``count``; its value then."""
+    now: int = wait_until(
+        lambda: (c := _vm_info(api)["counter"][0]["count"]) > count and c,
+        "the guest to go on counting",
+        interval=0.05,
+    )
+    return now
 
 
 @pytest.mark.parametrize("mode", ["sev", "sev-es"])
@@ -77,12 +86,7 @@ def test_ten_handoffs_keep_the_guest_and_its_measurement(
         info = _vm_info(api)
         assert info["pid"] != first["pid"]
         assert info["sev"] == first["sev"], "the launch record changed across the hand-off"
-        deadline = time.monotonic() + 5
-        while info["counter"][0]["count"] <= last:
-            assert time.monotonic() < deadline, "the guest stopped counting"
-            time.sleep(0.05)
-            info = _vm_info(api)
-        last = info["counter"][0]["count"]
+        last = _wait_count_past(api, last)
     cli("stop", "--api-socket", str(api))
 
 
@@ -100,15 +104,7 @@ def sev_source(request: pytest.FixtureRequest) -> Iterator[Machine]:
         )
     )
     machine.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if layout.read_slot(machine.memory.buffer, 0).counter > 0:
-                break
-        except layout.GuestStatusMissing:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: _count(machine) > 0, "the guest to count", interval=0.01)
     yield machine
     machine.close()
 
@@ -126,10 +122,8 @@ def _hand_off(source: Machine, sockdir: Path, env: dict[str, str] | None = None)
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not mig.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: mig.exists() or proc.poll() is not None, f"{mig} to appear")
+    assert proc.poll() is None, proc.communicate()[1]
     try:
         return proc, Sender(source, f"unix:{mig}").run()
     except MigrationFailed as e:
@@ -152,10 +146,17 @@ def _receive_in_thread(url: str) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, outcome
 
 
+def _count(machine: Machine) -> int:
+    try:
+        return layout.read_slot(machine.memory.buffer, 0).counter
+    except layout.GuestStatusMissing:
+        return 0
+
+
 def _counting(machine: Machine) -> bool:
-    before = layout.read_slot(machine.memory.buffer, 0).counter
-    time.sleep(0.1)
-    return layout.read_slot(machine.memory.buffer, 0).counter > before
+    """True once the guest's counter has moved (it goes on counting); fails if it does not."""
+    before = _count(machine)
+    return wait_until(lambda: _count(machine) > before, "the guest to go on counting")
 
 
 @pytest.mark.parametrize("sev_source", ["sev", "sev-es"], indirect=True)
@@ -167,10 +168,8 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
             sev_source.vm.get_clock()  # a real KVM ioctl on the old VM
         assert info.value.errno == errno.EIO
         assert sev_source.confidential is not None and sev_source.confidential.vm.is_dead()
-        deadline = time.monotonic() + 10  # the new VMM renames its control socket into place
-        while not (sockdir / "dst.sock").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # The new VMM renames its control socket into place.
+        wait_until((sockdir / "dst.sock").exists, "the new VMM's control socket", interval=0.01)
         with QmpClient(sockdir / "dst.sock") as qmp:
             assert qmp.execute("query-status")["status"] == "running"
     finally:
@@ -184,7 +183,7 @@ def test_a_failing_move_hands_the_guest_back(sev_source: Machine, sockdir: Path)
     proc, result = _hand_off(sev_source, sockdir, env)
     assert isinstance(result, MigrationFailed), result
     assert "MOVE failed" in str(result)
-    assert proc.wait(20) == 1
+    assert proc.wait(PATIENCE) == 1
     assert sev_source.status == "running" and _counting(sev_source)
     sev_source.vm.get_clock()  # the source VM is alive
 
@@ -209,7 +208,7 @@ def test_a_source_that_is_not_sev_is_refused_by_the_move(sockdir: Path) -> None:
     real = machine.confidential.vm
     try:
         machine.start()
-        time.sleep(0.3)
+        wait_until(lambda: _count(machine) > 0, "the guest to count")
         url = f"unix:{sockdir / 'mig.sock'}"
         thread, outcome = _receive_in_thread(url)
         machine.pause()  # no KVM_RUN while the wrong VM is in place
@@ -219,7 +218,7 @@ def test_a_source_that_is_not_sev_is_refused_by_the_move(sockdir: Path) -> None:
                 Sender(machine, url).run()
         finally:
             machine.confidential.vm = real
-        thread.join(20)
+        thread.join(PATIENCE)
         assert "error" in outcome
         assert machine.status == "paused"
         machine.resume()
@@ -276,13 +275,13 @@ def test_a_destination_that_is_already_sev_is_refused_by_the_move(
     )
     try:
         machine.start()
-        time.sleep(0.3)
+        wait_until(lambda: _count(machine) > 0, "the guest to count")
         assert _counting(machine)
         url = f"unix:{sockdir / 'mig.sock'}"
         thread, outcome = _receive_in_thread(url)
         with pytest.raises(MigrationFailed, match="MOVE failed"):
             Sender(machine, url).run()
-        thread.join(20)
+        thread.join(PATIENCE)
         assert "error" in outcome
         assert machine.status == "running" and _counting(machine)
         machine.vm.get_clock()  # alive: nothing moved

@@ -26,6 +26,7 @@ from sev_modelkit import (
     task,
     vm_with_vcpus,
 )
+from support import PATIENCE
 
 from intrahost.sev.interface import SEV_NR_MAX, SEV_POLICY_ES, FirmwareError, SevCommand, VmType
 from intrahost.sevmodel.kvm_sev import INVALID_PAGE, IoctlFailure, KvmModel, StructKvm
@@ -133,7 +134,7 @@ def test_move_vcpu_creation_in_flight_is_ebusy(kvm: KvmModel) -> None:
     creator.start()
     try:
         with kvm.cond:
-            kvm.cond.wait_for(lambda: dst.created_vcpus == 4, timeout=5)
+            assert kvm.cond.wait_for(lambda: dst.created_vcpus == 4, timeout=PATIENCE)
         # 4 created, 3 online: EBUSY, before the SEV-ES vCPU count is compared.
         err = kerr(lambda: move(kvm, dst, src))
         assert err.errno == errno.EBUSY and "being created" in err.detail
@@ -343,7 +344,7 @@ def test_move_mirror_stays_a_mirror(kvm: KvmModel) -> None:
 
 
 def _wait_blocked(kvm: KvmModel, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + PATIENCE
     while True:
         with kvm.cond:
             if predicate():
@@ -389,7 +390,7 @@ def test_killed_while_waiting_for_a_source_vcpu_releases_exactly_what_it_took(
     assert [v.mutex.owner for v in dst.vcpus] == [mover] * 3
     assert src.vcpus[0].mutex.owner is mover
     _kill(kvm, mover)
-    thread.join(5)
+    thread.join(PATIENCE)
     assert isinstance(out[0], IoctlFailure) and out[0].errno == errno.EINTR
     # Everything the mover took is free, and the mutex it failed to take still belongs to
     # the vCPU thread (V8's unlock loop would have released it).
@@ -421,7 +422,7 @@ def test_killed_at_each_wait_unwinds(kvm: KvmModel, where: str) -> None:
     thread, out = _run_move(kvm, dst, src, mover)
     _wait_blocked(kvm, lambda: mutex.waiters == 1)
     _kill(kvm, mover)
-    thread.join(5)
+    thread.join(PATIENCE)
     assert out[0].errno == errno.EINTR
     assert mutex.owner == blocker
     others = [dst.lock, src.lock, *(v.mutex for v in dst.vcpus + src.vcpus)]
@@ -442,7 +443,7 @@ def test_blocked_move_makes_others_ebusy_not_deadlock(kvm: KvmModel) -> None:
     assert kerr(lambda: move(kvm, a, b)).errno == errno.EBUSY
     assert kerr(lambda: copy(kvm, vm_with_vcpus(kvm, 0), a)).errno == errno.EBUSY
     kvm.vcpu_exit(a, 0, "vmm", None)
-    thread.join(5)
+    thread.join(PATIENCE)
     assert out == [0]
 
 
@@ -466,8 +467,8 @@ def test_vcpu_enter_waits_for_a_move_and_then_sees_eio(kvm: KvmModel) -> None:
     runner.start()
     _wait_blocked(kvm, lambda: src.vcpus[0].mutex.waiters == 1)
     src.vcpus[1].mutex.unlock("blocker")
-    thread.join(5)
-    runner.join(5)
+    thread.join(PATIENCE)
+    runner.join(PATIENCE)
     assert out == [0]
     assert isinstance(entered[0], IoctlFailure) and entered[0].errno == errno.EIO
 
@@ -485,7 +486,7 @@ def test_non_killable_waits_are_not_interrupted(kvm: KvmModel) -> None:
         kvm.cond.wait(0.05)
     assert thread.is_alive()  # mutex_lock, not _killable
     vm.lock.unlock("holder")
-    thread.join(5)
+    thread.join(PATIENCE)
     assert result == [0]
 
 
@@ -506,7 +507,7 @@ def test_launch_update_vmsa_waits_killably_for_vcpus(kvm: KvmModel) -> None:
     thread.start()
     _wait_blocked(kvm, lambda: vm.vcpus[1].mutex.waiters == 1)
     _kill(kvm, t)
-    thread.join(5)
+    thread.join(PATIENCE)
     assert out[0].errno == errno.EINTR
     assert vm.vcpus[0].guest_state_protected and not vm.vcpus[1].guest_state_protected
     assert not vm.lock.locked

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from sev_testlib import CHILD, ServiceHandle, expect, wait_for
+from support import PATIENCE
 
 from intrahost import wire
 from intrahost.sev import (
@@ -456,7 +457,7 @@ def test_concurrent_requests_on_one_connection(model: ModelPlatform) -> None:
     wait_for(lambda: src.inspect()["sev"]["migration_in_progress"], what="MOVE to wait")
     assert not done
     src.vcpu_exit(0)
-    mover.join(10)
+    mover.join(PATIENCE)
     assert done == [1] and src.is_dead()
     src.close()
     dst.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import needs_kvm
+from support import PATIENCE, needs_kvm
 
 from intrahost.errors import IntrahostError
 from intrahost.kvm import MmioRead, MmioWrite, PortIn, PortOut
@@ -88,7 +88,7 @@ def send(uart: Uart16550, data: bytes) -> None:
         outb(uart, u.THR, byte)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = PATIENCE) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

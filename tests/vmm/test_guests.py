@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import PATIENCE
 
 from intrahost.vmm.guests import build, layout
 from intrahost.vmm.guests.build import GuestBuildError, build_guest, list_guests
@@ -574,7 +575,7 @@ needs_qemu = pytest.mark.skipif(
     QEMU is None or not os.access("/dev/kvm", os.R_OK | os.W_OK),
     reason="needs qemu-system-x86_64 (apt-get install qemu-system-x86) and access to /dev/kvm",
 )
-QEMU_TIMEOUT = 20.0
+QEMU_TIMEOUT = PATIENCE
 PROGRESS_LINE = re.compile(r"cpu(\d+) count=([0-9a-f]{16})")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_advanced
 
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
@@ -38,7 +38,7 @@ def _counters(machine: Machine) -> list[int]:
     return [s.counter for s in layout.read_status(machine.memory.buffer).slots]
 
 
-def _wait_counting(machine: Machine, timeout: float = 10.0) -> list[int]:
+def _wait_counting(machine: Machine, timeout: float = PATIENCE) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -59,7 +59,7 @@ def test_hello_prints_and_exits(sockdir: Path) -> None:
     machine = Machine.create(MachineConfig(memory=16 * MiB, guest="hello", serial=f"file:{serial}"))
     try:
         machine.start()
-        assert machine.wait(20), "hello did not end"
+        assert machine.wait(PATIENCE), "hello did not end"
         assert machine.exit_code == 0
         report = machine.debug.reports[0]
         assert report.value == 0x48454C4C4F
@@ -71,9 +71,7 @@ def test_hello_prints_and_exits(sockdir: Path) -> None:
 @pytest.mark.parametrize("counter", [1, 4], indirect=True, ids=["1vcpu", "4vcpus"])
 def test_counter_counts_on_every_vcpu(counter: Machine) -> None:
     first = _wait_counting(counter)
-    time.sleep(0.3)
-    second = _counters(counter)
-    assert all(b > a for a, b in zip(first, second, strict=True)), (first, second)
+    wait_advanced(lambda: _counters(counter), first)
 
 
 @pytest.mark.parametrize("counter", [1, 4], indirect=True, ids=["1vcpu", "4vcpus"])
@@ -88,8 +86,7 @@ def test_pause_parks_every_vcpu_and_freezes_the_counters(counter: Machine) -> No
         layout.verify_region(counter.memory.buffer, i)
     counter.resume()
     assert counter.status == "running"
-    time.sleep(0.3)
-    assert all(b > a for a, b in zip(frozen, _counters(counter), strict=True))
+    wait_advanced(lambda: _counters(counter), frozen)
 
 
 def test_counter_with_limit_reports_and_exits(sockdir: Path) -> None:
@@ -104,7 +101,7 @@ def test_counter_with_limit_reports_and_exits(sockdir: Path) -> None:
     machine = Machine.create(config)
     try:
         machine.start()
-        assert machine.wait(30)
+        assert machine.wait(PATIENCE)
         assert machine.exit_code == 0
         for vcpu in range(2):
             assert (

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm
 from virtio_driver import Buf, Driver
 
 from intrahost.service.qmp_client import QmpClient
@@ -466,7 +466,7 @@ def test_a_guest_without_a_virtio_driver_ignores_the_device_entries(image: Path)
     try:
         assert "virtio_mmio.device=4K@0xd0000000:5" in machine.config.cmdline
         machine.start()
-        assert machine.wait(120), "the counter guest did not reach its limit"
+        assert machine.wait(PATIENCE), "the counter guest did not reach its limit"
         assert machine.exit_code == 0
     finally:
         machine.close()

@@ -21,7 +21,7 @@ emits reach the clients before that handler's reply.
 from __future__ import annotations
 
 import contextlib
-import errno
+import itertools
 import json
 import logging
 import os
@@ -767,6 +767,9 @@ def check_socket_directory(path: str, what: str = "socket") -> str | None:
     return warning
 
 
+_staging_names = itertools.count()
+
+
 def _bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
     """A listening, non-blocking socket at ``path``, mode 0600, and its (st_dev, st_ino)."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
@@ -781,28 +784,48 @@ def _bind_listener(path: str) -> tuple[socket.socket, tuple[int, int]]:
         )
     check_socket_directory(path, "control socket")
     _clear_stale(path)
+    # Bind under a name of its own in the same directory, listen, then link the socket to
+    # ``path``: the path appears only once a connection to it can succeed (a client that
+    # sees the file may connect at once), and link() never replaces a file that appeared
+    # at ``path`` meanwhile.
+    staging = os.path.join(parent, f".ih{os.getpid()}-{next(_staging_names)}")
+    if len(os.fsencode(staging)) > MAX_SOCKET_PATH:
+        raise ApiSocketError(
+            f"control socket path {path!r}: its directory's path is too long for a unix "
+            f"socket (the VMM first binds {staging!r} beside it): choose a shorter directory"
+        )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Linux creates the socket file with the socket inode's mode (less the umask), so the
         # file is 0600 from its first moment; the check after bind() covers other kernels.
-        # No connection can be accepted before listen(), which comes after the check.
         os.fchmod(sock.fileno(), 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
         try:
-            sock.bind(path)
+            sock.bind(staging)
         except OSError as error:
-            if error.errno == errno.EADDRINUSE:
+            raise ApiSocketError(
+                f"cannot create control socket {path!r}: {error.strerror}"
+            ) from error
+        try:
+            st = os.lstat(staging)
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.chmod(staging, 0o600)
+            sock.listen(16)
+            sock.setblocking(False)
+            try:
+                os.link(staging, path)
+            except FileExistsError as error:
                 raise ApiSocketError(
                     f"cannot create control socket {path!r}: another process created it just "
                     f"now; is another VMM starting with the same socket path?"
                 ) from error
-            raise ApiSocketError(
-                f"cannot create control socket {path!r}: {error.strerror}"
-            ) from error
-        st = os.lstat(path)
-        if stat.S_IMODE(st.st_mode) != 0o600:
-            os.chmod(path, 0o600)
-        sock.listen(16)
-        sock.setblocking(False)
+            except OSError as error:
+                raise ApiSocketError(
+                    f"cannot create control socket {path!r}: {error.strerror}"
+                ) from error
+        finally:
+            os.unlink(staging)
     except BaseException:
         sock.close()
         raise

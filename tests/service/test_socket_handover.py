@@ -92,3 +92,29 @@ def test_an_old_server_alone_still_removes_its_socket(sockdir: Path) -> None:
     with ApiServer(path):
         assert path.is_socket()
     assert not path.exists() and not list(sockdir.iterdir())
+
+
+def test_the_control_socket_appears_only_once_it_listens(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sees the socket file may connect at once: the file must not exist
+    before listen() (a race the test suite once hit as 'nothing listens')."""
+    path = sockdir / "api.sock"
+    seen: list[bool] = []
+    real_listen = socket.socket.listen
+
+    def listen(self: socket.socket, *args: int) -> None:
+        seen.append(path.exists())
+        real_listen(self, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    sock, _ = api_module._bind_listener(str(path))
+    try:
+        assert seen == [False]
+        assert path.exists()
+        assert [p.name for p in sockdir.iterdir()] == ["api.sock"]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.close()
+    finally:
+        sock.close()

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("selftest", help="the kernel's SEV migration selftests, on a platform")
     p.add_argument("--platform", choices=("auto", "kernel", "model"), default="auto")
     p = sub.add_parser("platform", help="the SEV model platform service")
-    p.add_argument("action", choices=("serve",))
+    p.add_argument("action", choices=("serve", "stop"), help="serve, or stop the one running")
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
     return parser
 
@@ -132,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_upgrade(args)
         if args.command == "selftest":
             return cmd_selftest(args)
+        if args.command == "platform" and args.action == "stop":
+            from intrahost.sevmodel.client import stop_main
+
+            return stop_main(args.service_args)
         if args.command == "platform":
             from intrahost.sevmodel.service import main as serve
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import plot
 from observer import Observer, Stall
+from prose import findings, ratio
 
 from intrahost.service.qmp_client import QmpClient, QmpConnectionError
 from intrahost.vmm.guests import layout
@@ -894,10 +895,6 @@ def _pair(stats: dict[str, Any], digits: int = 2) -> str:
     return f"{_fmt(stats.get('median'), digits)} / {_fmt(stats.get('p99'), digits)}"
 
 
-def ratio(ours: float | None, theirs: float | None) -> float | None:
-    return None if ours is None or theirs is None or theirs == 0 else ours / theirs
-
-
 def tables(points: Sequence[dict[str, Any]]) -> str:
     """The results as markdown tables (also what the bench prints)."""
     lines = [
@@ -1055,7 +1052,8 @@ DOCS_END = "<!-- peers.py:end -->"
 
 
 def update_docs(report: dict[str, Any], pngs: Sequence[Path]) -> Path:
-    """Rewrite the generated part of docs/results.md and copy the plots to docs/results-*.png."""
+    """Rewrite the generated part of docs/results.md (the run's figures: tables and the
+    findings derived from them) and copy the plots to docs/results-*.png."""
     docs = REPO / "docs"
     for png in pngs:
         shutil.copyfile(png, docs / f"results-{png.name.removeprefix('peers-')}")
@@ -1076,6 +1074,8 @@ def update_docs(report: dict[str, Any], pngs: Sequence[Path]) -> Path:
             "```",
             "",
             tables(report["points"]),
+            "",
+            findings(report["points"]),
             "",
             *[f"![{png.stem}](results-{png.name.removeprefix('peers-')})" for png in pngs],
             "",

@@ -1,3 +1,4 @@
 """intrahost: hand a running KVM guest from one VMM process to a new one on the same host."""
 
-__version__ = "0.1.0"
+#: The one place of the version (pyproject.toml reads it); RELEASES lists the released ones.
+__version__ = "0.2.0"

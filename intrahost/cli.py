@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output(p)
     p = _add_command(sub, "platform", "the SEV model platform service", common)
-    p.add_argument("action", choices=("serve",))
+    p.add_argument("action", choices=("serve", "stop"), help="serve, or stop the one running")
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
     return parser
 
@@ -405,6 +405,10 @@ def _dispatch(args: argparse.Namespace, out: Output) -> int:
         return cmd_selftest(args, out)
     if command == "guest-check":
         return cmd_guest_check(args, out)
+    if command == "platform" and args.action == "stop":
+        from intrahost.sevmodel.client import stop_main
+
+        return stop_main(args.service_args)
     if command == "platform":
         from intrahost.sevmodel.service import main as serve
 

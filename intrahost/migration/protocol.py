@@ -14,6 +14,12 @@ The order, and what the destination does on each message, is in
 :mod:`intrahost.migration.receiver`; the source's side, with the pause and the commit point,
 is in :mod:`intrahost.migration.sender`.
 
+Versions are negotiated at START (see :func:`start_offer`, :func:`choose`, :func:`agreed`):
+the source offers the range of protocol versions it speaks, the destination answers with the
+newest version both speak, or refuses naming both ranges; both sides then speak that version,
+and the source writes the state in that version's format (``intrahost.migration.state``). A
+peer that does not negotiate (v0.1.0) sends or reads only ``"version"``.
+
 Ownership of the guest is decided by a *baton*: a tiny shared file (a memfd) that the source
 creates and sends with START. It holds one word: PENDING, COMMITTED or ABANDONED, changed only
 by compare-and-swap under an open-file-description lock (see :class:`Baton`; dropped when
@@ -35,10 +41,11 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import intrahost
 from intrahost.errors import IntrahostError
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.wire import ConnectionBroken as ConnectionBroken
@@ -46,9 +53,10 @@ from intrahost.wire import Framing
 from intrahost.wire import PayloadError as PayloadError
 from intrahost.wire import ProtocolError as ProtocolError
 
+#: The newest protocol version this VMM speaks, and the oldest it still speaks (to an older
+#: peer: a rollback is a hand-off to the previous release). See :func:`start_offer`.
 PROTOCOL_VERSION = 1
-#: Versions this VMM accepts from a sender: its own and the previous one (once there is one).
-ACCEPTED_VERSIONS = frozenset(v for v in (PROTOCOL_VERSION, PROTOCOL_VERSION - 1) if v >= 1)
+OLDEST_PROTOCOL_VERSION = 1
 
 #: Seconds to wait for each answer; INTRAHOST_MIGRATION_TIMEOUT overrides it (the fault
 #: tests shorten it).
@@ -108,6 +116,94 @@ class PeerRefused(IntrahostError):
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+# --- version negotiation -----------------------------------------------------------------------
+
+
+class NoCommonVersion(ProtocolError):
+    """The two VMMs speak no protocol version in common (the message names both ranges)."""
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """Protocol versions ``low`` to ``high``, both included."""
+
+    low: int
+    high: int
+
+    def __contains__(self, version: object) -> bool:
+        return type(version) is int and self.low <= version <= self.high
+
+    def __str__(self) -> str:
+        if self.low == self.high:
+            return f"protocol version {self.low}"
+        return f"protocol versions {self.low} to {self.high}"
+
+
+def spoken() -> VersionRange:
+    """The protocol versions this VMM speaks."""
+    return VersionRange(OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION)
+
+
+def start_offer() -> dict[str, Any]:
+    """The version keys of the source's START: ``versions``, the range it speaks, and
+    ``version``, the version it speaks with a destination that does not negotiate: v0.1.0
+    reads only ``version``, accepts its own (1) and answers with it, so this is the oldest
+    version this side speaks (an old destination then refuses it by naming both)."""
+    versions = spoken()
+    return {"version": versions.low, "versions": [versions.low, versions.high]}
+
+
+def offered(body: Mapping[str, Any]) -> VersionRange:
+    """The destination's reading of the range a START offers (a START without ``versions``,
+    from v0.1.0, offers exactly its ``version``). Raises PayloadError if it is malformed."""
+    version = body.get("version")
+    if type(version) is not int or version < 1:
+        raise PayloadError(f"'version' {version!r} is not a protocol version")
+    versions = body.get("versions", [version, version])
+    if (
+        not isinstance(versions, list)
+        or len(versions) != 2
+        or not all(type(v) is int for v in versions)
+        or not 1 <= versions[0] <= versions[1]
+    ):
+        raise PayloadError(f"'versions' {versions!r} is not a range [oldest, newest]")
+    offer = VersionRange(versions[0], versions[1])
+    if version not in offer:
+        raise PayloadError(f"'version' {version} lies outside the offered {offer}")
+    return offer
+
+
+def choose(offer: VersionRange) -> int:
+    """The destination's choice: the newest version both sides speak. Raises
+    NoCommonVersion naming both ranges."""
+    mine = spoken()
+    chosen = min(offer.high, mine.high)
+    if chosen < max(offer.low, mine.low):
+        verb = "is" if offer.low == offer.high else "are"
+        raise NoCommonVersion(
+            f"{offer} {verb} not accepted; this VMM (intrahost {intrahost.__version__}) "
+            f"speaks {mine}"
+        )
+    return chosen
+
+
+def agreed(reply: Mapping[str, Any], offer: VersionRange) -> int:
+    """The source's reading of the destination's answer to START: the version it chose
+    (an answer without one means the ``version`` START named, the oldest offered). Raises
+    NoCommonVersion if it is not one this side offered: the hand-off stops before the pause.
+    """
+    chosen = reply.get("version", offer.low)
+    if chosen not in offer:
+        raise NoCommonVersion(
+            f"the destination chose protocol version {chosen!r}; this VMM (intrahost "
+            f"{intrahost.__version__}) speaks {offer}"
+        )
+    return int(chosen)
+
+
+# --- messages ----------------------------------------------------------------------------------
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 States and the one message each accepts (ABANDON is accepted in every state)::
 
-    ESTABLISHED --START(+baton fd)--> STARTED --MEMORY_FD(+memory fd)--> MEMORY
+    ESTABLISHED --START(+baton fd)--> STARTED   (the protocol version chosen, or refused)
+    STARTED --MEMORY_FD(+memory fd)--> MEMORY
     MEMORY --MEMORY_FD--> MEMORY            (one per memory fd)
     MEMORY --CONFIG--> CONFIGURED           (validated against this VMM's own flags)
     CONFIGURED --SEV_CONTEXT(+VM fd)--> CONFIGURED   (SEV guests: the source's VM)
@@ -49,11 +50,11 @@ from intrahost.kvm import Kvm
 from intrahost.migration import protocol
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import (
-    ACCEPTED_VERSIONS,
     Baton,
     Channel,
     Command,
     Message,
+    NoCommonVersion,
     PayloadError,
     ProtocolError,
 )
@@ -140,6 +141,8 @@ class Receiver:
         #: The source's pty console (master fd, slave path), adopted when this VMM's console
         #: is a pty too.
         self.console: tuple[int, str] | None = None
+        #: The protocol version chosen at START (the newest both sides speak).
+        self.protocol_version = 0
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -227,16 +230,18 @@ class Receiver:
     def _on_start(self, msg: Message) -> None:
         body = msg.json()
         self.baton = Baton.adopt(msg.fds.pop())
-        version = body.get("version")
-        if type(version) is not int or version not in ACCEPTED_VERSIONS:
-            self._refuse(
-                f"protocol version {version} is not accepted; this VMM speaks "
-                f"{sorted(ACCEPTED_VERSIONS)}"
-            )
+        offer = protocol.offered(body)
+        try:
+            self.protocol_version = protocol.choose(offer)
+        except NoCommonVersion as e:
+            self._refuse(str(e))
+        log.info(
+            "hand-off: protocol version %d (the source speaks %s)", self.protocol_version, offer
+        )
         self.copy_memory = bool(body.get("copy_memory", False))
         self.state = ReceiveState.STARTED
         self.channel.ok(
-            {"version": protocol.PROTOCOL_VERSION, "features": [protocol.CONSOLE_FD_FEATURE]}
+            {"version": self.protocol_version, "features": [protocol.CONSOLE_FD_FEATURE]}
         )
 
     def _on_memory_fd(self, msg: Message) -> None:

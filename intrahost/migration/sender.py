@@ -4,6 +4,7 @@ Phases, in order::
 
     connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> [SEV_CONTEXT(+VM)]
             -> [CONSOLE_FD(+pty master)] -> READY                        guest still runs
+                 (the protocol version agreed at START; the state is written in it)
     pause -> export -> STATE -> COMMIT                                    the blackout
     release the VM (the destination runs the guest)
 
@@ -98,6 +99,8 @@ class Sender:
         self.faults = faults
         self.phase = "connect"
         self.committed = False
+        #: The protocol version the destination chose at START; the state is written in it.
+        self.protocol_version: int | None = None
 
     def _checkpoint(self, phase: str, channel: Channel | None = None) -> None:
         self.phase = phase
@@ -121,9 +124,11 @@ class Sender:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
             self._checkpoint("start", channel)
-            start = {"version": protocol.PROTOCOL_VERSION, "copy_memory": self.options.copy_memory}
-            started = channel.request(Command.START, protocol.to_json(start), [baton.fd])
-            features = started.get("features")
+            start = protocol.start_offer() | {"copy_memory": self.options.copy_memory}
+            reply = channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            self.protocol_version = protocol.agreed(reply, protocol.spoken())
+            log.info("hand-off: protocol version %d", self.protocol_version)
+            features = reply.get("features")
             features = features if isinstance(features, list) else []
             self._checkpoint("memory", channel)
             if not self.options.copy_memory:
@@ -163,7 +168,7 @@ class Sender:
                 copy_memory(channel, machine)
             t_copied = time.monotonic_ns()
             self._checkpoint("export")
-            data = save_machine(machine, was_running)
+            data = save_machine(machine, was_running, self.protocol_version)
             t2 = time.monotonic_ns()
             self._checkpoint("state", channel)
             data = self.faults.state(data)

@@ -40,11 +40,27 @@ from intrahost.vmm.persist import (
 #: The component name prefixes this VMM understands (see envelope.decode).
 UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/", "sev/")
 
+#: The state format of each hand-off protocol version: the envelope's minor it is written
+#: with (informative to the reader; see ``envelope``).
+STATE_MINOR = {1: envelope.MINOR}
+#: Components (by name prefix) added after protocol version 1, with the version that added
+#: them. For a peer that speaks an older version they are written optional, so that it
+#: ignores them instead of refusing the state. A component an older peer must not go
+#: without needs a refusal before the pause instead. None yet: version 1 is what v0.1.0
+#: reads.
+ADDED_IN: dict[str, int] = {}
 
-def save_machine(machine: Machine, running: bool = True) -> bytes:
+
+def save_machine(
+    machine: Machine, running: bool = True, protocol_version: int | None = None
+) -> bytes:
     """Export a paused machine (every vCPU parked, the UART's drain paused), its components
     in the machine's order. ``running``: whether the guest ran before the hand-off paused it
-    (it runs again after)."""
+    (it runs again after). ``protocol_version``: the version agreed with the peer, whose
+    format the state is written in (None: this VMM's newest)."""
+    version = max(STATE_MINOR) if protocol_version is None else protocol_version
+    if version not in STATE_MINOR:
+        raise StateFormatError(f"no state format for protocol version {version}")
     components = [Component("config", machine.config.to_json())]
     for name, component in machine.components().items():
         prefix = name + "/"
@@ -54,7 +70,17 @@ def save_machine(machine: Machine, running: bool = True) -> bytes:
     if machine.booted_at is not None:
         run_state["booted_at"] = machine.booted_at
     components.append(Component("vmm/run-state", json_payload(run_state), required=False))
-    return envelope.encode(components)
+    if ADDED_IN:
+        components = [_for_version(c, version) for c in components]
+    return envelope.encode(components, minor=STATE_MINOR[version])
+
+
+def _for_version(component: Component, version: int) -> Component:
+    """``component`` as a peer of protocol ``version`` gets it: optional if added later."""
+    newer = any(
+        component.name.startswith(prefix) and added > version for prefix, added in ADDED_IN.items()
+    )
+    return Component(component.name, component.payload, False) if newer else component
 
 
 def restore_machine(machine: Machine, state: State) -> None:

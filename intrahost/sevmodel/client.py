@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import intrahost
+from intrahost.errors import IntrahostError
 from intrahost.kvm import Vm
 from intrahost.sev.interface import (
     LAUNCH_MEASURE_BLOB_LEN,
@@ -549,3 +550,76 @@ class ModelVm(SevVm):
     def hold_vcpu_creation(self, hold: bool) -> None:
         """Test hook: keep vCPU creation between its two ``kvm->lock`` sections."""
         self._call("debug_hold_vcpu_creation", {"hold": hold})
+
+
+# ------------------------------------------------------------------------------------------
+# stopping the service
+
+
+class ServiceInUse(IntrahostError):
+    """The model platform service still holds VMs of running guests: it is not stopped."""
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def stop_service(path: str, timeout: float = 10.0) -> int | None:
+    """Ask the service at ``path`` to exit, and wait until it has; its pid, or None if no
+    service listens there (none is started).
+
+    Refused with :class:`ServiceInUse` while the service holds a VM: the VMMs of those
+    guests use it for every SEV command and every vCPU entry, so they must stop (or hand
+    their guests off and stop) first. The check and the stop are two requests; a VM created
+    between them goes down with the service, as with SIGTERM.
+    """
+    try:
+        platform = ModelPlatform(path, autostart=False)
+    except PlatformUnavailableError:
+        return None
+    try:
+        pid = platform.service_pid
+        vms = platform.platform_state()["vms"]
+        if vms:
+            raise ServiceInUse(
+                f"the SEV model platform service at {path} (pid {pid}) still holds "
+                f"{len(vms)} VM{'s' if len(vms) > 1 else ''} of running SEV guests: stop their "
+                "VMMs first (`intrahost stop --api-socket ...`); stopping it would leave those "
+                "guests without their platform"
+            )
+        platform.stop_service()
+    finally:
+        platform.close()
+    deadline = time.monotonic() + timeout
+    while _pid_running(pid):
+        if time.monotonic() > deadline:
+            raise PlatformUnavailableError(
+                f"the SEV model platform service (pid {pid}) accepted the stop but has not "
+                f"exited after {timeout:.0f} s"
+            )
+        time.sleep(0.01)
+    return pid
+
+
+def stop_main(argv: Sequence[str]) -> int:
+    """``intrahost platform stop [--socket PATH]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="intrahost platform stop",
+        description="Ask the running SEV model platform service to exit (refused while SEV "
+        "guests use it).",
+    )
+    parser.add_argument("--socket", default=protocol.default_socket_path(), help="socket path")
+    args = parser.parse_args(list(argv))
+    pid = stop_service(args.socket)
+    if pid is None:
+        print(f"no SEV model platform service listens on {args.socket}: nothing to stop")
+    else:
+        print(f"stopped the SEV model platform service (pid {pid}) at {args.socket}")
+    return 0

@@ -71,6 +71,9 @@ class Command(enum.IntEnum):
     MEMORY_DATA = 8
     #: SEV guests: the source's VM (its fd, for KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM).
     SEV_CONTEXT = 9
+    #: One virtio device's host fds — a disk's open image, its irqfd and ioeventfd eventfds —
+    #: named in the payload ``{"device": N, "names": [...]}`` in the order they travel.
+    DEVICE_FDS = 10
 
 
 class Status(enum.IntEnum):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -201,5 +202,27 @@ def test_the_image_path_is_never_reopened(
         assert image.read_bytes() == bytes(IMAGE_SIZE), "the new VMM wrote to the new file"
         with QmpClient(api) as qmp:
             qmp.execute("quit")
+    finally:
+        mem.close()
+
+
+def test_a_vmm_killed_after_a_handoff_leaves_every_acknowledged_write(
+    vmm_factory: Any, sockdir: Path, image: Path, shm_file: Path
+) -> None:
+    """kill -9 of the VMM that took the guest over, while the guest writes: the image holds
+    every write the guest saw complete (the guest's view read from its memory file)."""
+    _source, api, mem = start_disk_guest(vmm_factory, sockdir, image, shm_file)
+    try:
+        upgrade(api)
+        before = mem.writes()
+        wait_until(lambda: mem.writes() >= before + 1000, "writes on the new VMM")
+        with QmpClient(api) as qmp:
+            pid = int(qmp.execute("query-vm")["pid"])
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), "the killed VMM to go")
+        status = mem.status()
+        assert status is not None and (status.verify_failures, status.duplicates) == (0, 0)
+        report = check_image(image, GuestView.from_memory(mem.map))
+        assert report.ok, report.summary()
     finally:
         mem.close()

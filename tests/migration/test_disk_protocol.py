@@ -3,6 +3,7 @@ configuration check, DEVICE_FDS and what it refuses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +75,69 @@ def test_disk_flags_that_change_the_guest_view_are_refused(
     s = session_with({"disks": parse_disks(flags)})
     with pytest.raises(PeerRefused, match="--disk "):
         configured(s, disk_config(image))
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC)
+
+
+def _device_fds(s: Session, image: Path, body: dict[str, object], fds: list[int]) -> None:
+    try:
+        s.source.request(Command.DEVICE_FDS, protocol.to_json(body), fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_ready_without_the_disks_fds_is_refused(image: Path, session_with) -> None:  # type: ignore[no-untyped-def]
+    """A source that does not pass the open images (an older VMM) is refused: this VMM never
+    opens a running guest's images by their paths."""
+    s = session_with({})
+    configured(s, disk_config(image))
+    with pytest.raises(PeerRefused, match="never by their paths"):
+        s.source.request(Command.READY)
+
+
+NAMES = ["image", "irq", "notify/0"]
+
+
+@pytest.mark.parametrize(
+    ("body", "kinds", "message"),
+    [
+        ({"device": 1, "names": NAMES}, "iee", "not one of the guest's 1 disk"),
+        ({"device": "0", "names": NAMES}, "iee", "not one of"),
+        ({"device": 0, "names": ["image", "irq"]}, "ie", "must carry the fds"),
+        ({"device": 0, "names": NAMES}, "ie", "3 fds named, 2 sent"),
+        ({"device": 0, "names": NAMES}, "eee", "not a regular file"),
+        ({"device": 0, "names": NAMES}, "iie", "not an eventfd"),
+        ({"device": 0, "names": NAMES}, "Iee", "holds 4096 bytes"),
+    ],
+)
+def test_bad_device_fds_are_refused(
+    image: Path,
+    tmp_path: Path,
+    session_with,  # type: ignore[no-untyped-def]
+    body: dict[str, object],
+    kinds: str,
+    message: str,
+) -> None:
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(4096))
+    s = session_with({})
+    configured(s, disk_config(image))
+    opener = {
+        "i": lambda: os.open(image, os.O_RDWR),
+        "I": lambda: os.open(small, os.O_RDWR),
+        "e": _eventfd,
+    }
+    with pytest.raises(PeerRefused, match=message):
+        _device_fds(s, image, body, [opener[k]() for k in kinds])
+
+
+def test_a_second_device_fds_for_one_device_is_refused(image: Path, session_with) -> None:  # type: ignore[no-untyped-def]
+    s = session_with({})
+    configured(s, disk_config(image))
+    body = {"device": 0, "names": NAMES}
+    _device_fds(s, image, body, [os.open(image, os.O_RDWR), _eventfd(), _eventfd()])
+    with pytest.raises(PeerRefused, match="a second DEVICE_FDS"):
+        _device_fds(s, image, body, [os.open(image, os.O_RDWR), _eventfd(), _eventfd()])

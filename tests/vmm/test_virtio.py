@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import multiprocessing
 import os
 import select
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,6 +42,7 @@ from intrahost.vmm.devices.virtio.queue import (
     VIRTQ_USED_F_NO_NOTIFY,
     Chain,
     QueueError,
+    SplitQueue,
     VirtioStateError,
 )
 from intrahost.vmm.memory import GuestMemory, MiB
@@ -723,3 +727,47 @@ def test_interrupt_detach_and_attach_are_idempotent(mem: GuestMemory) -> None:
         assert not dev.interrupt_attached
     finally:
         dev.close()
+
+
+def _watch_used_idx(fd: int, stop: Any, out: Any) -> None:
+    """In another process: count the reads of the used ring's index that find 0."""
+    view = mmap.mmap(fd, 16 * MiB)
+    unpack = struct.Struct("<H").unpack_from
+    zeros = reads = 0
+    while not stop.is_set():
+        for _ in range(1000):
+            zeros += unpack(view, USED_AT + 2)[0] == 0
+        reads += 1000
+    out.put((zeros, reads))
+
+
+USED_AT = 0x2000
+
+
+def test_the_used_index_is_published_in_one_store(mem: GuestMemory) -> None:
+    """A driver reads ``used.idx`` while the device publishes it, from another CPU: it must
+    see the old value or the new one, never a mix. (``struct.pack_into`` zeroes its target
+    before it packs: a guest polling the ring saw the index drop to 0 and took 65536 stale
+    entries for completions.) Here another process polls the index while the device
+    publishes indexes from 1 to 60000 over and over: it must never read 0."""
+    q = SplitQueue(0)
+    q.size, q.desc, q.driver, q.device = 256, 0, 0x1000, USED_AT
+    q.activate(mem, event_idx=False, indirect=False)
+    q.next_used = 0
+    q.push_used([(0, 1)])  # the index is 1 before the watcher starts
+    ctx = multiprocessing.get_context("fork")
+    stop, out = ctx.Event(), ctx.Queue()
+    watcher = ctx.Process(target=_watch_used_idx, args=(mem.fd, stop, out))
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            q.next_used = 1
+            for _ in range(5000):
+                q.push_used([(0, 1)])
+    finally:
+        stop.set()
+        zeros, reads = out.get(timeout=60)
+        watcher.join(60)
+    assert reads > 0
+    assert zeros == 0, f"the used index read 0 in {zeros} of {reads} reads"

@@ -301,13 +301,17 @@ class Machine:
     # --- running -------------------------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
+        """Start the vCPU, UART and device threads; ``paused``: parked until :meth:`resume`.
+        A paused device's I/O thread is drained before it starts, so it reads no eventfd
+        at all: on a hand-off's destination the source still serves the guest's kicks on
+        the same eventfds."""
         if paused:
             self.uart.pause()
         self.uart.start()
         for device in self.virtio:
-            device.start()
             if paused:
                 device.drain()
+            device.start()
         self.started_at = time.monotonic()
         self.group.start(paused=paused)
 

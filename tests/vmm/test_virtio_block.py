@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -473,6 +474,25 @@ def test_incoming_machine_with_disks_needs_the_images(image: Path) -> None:
         for fd in fds.values():  # owned and closed by the machine
             with pytest.raises(OSError):
                 os.fstat(fd)
+
+
+@needs_kvm
+def test_a_machine_started_paused_reads_no_notification(image: Path) -> None:
+    """A hand-off's destination starts its devices paused while the source still serves the
+    guest on the same eventfds: its I/O thread must not read a notification (a kick that is
+    the source's to serve) before it runs the guest."""
+    from intrahost.vmm.machine import Machine
+
+    config = MachineConfig(memory=32 * MiB, serial="none", disks=parse_disks([f"path={image}"]))
+    for _ in range(20):
+        machine = Machine.create(config)
+        try:
+            notify = machine.virtio[0].notify_fds[0]
+            os.eventfd_write(notify, 1)
+            machine.start(paused=True)
+            assert select.select([notify], [], [], 0.05)[0], "the paused device read the kick"
+        finally:
+            machine.close()
 
 
 @needs_kvm

@@ -638,6 +638,9 @@ def _wait_migration(qmp: Any, timeout: float = 120.0) -> dict[str, Any]:
 def format_breakdown(blackout: dict[str, Any]) -> str:
     keys = ("pause_us", "export_us", "transfer_us", "import_us", "resume_us", "total_us")
     parts = [f"{k[:-3]} {blackout[k]} µs" for k in keys if k in blackout]
+    if blackout.get("drain_us") and parts and keys[0] in blackout:
+        # The devices' share of the pause: the request in progress finishing, irqfds released.
+        parts[0] += f" (drain {blackout['drain_us']} µs)"
     return "blackout: " + ", ".join(parts)
 
 

@@ -96,7 +96,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     _fuzz_summary(terminalreporter)
     module = sys.modules.get("test_faults")
     matrix = getattr(module, "MATRIX", None)
-    if not matrix:
+    if not matrix and not getattr(module, "DISK_MATRIX", None):
         return
     points = module.faults
     kinds = ("kill", "close", "stall", "truncate", "corrupt", "badstate", "fail")
@@ -110,9 +110,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         ("destination", points.DESTINATION_POINTS),
         ("destination", points.SEV_DESTINATION_POINTS),
     ):
-        for point in names:
+        for point in names if matrix else ():
             cells = [matrix.get((side, point, k), "-") for k in kinds]
             write(f"{side + ':' + point:<26}" + "".join(f"{c:<21}" for c in cells))
+    disk = getattr(module, "DISK_MATRIX", None)
+    if disk:
+        write("with the disk guest (the image checked against the guest after every cell):")
+        for side, point in dict.fromkeys((side, point) for side, point, _ in disk):
+            cells = [disk.get((side, point, k), "-") for k in kinds]
+            write(f"{side + ':' + point:<25} " + "".join(f"{c:<21}" for c in cells))
 
 
 def _fuzz_summary(terminalreporter: Any) -> None:

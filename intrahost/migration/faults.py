@@ -7,7 +7,8 @@ builds its plan once, at start-up, with :func:`from_environment`: started with
 ``destination``) reaches POINT.
 
 Points are the protocol's steps (see :data:`SOURCE_POINTS`, :data:`DESTINATION_POINTS`,
-:data:`SEV_DESTINATION_POINTS`). Faults:
+:data:`SEV_DESTINATION_POINTS`, :data:`DEVICE_SOURCE_POINTS`, :data:`DEVICE_DESTINATION_POINTS`).
+Faults:
 
 ``kill``      the process kills itself with SIGKILL (a crash at that instant)
 ``close``     the process closes its migration socket (the peer sees EOF)
@@ -63,12 +64,16 @@ DESTINATION_POINTS = (
 )
 #: SEV guests only, on the destination: around KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM.
 SEV_DESTINATION_POINTS = ("before-move", "after-move")
+#: Guests with virtio devices only: before the source sends the devices' fds, and on their
+#: arrival at the destination.
+DEVICE_SOURCE_POINTS = ("devices",)
+DEVICE_DESTINATION_POINTS = ("recv-device-fds",)
 
 #: Every point each side calls a hook at (the source also at ``export``, between the pause
 #: and the state, where it holds no channel).
 _POINTS = {
-    "source": (*SOURCE_POINTS, "export"),
-    "destination": (*DESTINATION_POINTS, *SEV_DESTINATION_POINTS),
+    "source": (*SOURCE_POINTS, *DEVICE_SOURCE_POINTS, "export"),
+    "destination": (*DESTINATION_POINTS, *SEV_DESTINATION_POINTS, *DEVICE_DESTINATION_POINTS),
 }
 #: Faults that only make sense at one point.
 _ONLY_AT = {"badstate": ("source", "state"), "fail": ("destination", "before-move")}

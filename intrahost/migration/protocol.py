@@ -82,11 +82,16 @@ class Command(enum.IntEnum):
     #: A pty console's master side, so the guest keeps its terminal: sent only to a
     #: destination whose START reply lists the feature :data:`CONSOLE_FD_FEATURE`.
     CONSOLE_FD = 10
+    #: One virtio device's host fds — a disk's open image, its irqfd and ioeventfd eventfds —
+    #: named in the payload ``{"device": N, "names": [...]}`` in the order they travel; sent
+    #: only to a destination whose START reply lists :data:`DEVICE_FDS_FEATURE`.
+    DEVICE_FDS = 11
 
 
 #: The START reply's ``features`` name what a destination accepts beyond its protocol
 #: version; a sender uses a feature only if it is listed (older destinations list none).
 CONSOLE_FD_FEATURE = "console-fd"
+DEVICE_FDS_FEATURE = "device-fds"
 
 
 class Status(enum.IntEnum):

@@ -9,12 +9,26 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     CONFIGURED --SEV_CONTEXT(+VM fd)--> CONFIGURED   (SEV guests: the source's VM)
     CONFIGURED --CONSOLE_FD(+pty fd)--> CONFIGURED   (a pty console's master: kept if this
                                                       VMM's console is a pty too)
+    CONFIGURED --DEVICE_FDS(+fds)--> CONFIGURED      (one per virtio device: a disk's open
+                                             image, its irqfd and ioeventfd eventfds)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
     READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
     IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED; for SEV the context
-                                             moved in (MOVE); then the vCPUs released)
+                                             moved in (MOVE); the devices' irqfds assigned;
+                                             then the vCPUs released)
+
+Devices. The machine is built at READY on the fds DEVICE_FDS brought (no image is opened by
+name: the path may name another file by now) and registers its ioeventfds on the source's
+eventfds then; its I/O threads stay drained, so this side reads no eventfd and touches no
+queue until it runs the guest. The irqfds are assigned after the commit point: the source
+deassigned them in the pause (one irqfd per eventfd on the host), and the interrupt
+controllers were restored at STATE (a pending interrupt injected before that restore would be
+overwritten); a completion signalled in between stays in its eventfd and is injected then.
+On resume each device looks at every queue once, even if its eventfd reads 0 (a kick the
+source consumed but did not act on). A failed hand-off closes this side's copies of the fds,
+which leaves the source's untouched.
 
 SEV guests: MOVE is the point of no return for the context (the source VM is dead after it).
 It runs after the baton swap, when everything that can fail was validated: the state is
@@ -66,8 +80,9 @@ from intrahost.migration.state import (
     restore_machine,
     warm_up_import,
 )
+from intrahost.vmm.config import config_flags
 from intrahost.vmm.devices.console import PtyConsole
-from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
+from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError, disk_fd_names
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 
 log = logging.getLogger(__name__)
@@ -143,6 +158,8 @@ class Receiver:
         self.console: tuple[int, str] | None = None
         #: The protocol version chosen at START (the newest both sides speak).
         self.protocol_version = 0
+        #: Each virtio device's host fds by name, by device index (DEVICE_FDS).
+        self.device_fds: dict[int, dict[str, int]] = {}
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -181,7 +198,12 @@ class Receiver:
         ReceiveState.ESTABLISHED: {Command.START},
         ReceiveState.STARTED: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
-        ReceiveState.CONFIGURED: {Command.READY, Command.SEV_CONTEXT, Command.CONSOLE_FD},
+        ReceiveState.CONFIGURED: {
+            Command.READY,
+            Command.SEV_CONTEXT,
+            Command.CONSOLE_FD,
+            Command.DEVICE_FDS,
+        },
         ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
@@ -207,12 +229,15 @@ class Receiver:
             in (Command.START, Command.MEMORY_FD, Command.SEV_CONTEXT, Command.CONSOLE_FD)
             else 0
         )
+        if command is Command.DEVICE_FDS:
+            fds_expected = max(1, len(msg.fds))  # the payload names them; checked there
         if len(msg.fds) != fds_expected:
             msg.close_fds()
             self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
         handler = getattr(self, f"_on_{command.name.lower()}")
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
-        point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{command.name.lower()}"
+        name = command.name.lower().replace("_", "-")
+        point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{name}"
         self.faults.hit("destination", point, self.channel.close)
         try:
             handler(msg)
@@ -241,7 +266,10 @@ class Receiver:
         self.copy_memory = bool(body.get("copy_memory", False))
         self.state = ReceiveState.STARTED
         self.channel.ok(
-            {"version": self.protocol_version, "features": [protocol.CONSOLE_FD_FEATURE]}
+            {
+                "version": self.protocol_version,
+                "features": [protocol.CONSOLE_FD_FEATURE, protocol.DEVICE_FDS_FEATURE],
+            }
         )
 
     def _on_memory_fd(self, msg: Message) -> None:
@@ -266,13 +294,13 @@ class Receiver:
         except (MachineConfigError, TypeError) as e:
             self._refuse(f"bad configuration: {e}")
         local = self.options.overrides
-        differing = [
-            f for f in MachineConfig.GUEST_VISIBLE if f in local and local[f] != getattr(source, f)
-        ]
+        visible = MachineConfig.GUEST_VISIBLE
+        differing = [f for f in visible if f in local and source.flag_differs(f, local[f])]
         if differing:
+            names = dict(config_flags())
             self._refuse(
                 "the new VMM's flags change what the guest sees: "
-                + ", ".join(f"--{f.replace('_', '-')}" for f in differing)
+                + ", ".join(names[f][0].name for f in differing)
                 + " must match the running guest"
             )
         if "memory_path" in local and not self.copy_memory:
@@ -325,12 +353,42 @@ class Receiver:
             self.console = (fd, path)
         else:
             os.close(fd)  # this VMM's console is another one (--serial)
+
+    def _on_device_fds(self, msg: Message) -> None:
+        assert self.config is not None
+        body = msg.json()
+        n, names = body.get("device"), body.get("names")
+        disks = self.config.disks
+        problem = None
+        if type(n) is not int or not 0 <= n < len(disks):
+            problem = f"device {n!r} is not one of the guest's {len(disks)} disk(s)"
+        elif n in self.device_fds:
+            problem = f"a second DEVICE_FDS for device {n}"
+        elif not isinstance(names, list) or sorted(names) != sorted(disk_fd_names()):
+            problem = f"device {n} must carry the fds {list(disk_fd_names())}, got {names!r}"
+        elif len(msg.fds) != len(names):
+            problem = f"device {n}: {len(names)} fds named, {len(msg.fds)} sent"
+        else:
+            fds = dict(zip(names, msg.fds, strict=True))
+            problem = _device_fd_problem(fds, disks[n].size)
+        if problem is not None:
+            msg.close_fds()
+            self._refuse(f"DEVICE_FDS: {problem}")
+        assert isinstance(n, int)
+        self.device_fds[n] = fds
+        msg.fds.clear()
         self.channel.ok()
 
     def _on_ready(self, msg: Message) -> None:
         assert self.config is not None
         if self.config.sev and self.sev_source_fd < 0:
             self._refuse("an SEV guest needs SEV_CONTEXT (the source VM) before READY")
+        if len(self.device_fds) != len(self.config.disks):
+            self._refuse(
+                f"the guest has {len(self.config.disks)} disk(s) and the source passed the "
+                f"fds of {len(self.device_fds)} (DEVICE_FDS): this VMM takes a guest's disks "
+                "over only as the source's open images, never by their paths"
+            )
         t0 = time.monotonic_ns()
         try:
             if self.copy_memory:
@@ -345,8 +403,17 @@ class Receiver:
         if self.console is not None:
             console = PtyConsole(*self.console)
             self.console = None
+        inherited = [self.device_fds[i] for i in range(len(self.config.disks))]
+        self.device_fds = {}  # the machine owns them now (and closes them if it fails)
         try:
-            self.machine = Machine(self.config, memory, self.kvm, incoming=True, console=console)
+            self.machine = Machine(
+                self.config,
+                memory,
+                self.kvm,
+                incoming=True,
+                inherited_fds=inherited,
+                console=console,
+            )
         except IntrahostError as e:
             memory.close()
             self._refuse(f"cannot build the same machine here: {e}")
@@ -408,6 +475,7 @@ class Receiver:
         self.faults.hit("destination", "at-commit", self.channel.close)
         if not self._move_context():
             return
+        self.machine.attach_interrupts()
         if self.running_after_commit:
             self.machine.resume()
         resumed = time.monotonic_ns()
@@ -459,6 +527,7 @@ class Receiver:
         self.state = ReceiveState.COMMITTED
         if not self._move_context():
             return
+        self.machine.attach_interrupts()
         if self.running_after_commit:
             self.machine.resume()
 
@@ -497,3 +566,25 @@ class Receiver:
         if self.console is not None:
             os.close(self.console[0])
             self.console = None
+        for fds in self.device_fds.values():
+            for fd in fds.values():
+                os.close(fd)
+        self.device_fds.clear()
+
+
+def _device_fd_problem(fds: dict[str, int], size: int | None) -> str | None:
+    """What is wrong with a disk's inherited fds (None: nothing): the image must be a regular
+    file or block device of the guest's disk size, the others eventfds."""
+    try:
+        st = os.fstat(fds["image"])
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return "the image fd is not a regular file or block device"
+        actual = os.lseek(fds["image"], 0, os.SEEK_END)
+        if size is not None and actual != size:
+            return f"the image holds {actual} bytes, the guest's disk {size}"
+        for name, fd in fds.items():
+            if name != "image" and os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+                return f"fd {name!r} is not an eventfd"
+    except OSError as e:
+        return f"an fd cannot be examined: {e.strerror}"
+    return None

@@ -3,10 +3,23 @@
 Phases, in order::
 
     connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> [SEV_CONTEXT(+VM)]
-            -> [CONSOLE_FD(+pty master)] -> READY                        guest still runs
+            -> [CONSOLE_FD(+pty master)] -> DEVICE_FDS(+fds) per virtio device
+            -> READY                                                      guest still runs
                  (the protocol version agreed at START; the state is written in it)
-    pause -> export -> STATE -> COMMIT                                    the blackout
+    pause (vCPUs, then the devices drained) -> irqfds deassigned
+            -> export -> STATE -> COMMIT                                  the blackout
     release the VM (the destination runs the guest)
+
+Devices. Each virtio device's host fds (a disk's open image, its irqfd and ioeventfd
+eventfds) go to the destination before the pause; it registers its ioeventfds on the same
+eventfds then (a VM may share them), so a kick the guest writes at any time is counted in
+the one eventfd and served by whichever VMM runs the guest afterwards. In the pause this side
+drains the devices — the request each is on completes and is published in the used ring;
+chains the guest made available and the device has not taken stay in the ring, and the
+queue's position travels in the state, so the destination takes them (each request completes
+exactly once) — and then deassigns its irqfds, which the destination assigns after the
+commit point. On a failure this side assigns them again before the guest resumes: it never
+gave up the image fd, the eventfds or the ioeventfd registrations.
 
 The **commit point** is the destination's swap of the baton from PENDING to COMMITTED
 (see :mod:`intrahost.migration.protocol`); the destination makes it on COMMIT, or on its own
@@ -62,6 +75,8 @@ class Breakdown:
     total_us: int
     state_bytes: int
     prepare_us: int
+    #: The part of ``pause_us`` spent draining the virtio devices and deassigning their irqfds.
+    drain_us: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +135,7 @@ class Sender:
         was_running = machine.status == "running"
         channel: Channel | None = None
         data = b""
+        drain_us = 0
         try:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
@@ -150,6 +166,15 @@ class Sender:
                     protocol.to_json({"kind": "pty", "path": console.slave_path}),
                     [console.master_fd],
                 )
+            if machine.virtio:
+                if protocol.DEVICE_FDS_FEATURE not in features:
+                    raise MigrationFailed(
+                        "the destination VMM cannot take virtio devices (it does not offer "
+                        f"{protocol.DEVICE_FDS_FEATURE!r}: an older release); the guest keeps "
+                        "running here"
+                    )
+                self._checkpoint("devices", channel)
+                send_device_fds(channel, machine)
             self._checkpoint("ready", channel)
             channel.request(Command.READY, timeout=self.options.ready_timeout)
             warm_up_export(machine)
@@ -162,7 +187,10 @@ class Sender:
                 self.phase = "pause"
                 machine.pause(self.options.pause_timeout)  # undone by itself if it fails
                 paused_here = True
+            t_detach = time.monotonic_ns()
+            machine.detach_interrupts()  # the destination assigns them after the commit
             t1 = time.monotonic_ns()
+            drain_us = (machine.drain_us if paused_here else 0) + (t1 - t_detach) // 1000
             self._checkpoint("after-pause", channel)
             if self.options.copy_memory:
                 copy_memory(channel, machine)
@@ -191,6 +219,7 @@ class Sender:
                 self._close(channel, baton)
                 return Breakdown(0, 0, 0, 0, 0, 0, 0, 0, 0)
             self._close(channel, baton, abandon=True)
+            machine.attach_interrupts()
             if paused_here:
                 machine.resume()
             raise MigrationFailed(
@@ -199,6 +228,7 @@ class Sender:
         except BaseException:
             baton.swap(Baton.PENDING, Baton.ABANDONED)
             self._close(channel, baton, abandon=True)
+            machine.attach_interrupts()
             if paused_here:
                 machine.resume()
             raise
@@ -216,6 +246,7 @@ class Sender:
             total_us=max(0, resumed_ns - t0) // 1000,
             state_bytes=len(data),
             prepare_us=prepare_us,
+            drain_us=drain_us,
         )
 
     def _connect(self) -> Channel:
@@ -245,6 +276,15 @@ class Sender:
                     channel.send(Command.ABANDON, timeout=1.0)
             channel.close()
         baton.close()
+
+
+def send_device_fds(channel: Channel, machine: Machine) -> None:
+    """DEVICE_FDS for each virtio device, in device order: its host fds, named. This side
+    keeps its own (SCM_RIGHTS duplicates them), so a failed hand-off changes nothing here."""
+    for n, device in enumerate(machine.virtio):
+        fds = device.host_fds()
+        body = {"device": n, "names": list(fds)}
+        channel.request(Command.DEVICE_FDS, protocol.to_json(body), list(fds.values()))
 
 
 def copy_memory(channel: Channel, machine: Machine) -> None:

@@ -96,6 +96,11 @@ class DiskConfig(JsonRecord, label="disk", error=MachineConfigError):
         """What the guest sees of the disk: its id, read-only flag and capacity."""
         return (self.id, self.readonly, self.size)
 
+    def flag_view(self) -> tuple[str, bool]:
+        """What a ``--disk`` flag says of the guest's view: the id and read-only flag (the
+        capacity is known only once the image is open)."""
+        return (self.id, self.readonly)
+
     def check(self) -> None:
         if not self.path:
             raise MachineConfigError("--disk needs path=IMAGE")
@@ -241,6 +246,15 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         """The guest-visible fields in which ``other`` differs (for disks: their ids,
         read-only flags and sizes, not the image paths)."""
         return [f for f in self.GUEST_VISIBLE if self._guest_value(f) != other._guest_value(f)]
+
+    def flag_differs(self, field: str, given: Any) -> bool:
+        """Whether the value of a flag given to a VMM that takes this running guest over
+        (``given``, as :func:`parse_disks` etc. made it) changes what the guest sees. For
+        disks only the ids and read-only flags count: the new VMM inherits the open images,
+        so their paths are not used and their sizes are the running guest's."""
+        if field == "disks":
+            return [d.flag_view() for d in given] != [d.flag_view() for d in self.disks]
+        return bool(given != getattr(self, field))
 
     def _guest_value(self, field: str) -> Any:
         if field == "disks":

@@ -12,7 +12,10 @@ Build order (also the destination's order during a hand-off, all of it before th
    on the MMIO bus at its fixed window, its interrupt routed through an irqfd and its queue
    notifications through ioeventfds (docs/devices.md). A booted machine's disk images are
    opened and locked by :meth:`Machine.create` before anything else, so a locked image fails
-   the start at once.
+   the start at once. A machine built for an incoming hand-off builds its devices on the
+   image fds and eventfds the source VMM passed (it never opens an image by name), and
+   registers only their ioeventfds: the irqfds are the source's until it lets go of them in
+   the pause, and are assigned by :meth:`Machine.attach_interrupts` after the state import.
 
 A booted machine then loads its guest into memory and sets the boot vCPU's registers; a
 machine built for an incoming hand-off instead imports the saved state.
@@ -21,11 +24,12 @@ machine built for an incoming hand-off instead imports the saved state.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from intrahost.errors import IntrahostError
@@ -46,6 +50,7 @@ from intrahost.kvm import (
 )
 from intrahost.kvm.features import VcpuFeatures, probe_features
 from intrahost.vmm.confidential import ConfidentialGuest
+from intrahost.vmm.config import DiskConfig
 from intrahost.vmm.config import MachineConfig as MachineConfig
 from intrahost.vmm.config import MachineConfigError as MachineConfigError
 from intrahost.vmm.devices.bus import IoBus, MmioBus
@@ -81,16 +86,23 @@ class Machine:
         kvm: Kvm | None = None,
         incoming: bool = False,
         disk_images: Sequence[DiskImage] = (),
+        inherited_fds: Sequence[Mapping[str, int]] = (),
         console: Console | None = None,
     ) -> None:
         """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
         SEV context will be moved in, so the SEV VM is not initialised here).
-        ``disk_images``: the open images of ``config.disks``, in order (owned from now on):
-        opened by :meth:`create`, or — the hook for a hand-off — rebuilt with
-        :meth:`DiskImage.from_fd` on the fds the source VMM passed. ``console``: the UART's
-        console (the machine owns it), instead of opening ``config.serial``."""
+        ``disk_images``: the open images of ``config.disks``, in order (owned from now on),
+        opened by :meth:`create`. ``inherited_fds``: for an incoming machine instead, each
+        virtio device's host fds as the source's device listed them
+        (:meth:`VirtioMmioDevice.host_fds`: ``image``, ``irq``, ``notify/N``), in device
+        order; owned from now on (closed if the build fails). ``console``: the UART's console
+        (the machine owns it), instead of opening ``config.serial``."""
         #: Images not yet adopted by a device (closed by close() if the build fails).
         self._pending_images = list(disk_images)
+        #: Inherited fds not yet adopted by a device (closed by close() likewise).
+        self._pending_fds = [dict(fds) for fds in inherited_fds]
+        #: How long the last pause took to drain the devices and release their irqfds (µs).
+        self.drain_us = 0
         self.config = config
         self.incoming = incoming
         self._console = console
@@ -189,24 +201,48 @@ class Machine:
         disks = self.config.disks
         if not disks:
             return
-        if len(self._pending_images) != len(disks):
-            if self.incoming:
+        if self.incoming:
+            if len(self._pending_fds) != len(disks):
                 raise MachineError(
-                    f"the guest has {len(disks)} disk(s); taking over a guest with disks needs "
-                    "the source VMM's open images, which this version does not pass yet"
+                    f"the guest has {len(disks)} disk(s) but the source VMM passed the open "
+                    f"images and eventfds of {len(self._pending_fds)}: a VMM taking over a "
+                    "guest never opens its images by name"
                 )
+        elif len(self._pending_images) != len(disks):
             raise MachineError(f"{len(disks)} disk(s) configured, {len(self._pending_images)} open")
         for n, disk in enumerate(disks):
-            image = self._pending_images.pop(0)
+            irq_fd: int | None = None
+            notify_fds: list[int] | None = None
+            if self.incoming:
+                fds = self._pending_fds[0]
+                names = disk_fd_names()
+                if sorted(fds) != sorted(names):
+                    raise MachineError(
+                        f"disk {disk.id}: the source passed fds {sorted(fds)}, not {list(names)}"
+                    )
+                image = inherited_image(fds["image"], disk)
+                del fds["image"]
+                if disk.size is not None and image.size != disk.size:
+                    self._pending_images.append(image)
+                    raise MachineError(
+                        f"disk {disk.id}: the inherited image holds {image.size} bytes, the "
+                        f"guest's disk {disk.size}"
+                    )
+                irq_fd, notify_fds = fds.pop("irq"), [fds.pop("notify/0")]
+                self._pending_fds.pop(0)
+            else:
+                image = self._pending_images.pop(0)
             device = VirtioMmioDevice(
                 VirtioBlock(image, disk.id),
                 self.memory,
                 device_base(n),
                 device_gsi(n),
                 f"virtio-blk{n} ({disk.id})",
+                irq_fd=irq_fd,
+                notify_fds=notify_fds,
             )
             self.virtio.append(device)
-            device.attach(self.vm)
+            device.attach(self.vm, interrupt=not self.incoming)
             self.mmio.register(device.base, device.length, device, device.name)
             self.add_state(f"device/virtio/{n}", device)
 
@@ -273,13 +309,17 @@ class Machine:
     # --- running -------------------------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
+        """Start the vCPU, UART and device threads; ``paused``: parked until :meth:`resume`.
+        A paused device's I/O thread is drained before it starts, so it reads no eventfd
+        at all: on a hand-off's destination the source still serves the guest's kicks on
+        the same eventfds."""
         if paused:
             self.uart.pause()
         self.uart.start()
         for device in self.virtio:
-            device.start()
             if paused:
                 device.drain()
+            device.start()
         self.started_at = time.monotonic()
         if self.booted_at is None:
             self.booted_at = time.clock_gettime(time.CLOCK_BOOTTIME)
@@ -293,9 +333,28 @@ class Machine:
         else is touched: the machine keeps running as before."""
         self.group.pause(timeout)
         self.uart.pause()
+        t0 = time.monotonic_ns()
         for device in self.virtio:
             if not device.drain():
                 log.error("%s did not stop its I/O in time", device.name)
+        self.drain_us = (time.monotonic_ns() - t0) // 1000
+
+    def detach_interrupts(self) -> None:
+        """A hand-off's source, in the pause (after :meth:`pause` drained the devices):
+        deassign every device's irqfd, so that the destination can assign it (one irqfd per
+        eventfd on the whole host). The ioeventfds stay: the destination registered its own
+        on the same eventfds before the pause, and this VM drops these when it closes."""
+        for device in self.virtio:
+            device.detach_interrupt()
+
+    def attach_interrupts(self) -> None:
+        """Assign every device's irqfd that is not assigned: a hand-off's destination after
+        the state import (after KVM_SET_IRQCHIP and KVM_SET_LAPIC, which would overwrite an
+        interrupt injected before them) and after the commit point (the source let go of
+        them); a source whose hand-off failed, before it resumes. An interrupt signalled
+        while none was assigned is injected now, once."""
+        for device in self.virtio:
+            device.attach_interrupt()
 
     def resume(self) -> None:
         for device in self.virtio:
@@ -411,12 +470,16 @@ class Machine:
         if hasattr(self, "uart"):
             self.uart.close()
         for device in self.virtio:
-            device.close()
+            device.close(vm_closing=True)
         for image in self._pending_images:
             image.close()
         if self._console is not None:  # given, but the build failed before the UART took it
             self._console.close()
             self._console = None
+        for fds in self._pending_fds:
+            for fd in fds.values():
+                os.close(fd)
+        self._pending_fds.clear()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()
@@ -439,6 +502,18 @@ def open_disks(config: MachineConfig) -> list[DiskImage]:
             image.close()
         raise
     return images
+
+
+def disk_fd_names() -> tuple[str, ...]:
+    """The host fds of a disk's device, by name, as a hand-off passes them."""
+    return ("image", "irq", "notify/0")
+
+
+def inherited_image(fd: int, disk: DiskConfig) -> DiskImage:
+    """The image of ``disk`` on an fd inherited from another VMM (owned from now on): its
+    open file description holds the image's lock; O_DIRECT is as the source opened it."""
+    direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    return DiskImage.from_fd(fd, disk.path, readonly=disk.readonly, direct=direct)
 
 
 def _current_vcpu() -> int:

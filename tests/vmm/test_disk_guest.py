@@ -87,6 +87,9 @@ def test_disk_h_matches_layout() -> None:
         "DEFAULT_FLUSH": layout.DISK_DEFAULT_FLUSH,
         "DEFAULT_VERIFY": layout.DISK_DEFAULT_VERIFY,
         "DEFAULT_PROGRESS": layout.DISK_DEFAULT_PROGRESS,
+        "BENCH_NONE": layout.DISK_BENCH_NONE,
+        "BENCH_RANDWRITE": layout.DISK_BENCH_RANDWRITE,
+        "BENCH_RANDREAD": layout.DISK_BENCH_RANDREAD,
     }
     assert {name: h[name] for name in pairs} == pairs
     offsets = {name: value for name, value in h.items() if name.startswith("ST_")}

@@ -3,12 +3,16 @@ device's MMIO handlers (no VM needed: guest memory is a memfd mapping)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import mmap
+import multiprocessing
 import os
 import select
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -38,6 +42,7 @@ from intrahost.vmm.devices.virtio.queue import (
     VIRTQ_USED_F_NO_NOTIFY,
     Chain,
     QueueError,
+    SplitQueue,
     VirtioStateError,
 )
 from intrahost.vmm.memory import GuestMemory, MiB
@@ -643,3 +648,126 @@ def test_built_on_inherited_eventfds(mem: GuestMemory) -> None:
         os.fstat(irq)
     with pytest.raises(VirtioStateError, match="2 notify fds for 1 queues"):
         VirtioMmioDevice(Echo(), mem, BASE, 5, "x", notify_fds=[1, 2])
+
+
+# --- malformed saved queues, and the interrupt across a hand-off ---------------------------------
+
+
+def saved_with_queue(mem: GuestMemory, **queue: int) -> list[tuple[str, bytes]]:
+    """A live device's saved state with queue 0's record changed."""
+    dev = make(mem)
+    drv = Driver(dev, mem)
+    drv.start(ALL)
+    parts = dict(dev.save_parts())
+    dev.close()
+    record = json.loads(parts["queue/0"]) | queue
+    parts["queue/0"] = json.dumps(record).encode()
+    return list(parts.items())
+
+
+@pytest.mark.parametrize(
+    ("queue", "message"),
+    [({"size": 512}, "size"), ({"next_avail": 70000}, "next_avail"), ({"desc": -1}, "desc")],
+)
+def test_a_malformed_saved_queue_is_refused(
+    mem: GuestMemory, queue: dict[str, int], message: str
+) -> None:
+    saved = saved_with_queue(mem, **queue)
+    dev = make(mem)
+    try:
+        with pytest.raises(VirtioStateError, match=message):
+            dev.load_parts(Parts(DictSource(saved, "d"), "d"))
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize(
+    "queue",
+    [{"size": 3}, {"desc": 8}, {"desc": 16 * MiB - 2048}, {"device": 16 * MiB}],
+    ids=["size-not-power-of-2", "misaligned", "table-beyond-ram", "used-beyond-ram"],
+)
+def test_a_saved_queue_the_driver_set_up_wrongly_breaks_the_device(
+    mem: GuestMemory, queue: dict[str, int]
+) -> None:
+    """A state that is well-formed but describes an unusable queue (as a guest could have
+    set one up) imports, and the device is then broken as it would have been on the source:
+    DEVICE_NEEDS_RESET and a configuration interrupt, nothing raised, no ring touched."""
+    saved = saved_with_queue(mem, **queue)
+    dev = make(mem)
+    try:
+        dev.load_parts(Parts(DictSource(saved, "d"), "d"))()
+        assert dev.status & DEVICE_NEEDS_RESET and not dev.queues[0].active
+        assert dev.interrupt_status & INT_CONFIG and irq_count(dev) == 1
+        dev.process(0)  # nothing happens
+    finally:
+        dev.close()
+
+
+def test_an_available_index_out_of_reach_after_restore_breaks_the_device(mem: GuestMemory) -> None:
+    """The saved position is more than a queue's size behind the driver's available index
+    (a state from another guest, or a driver gone wrong): the first look at the queue breaks
+    the device instead of serving chains that are not there."""
+    saved = saved_with_queue(mem, next_avail=1000)
+    dev = make(mem)
+    try:
+        dev.load_parts(Parts(DictSource(saved, "d"), "d"))()
+        dev.process(0)
+        assert dev.status & DEVICE_NEEDS_RESET
+    finally:
+        dev.close()
+
+
+def test_interrupt_detach_and_attach_are_idempotent(mem: GuestMemory) -> None:
+    """Without a VM nothing is assigned; the flags follow attach/detach (the KVM side is
+    covered by the hand-off tests on real VMs)."""
+    dev = make(mem)
+    try:
+        dev.attach_interrupt()
+        dev.detach_interrupt()
+        assert not dev.interrupt_attached
+    finally:
+        dev.close()
+
+
+def _watch_used_idx(fd: int, stop: Any, out: Any) -> None:
+    """In another process: count the reads of the used ring's index that find 0."""
+    view = mmap.mmap(fd, 16 * MiB)
+    unpack = struct.Struct("<H").unpack_from
+    zeros = reads = 0
+    while not stop.is_set():
+        for _ in range(1000):
+            zeros += unpack(view, USED_AT + 2)[0] == 0
+        reads += 1000
+    out.put((zeros, reads))
+
+
+USED_AT = 0x2000
+
+
+def test_the_used_index_is_published_in_one_store(mem: GuestMemory) -> None:
+    """A driver reads ``used.idx`` while the device publishes it, from another CPU: it must
+    see the old value or the new one, never a mix. (``struct.pack_into`` zeroes its target
+    before it packs: a guest polling the ring saw the index drop to 0 and took 65536 stale
+    entries for completions.) Here another process polls the index while the device
+    publishes indexes from 1 to 60000 over and over: it must never read 0."""
+    q = SplitQueue(0)
+    q.size, q.desc, q.driver, q.device = 256, 0, 0x1000, USED_AT
+    q.activate(mem, event_idx=False, indirect=False)
+    q.next_used = 0
+    q.push_used([(0, 1)])  # the index is 1 before the watcher starts
+    ctx = multiprocessing.get_context("fork")
+    stop, out = ctx.Event(), ctx.Queue()
+    watcher = ctx.Process(target=_watch_used_idx, args=(mem.fd, stop, out))
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            q.next_used = 1
+            for _ in range(5000):
+                q.push_used([(0, 1)])
+    finally:
+        stop.set()
+        zeros, reads = out.get(timeout=60)
+        watcher.join(60)
+    assert reads > 0
+    assert zeros == 0, f"the used index read 0 in {zeros} of {reads} reads"

@@ -3,7 +3,9 @@ parsing, the machine's wiring (real /dev/kvm) and query-block."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -37,6 +39,7 @@ from intrahost.vmm.devices.virtio.mmio import (
     VirtioMmioDevice,
 )
 from intrahost.vmm.memory import GuestMemory, MiB
+from intrahost.vmm.persist import StateFormatError
 
 BASE = 0xD000_0000
 HDR = 0x80000
@@ -221,6 +224,43 @@ def test_counters(disk: Disk) -> None:
         "failed_flush_operations": 0,
         "invalid_operations": 0,
     }
+
+
+def test_counters_travel_in_the_device_state(mem: GuestMemory, image: Path) -> None:
+    """The counters are the device component's ``backend`` part: a device restored from it
+    counts on from there; a state without it (an older VMM's) reads as zero."""
+    from intrahost.vmm.persist import Parts
+
+    disk = Disk(mem, image)
+    disk.request(VIRTIO_BLK_T_OUT, 0, data=b"z" * 512)
+    disk.request(VIRTIO_BLK_T_IN, 0, read_len=512)
+    saved = dict(disk.dev.save_parts())
+    assert json.loads(saved["backend"])["wr_operations"] == 1
+    disk.close()
+
+    class Source:
+        def __init__(self, parts: dict[str, bytes]) -> None:
+            self.parts = {f"d/{k}" if k else "d": v for k, v in parts.items()}
+
+        def get(self, name: str) -> bytes | None:
+            return self.parts.get(name)
+
+    other = Disk(mem, image)
+    try:
+        other.dev.load_parts(Parts(Source(saved), "d"))()
+        assert other.block.stats.wr_operations == 1 and other.block.stats.rd_bytes == 512
+        older = {k: v for k, v in saved.items() if k != "backend"}
+        other.block.stats.wr_operations = 7
+        other.dev.load_parts(Parts(Source(older), "d"))()
+        assert other.block.stats.to_dict() == dict.fromkeys(other.block.stats.to_dict(), 0)
+        partial = older | {"backend": b'{"wr_operations":5}'}
+        other.dev.load_parts(Parts(Source(partial), "d"))()
+        assert other.block.stats.wr_operations == 5 and other.block.stats.rd_operations == 0
+        for bad in (b'{"wr_operations":-1}', b"[]", b"{"):
+            with pytest.raises(StateFormatError, match="backend"):
+                other.dev.load_parts(Parts(Source(older | {"backend": bad}), "d"))
+    finally:
+        other.close()
 
 
 def test_direct_io_with_unaligned_buffers(mem: GuestMemory, image: Path) -> None:
@@ -424,9 +464,35 @@ def test_incoming_machine_with_disks_needs_the_images(image: Path) -> None:
     with GuestMemory.create(config.memory) as mem, pytest.raises(MachineError, match="disk"):
         Machine(config, mem, incoming=True)
     with GuestMemory.create(config.memory) as mem:
-        inherited = DiskImage.open(str(image))  # what a hand-off will pass
-        Machine(config, mem, incoming=True, disk_images=[inherited]).close()
-        assert inherited.fd == -1
+        inherited = DiskImage.open(str(image))  # what a hand-off passes: the open image ...
+        fds = {  # ... and the device's eventfds
+            "image": inherited.fd,
+            "irq": os.eventfd(0, os.EFD_NONBLOCK),
+            "notify/0": os.eventfd(0, os.EFD_NONBLOCK),
+        }
+        Machine(config, mem, incoming=True, inherited_fds=[fds]).close()
+        for fd in fds.values():  # owned and closed by the machine
+            with pytest.raises(OSError):
+                os.fstat(fd)
+
+
+@needs_kvm
+def test_a_machine_started_paused_reads_no_notification(image: Path) -> None:
+    """A hand-off's destination starts its devices paused while the source still serves the
+    guest on the same eventfds: its I/O thread must not read a notification (a kick that is
+    the source's to serve) before it runs the guest."""
+    from intrahost.vmm.machine import Machine
+
+    config = MachineConfig(memory=32 * MiB, serial="none", disks=parse_disks([f"path={image}"]))
+    for _ in range(20):
+        machine = Machine.create(config)
+        try:
+            notify = machine.virtio[0].notify_fds[0]
+            os.eventfd_write(notify, 1)
+            machine.start(paused=True)
+            assert select.select([notify], [], [], 0.05)[0], "the paused device read the kick"
+        finally:
+            machine.close()
 
 
 @needs_kvm

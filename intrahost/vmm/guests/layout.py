@@ -337,6 +337,10 @@ DISK_STATUS_FIELDS = (
     "tsc_now",
     "kicks",
     "last_failure",
+    "max_completion_gap",
+    "max_loop_gap",
+    "duplicates",
+    "bench",
 )
 DISK_STATUS_SIZE = 256
 
@@ -402,6 +406,10 @@ class DiskStatus:
     tsc_now: int
     kicks: int
     last_failure: int
+    max_completion_gap: int
+    max_loop_gap: int
+    duplicates: int
+    bench: int
 
 
 def read_disk_status(mem: ReadableBuffer) -> DiskStatus:
@@ -415,6 +423,23 @@ def read_disk_status(mem: ReadableBuffer) -> DiskStatus:
             "disk guest)"
         )
     return DiskStatus(*fields)
+
+
+#: The disk guest's ``bench`` field: its workload (see docs/guests.md).
+DISK_BENCH_NONE = 0
+DISK_BENCH_RANDWRITE = 1
+DISK_BENCH_RANDREAD = 2
+
+
+def reset_disk_gaps(mem: WriteableBuffer) -> None:
+    """Zero the disk guest's ``max_completion_gap`` and ``max_loop_gap``, so that the next
+    ones it records are the pause to measure (it re-reads them every time: a race with the
+    running guest is harmless)."""
+    with _byte_view(mem, DISK_STATUS_ADDR + DISK_STATUS_SIZE) as view:
+        if view.readonly:
+            raise GuestLayoutError("reset_disk_gaps needs a writable view of guest memory")
+        for name in ("max_completion_gap", "max_loop_gap"):
+            _U64.pack_into(view, DISK_STATUS_ADDR + 8 * DISK_STATUS_FIELDS.index(name), 0)
 
 
 def read_disk_seq_table(mem: ReadableBuffer, blocks: int) -> tuple[int, ...]:

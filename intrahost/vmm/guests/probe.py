@@ -179,7 +179,24 @@ class DiskProbe:
             "io-errors": status.io_errors,
             "last-seq": status.max_completed,
             "durable-seq": status.durable,
+            "duplicates": status.duplicates,
+            "max-completion-gap-ticks": status.max_completion_gap,
+            "max-loop-gap-ticks": status.max_loop_gap,
         }
+
+    def reset_gaps(self) -> None:
+        """Zero the guest's largest gaps between completions and between turns of its loop,
+        so that the next ones it records are the pause to measure (needs a writable view)."""
+        layout.reset_disk_gaps(self.memory)
+
+    def gaps_us(self, tsc_khz: int) -> tuple[float, float]:
+        """The largest gap between two completions the guest saw (the I/O blackout) and
+        between two turns of its loop (its vCPU's stall), in µs, since :meth:`reset_gaps`."""
+        status = layout.read_disk_status(self.memory)
+        return (
+            round(status.max_completion_gap * 1000 / tsc_khz, 1),
+            round(status.max_loop_gap * 1000 / tsc_khz, 1),
+        )
 
     def view(self) -> GuestView:
         """What the guest saw complete, for :func:`~intrahost.vmm.guests.diskcheck.check_image`.

@@ -31,11 +31,13 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from intrahost.errors import IntrahostError
-from intrahost.vmm.devices.virtio.queue import MAX_QUEUE_SIZE, Chain, QueueError
+from intrahost.vmm.devices.virtio.queue import MAX_QUEUE_SIZE, Chain, QueueError, VirtioStateError
+from intrahost.vmm.persist import JsonRecord, bounded, json_object
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,26 @@ class BlockStats:
         return dataclasses.asdict(self)
 
 
+_COUNT = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class BlockStatsState(JsonRecord, label="virtio-blk counters", error=VirtioStateError):
+    """The counters in the saved state (the device component's ``backend`` part), so that
+    ``query-block`` counts the whole life of the guest across hand-offs. Every field has a
+    default: a counter an older VMM did not save reads as zero."""
+
+    rd_operations: int = bounded(_COUNT, default=0)
+    wr_operations: int = bounded(_COUNT, default=0)
+    flush_operations: int = bounded(_COUNT, default=0)
+    rd_bytes: int = bounded(_COUNT, default=0)
+    wr_bytes: int = bounded(_COUNT, default=0)
+    failed_rd_operations: int = bounded(_COUNT, default=0)
+    failed_wr_operations: int = bounded(_COUNT, default=0)
+    failed_flush_operations: int = bounded(_COUNT, default=0)
+    invalid_operations: int = bounded(_COUNT, default=0)
+
+
 class VirtioBlock:
     """The virtio-blk backend of a :class:`~intrahost.vmm.devices.virtio.mmio.VirtioMmioDevice`."""
 
@@ -193,6 +215,26 @@ class VirtioBlock:
 
     def close(self) -> None:
         self.image.close()
+
+    # --- state (the transport's BackendState) -------------------------------------------------
+
+    def save_state(self) -> bytes:
+        return BlockStatsState(**self.stats.to_dict()).to_json()
+
+    def load_state(self, payload: bytes | None, where: str) -> Callable[[], None]:
+        """The saved counters (zero when the state has none); applied by the returned
+        callable."""
+        if payload is None:
+            counters = BlockStatsState()
+        else:
+            counters = BlockStatsState.from_dict(
+                json_object(where, payload), where=f"component {where!r}"
+            )
+
+        def apply() -> None:
+            self.stats = BlockStats(**counters.to_dict())
+
+        return apply
 
     # --- requests ----------------------------------------------------------------------------
 

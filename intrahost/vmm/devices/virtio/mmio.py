@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from intrahost.kvm import KvmError, Vm
 from intrahost.vmm.devices.virtio.iothread import IoThread
@@ -143,6 +143,19 @@ class VirtioBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class BackendState(Protocol):
+    """A backend with state of its own (the block device's counters), saved as the device
+    component's ``backend`` part. A state without that part (from an older VMM) loads as the
+    backend's initial state."""
+
+    def save_state(self) -> bytes: ...
+
+    def load_state(self, payload: bytes | None, where: str) -> Callable[[], None]:
+        """Validate ``payload`` (None: absent); the returned callable applies it."""
+        ...
+
+
 @dataclass(frozen=True)
 class VirtioMmioState(
     JsonRecord, label="virtio-mmio state", error=VirtioStateError, version=STATE_VERSION
@@ -201,26 +214,63 @@ class VirtioMmioDevice:
         self._work = threading.Lock()
         self._warned: set[str] = set()
         self._vm: Vm | None = None
+        #: Whether this device's irqfd is assigned on ``_vm`` (see attach_interrupt).
+        self._irq_attached = False
         self.io = IoThread(name)
         for i, fd in enumerate(self.notify_fds):
             self.io.watch(fd, _bind(self._on_notify, i))
 
     # --- KVM wiring ------------------------------------------------------------------------------
 
-    def attach(self, vm: Vm) -> None:
-        """Route this device's interrupt (irqfd) and queue notifications (ioeventfds, 4-byte
-        writes to QueueNotify matched on the queue index) through ``vm``'s kernel side."""
-        vm.irqfd(self.irq_fd, self.gsi)
+    def attach(self, vm: Vm, interrupt: bool = True) -> None:
+        """Route this device's queue notifications (ioeventfds, 4-byte writes to QueueNotify
+        matched on the queue index) and, with ``interrupt``, its interrupt (irqfd) through
+        ``vm``'s kernel side.
+
+        A hand-off's destination attaches without the interrupt: the same eventfds may carry
+        ioeventfds on two VMs at once (so it registers them before the pause, while the source
+        still runs the guest), but an eventfd can back only one irqfd on the whole host. Its
+        irqfd is assigned with :meth:`attach_interrupt` once the source let go of it and the
+        interrupt controllers are restored (an irqfd assigned before KVM_SET_IRQCHIP and
+        KVM_SET_LAPIC would have the interrupt it injects overwritten by the restore)."""
         for i, fd in enumerate(self.notify_fds):
             vm.ioeventfd(fd, notify_address(self.base), 4, datamatch=i)
         self._vm = vm
+        if interrupt:
+            self.attach_interrupt()
 
-    def detach(self) -> None:
-        """Undo :meth:`attach` (the eventfds stay open, e.g. to be handed to another VMM)."""
-        vm, self._vm = self._vm, None
-        if vm is None or vm.closed:
+    def attach_interrupt(self) -> None:
+        """Assign the irqfd on the attached VM (nothing if it is assigned already). A write
+        made to the eventfd while no irqfd was assigned is injected now."""
+        if self._vm is None or self._irq_attached:
             return
-        vm.irqfd(self.irq_fd, self.gsi, deassign=True)
+        self._vm.irqfd(self.irq_fd, self.gsi)
+        self._irq_attached = True
+
+    def detach_interrupt(self) -> None:
+        """Deassign the irqfd (0.02-0.03 ms): a hand-off's source does this in the pause, so
+        that the destination can assign it. An interrupt signalled before is in the
+        interrupt controllers' state by then (the deassign waits for pending injections);
+        one signalled after stays counted in the eventfd for the next irqfd."""
+        vm = self._vm
+        if vm is None or not self._irq_attached:
+            return
+        self._irq_attached = False
+        if not vm.closed:
+            vm.irqfd(self.irq_fd, self.gsi, deassign=True)
+
+    @property
+    def interrupt_attached(self) -> bool:
+        return self._irq_attached
+
+    def detach(self, notifications: bool = True) -> None:
+        """Undo :meth:`attach` (the eventfds stay open, e.g. to be handed to another VMM).
+        ``notifications=False`` leaves the ioeventfds registered: deassigning one costs 7-8 ms
+        (the kernel waits for a grace period), while closing the VM drops them at once."""
+        self.detach_interrupt()
+        vm, self._vm = self._vm, None
+        if vm is None or vm.closed or not notifications:
+            return
         for i, fd in enumerate(self.notify_fds):
             vm.ioeventfd(fd, notify_address(self.base), 4, datamatch=i, deassign=True)
 
@@ -249,9 +299,11 @@ class VirtioMmioDevice:
         self.io.resume()
         self.io.call(self.process_all)
 
-    def close(self) -> None:
+    def close(self, vm_closing: bool = False) -> None:
+        """Stop the I/O thread, detach from the VM and close every fd. ``vm_closing``: the
+        VM is closed right after (it drops the ioeventfds itself, see :meth:`detach`)."""
         try:
-            self.detach()
+            self.detach(notifications=not vm_closing)
         except KvmError as e:  # a VM that is already dead (an SEV VM whose context moved)
             log.debug("%s: detaching from the VM: %s", self.name, e)
         self.io.close()
@@ -544,6 +596,8 @@ class VirtioMmioDevice:
             )
             parts = [("", state.to_json())]
             parts += [(f"queue/{q.index}", q.save().to_json()) for q in self.queues]
+            if isinstance(self.backend, BackendState):
+                parts.append(("backend", self.backend.save_state()))
         return parts
 
     def load_parts(self, parts: Parts) -> Apply:
@@ -559,7 +613,16 @@ class VirtioMmioDevice:
                 f"this device does not offer ({self.offered:#x})"
             )
         queues = [parts.record(QueueState, f"queue/{q.index}") for q in self.queues]
-        return lambda: self.restore(state, queues)
+        backend: Callable[[], None] | None = None
+        if isinstance(self.backend, BackendState):
+            backend = self.backend.load_state(parts.get("backend"), parts.name("backend"))
+
+        def apply() -> None:
+            if backend is not None:
+                backend()
+            self.restore(state, queues)
+
+        return apply
 
     def restore(self, state: VirtioMmioState, queues: list[QueueState]) -> None:
         """Continue from a saved state: registers, queues (re-activated on this device's

@@ -20,6 +20,10 @@ loads in order, so only store→load needs a fence):
 - the device reads ``avail.idx`` before the ring entries it covers (:meth:`SplitQueue.pop`);
 - the device writes used elements before publishing them with ``used.idx``
   (:meth:`SplitQueue.push_used`);
+- every 16-bit word the driver may read while the device writes it (``used.idx``,
+  ``used.flags``, ``avail_event``) is written with one store, through a view cast to u16:
+  ``struct.pack_into`` zeroes its target before it packs, so a driver polling the ring on
+  another CPU could see the index drop to 0 and take stale entries for completions;
 - after publishing ``used.idx`` the device reads ``used_event`` / ``avail.flags`` to decide
   whether to interrupt, and after re-enabling notifications (``avail_event`` or
   ``used.flags``) it reads ``avail.idx`` again: both are a store followed by a load of
@@ -146,6 +150,9 @@ class SplitQueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        #: u16 views of used.flags, used.idx and avail_event (one store each).
+        self._used_words: memoryview | None = None
+        self._avail_event: memoryview | None = None
         self._avail_idx = self.next_avail
 
     @property
@@ -173,6 +180,8 @@ class SplitQueue:
         except GuestAccessError as e:
             raise QueueError(f"queue {self.index}: {e}") from None
         self._memory, self._desc, self._avail, self._used = memory, desc, avail, used
+        self._used_words = used[0:4].cast("H")
+        self._avail_event = used[4 + 8 * size : 6 + 8 * size].cast("H")
         self.event_idx = event_idx
         self.indirect = indirect
         self._avail_idx = self.next_avail
@@ -295,7 +304,8 @@ class SplitQueue:
         for head, written in completions:
             _USED_ELEM.pack_into(used, 4 + 8 * (u % size), head, written)
             u = (u + 1) & 0xFFFF
-        _U16.pack_into(used, 2, u)
+        assert self._used_words is not None
+        self._used_words[1] = u
         self.next_used = u
         full_fence()
         if self.event_idx:
@@ -309,18 +319,17 @@ class SplitQueue:
         """Ask the driver not to notify while the device works through the ring. With
         EVENT_IDX nothing is written: ``avail_event`` stays behind ``avail.idx``."""
         if not self.event_idx:
-            assert self._used is not None
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            assert self._used_words is not None
+            self._used_words[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> bool:
         """Ask for a notification for the next chain; True when one is available already
         (the caller must then process it: its notification may have been suppressed)."""
-        used = self._used
-        assert used is not None
+        assert self._used_words is not None and self._avail_event is not None
         if self.event_idx:
-            _U16.pack_into(used, 4 + 8 * self.size, self.next_avail)
+            self._avail_event[0] = self.next_avail
         else:
-            _U16.pack_into(used, 0, 0)
+            self._used_words[0] = 0
         full_fence()
         self._avail_idx = self._read_avail_idx()
         return self._avail_idx != self.next_avail

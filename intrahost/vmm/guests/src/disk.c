@@ -20,6 +20,15 @@
  *
  * The hot loop makes no MMIO reads: it polls the used ring in memory and writes QueueNotify
  * once per batch, and only when the device has not set VIRTQ_USED_F_NO_NOTIFY.
+ *
+ * Gaps (for measuring a pause from inside): the largest TSC difference between two reaps that
+ * found completions (the I/O blackout as the guest saw it) and between two turns of the main
+ * loop (its vCPU's own stall). The host may zero either at any time to measure from then on;
+ * the guest re-reads them every time.
+ *
+ * bench=1 (random writes) or bench=2 (random reads) replaces the workload with 4 KiB requests
+ * to random blocks, `inflight` at a time, counted in writes_completed or reads_completed; the
+ * data is whatever the buffers hold, and nothing is verified.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -302,10 +311,11 @@ struct mmio_entry {
 };
 
 static struct {
-    u64 inflight, flush, verify, limit, progress, blocks, generation;
+    u64 inflight, flush, verify, limit, progress, blocks, generation, bench;
     struct mmio_entry devices[MAX_DEVICES];
     int ndevices;
-} cfg = {DEFAULT_INFLIGHT, DEFAULT_FLUSH, DEFAULT_VERIFY, 0, DEFAULT_PROGRESS, 0, 0, {{0}}, 0};
+} cfg = {DEFAULT_INFLIGHT, DEFAULT_FLUSH, DEFAULT_VERIFY, 0, DEFAULT_PROGRESS, 0, 0, BENCH_NONE,
+         {{0}}, 0};
 
 static int is_end(char c)
 {
@@ -386,9 +396,9 @@ static void put_word(const char *word)
 static int parse_cmdline(const char *s)
 {
     static const char unknown[] = "disk: error: unknown command line key (use inflight, flush, "
-                                  "verify, limit, progress, blocks, generation, "
+                                  "verify, limit, progress, blocks, generation, bench, "
                                   "virtio_mmio.device): ";
-    static const char bad[] = "disk: error: bad value (inflight 1-85, progress >= 1, "
+    static const char bad[] = "disk: error: bad value (inflight 1-85, progress >= 1, bench 0-2, "
                               "virtio_mmio.device=SIZE@BASE:IRQ below 4 GiB, at most 16): ";
     while (*s) {
         const char *word = s, *eq = 0;
@@ -431,6 +441,9 @@ static int parse_cmdline(const char *s)
                 cfg.blocks = value;
             } else if (key_is(word, klen, "generation")) {
                 cfg.generation = value;
+            } else if (key_is(word, klen, "bench")) {
+                ok = value <= BENCH_RANDREAD;
+                cfg.bench = value;
             } else {
                 puts(unknown);
                 put_word(word);
@@ -565,7 +578,7 @@ static int setup_device(void)
 
 /* --- the workload --------------------------------------------------------------------- */
 
-enum kind { FREE, WRITE, READ, FLUSH };
+enum kind { FREE, WRITE, READ, FLUSH, BENCH_IO };
 
 static struct {
     u8 kind;
@@ -577,6 +590,17 @@ static u32 nfree;
 static u16 avail_idx, used_idx, submitted_in_batch;
 static u64 blocks, next_seq = 1, next_block, writes_since_flush, writes_since_verify;
 static int flush_in_flight;
+static u64 last_completion_tsc, last_loop_tsc, bench_counter = ST_WRITES_COMPLETED;
+
+/* Record the time since *last in the status field `field` if it is the largest yet. */
+static void note_gap(u64 field, u64 *last)
+{
+    u64 now = rdtsc();
+    u64 gap = now - *last;
+    if (gap > STATUS(field))
+        STATUS(field) = gap;
+    *last = now;
+}
 
 static int block_busy(u64 block)
 {
@@ -685,13 +709,22 @@ static void verify_failed(u64 block, u64 seq, u64 *w)
 static u32 reap(void)
 {
     u32 n = 0;
+    if (used_idx != USED->idx)
+        note_gap(ST_MAX_COMPLETION_GAP, &last_completion_tsc);
     while (used_idx != USED->idx) {
         barrier(); /* the ring entry after the index (x86 keeps load order) */
         u32 slot = USED->ring[used_idx & (queue_size - 1)].id / DESCS_PER_SLOT;
+        if (slot >= cfg.inflight || slots[slot].kind == FREE) {
+            STATUS(ST_DUPLICATES)++; /* completed twice, or never submitted */
+            used_idx++;
+            continue;
+        }
         u8 status = REQUEST(slot)->status;
         u64 block = slots[slot].block, seq = slots[slot].seq;
         if (status != BLK_S_OK) {
             STATUS(ST_IO_ERRORS)++;
+        } else if (slots[slot].kind == BENCH_IO) {
+            STATUS(bench_counter)++;
         } else if (slots[slot].kind == WRITE) {
             SEQ_TABLE[block] = seq;
             barrier();
@@ -792,14 +825,71 @@ static void drain(void)
             cpu_relax();
 }
 
-static int run(void)
+static int finish(void)
+{
+    progress_line(" done");
+    report(TAG_DISK_WRITES, STATUS(ST_WRITES_COMPLETED));
+    report(TAG_DISK_READS, STATUS(ST_READS_COMPLETED));
+    report(TAG_DISK_VERIFY_FAILURES, STATUS(ST_VERIFY_FAILURES));
+    report(TAG_DISK_IO_ERRORS, STATUS(ST_IO_ERRORS));
+    int code = STATUS(ST_VERIFY_FAILURES) ? EXIT_VERIFY_FAILED
+               : STATUS(ST_IO_ERRORS)     ? EXIT_IO_ERROR
+                                          : EXIT_OK;
+    STATUS(ST_EXIT_CODE) = (u64)code;
+    STATUS(ST_STATE) = DISK_STATE_FINISHED;
+    return code;
+}
+
+static void start_workload(void)
 {
     for (u32 i = 0; i < cfg.inflight; i++)
         free_slots[nfree++] = cfg.inflight - 1 - i;
-    u64 next_progress = cfg.progress;
     STATUS(ST_TSC_START) = rdtsc();
+    last_completion_tsc = last_loop_tsc = STATUS(ST_TSC_START);
     STATUS(ST_STATE) = DISK_STATE_RUNNING;
+}
+
+/* bench=: random 4 KiB requests of one kind, `inflight` at a time, `limit` in all (0: forever). */
+static int run_bench(void)
+{
+    u32 type = cfg.bench == BENCH_RANDWRITE ? BLK_T_OUT : BLK_T_IN;
+    bench_counter = type == BLK_T_OUT ? ST_WRITES_COMPLETED : ST_READS_COMPLETED;
+    u64 random = cfg.generation | 1, submitted = 0, next_progress = cfg.progress;
+    start_workload();
     for (;;) {
+        note_gap(ST_MAX_LOOP_GAP, &last_loop_tsc);
+        u32 done = reap();
+        if (cfg.limit && submitted >= cfg.limit && nfree == cfg.inflight)
+            break;
+        u32 sent = 0;
+        while (nfree && (!cfg.limit || submitted < cfg.limit)) {
+            random ^= random << 13; /* xorshift64 */
+            random ^= random >> 7;
+            random ^= random << 17;
+            u64 block = random % blocks;
+            submit(take_slot(BENCH_IO, block, 0), type, block);
+            submitted++;
+            sent++;
+        }
+        kick();
+        if (STATUS(bench_counter) >= next_progress) {
+            next_progress += cfg.progress;
+            progress_line("");
+        }
+        if (!done && !sent)
+            cpu_relax();
+    }
+    return finish();
+}
+
+static int run(void)
+{
+    if (cfg.bench)
+        return run_bench();
+    u64 next_progress = cfg.progress;
+    start_workload();
+    for (;;) {
+        note_gap(ST_MAX_LOOP_GAP, &last_loop_tsc);
         u32 done = reap();
         if (cfg.limit && next_seq > cfg.limit && nfree == cfg.inflight)
             break;
@@ -817,17 +907,7 @@ static int run(void)
         submit_batch(0);
         drain();
     }
-    progress_line(" done");
-    report(TAG_DISK_WRITES, STATUS(ST_WRITES_COMPLETED));
-    report(TAG_DISK_READS, STATUS(ST_READS_COMPLETED));
-    report(TAG_DISK_VERIFY_FAILURES, STATUS(ST_VERIFY_FAILURES));
-    report(TAG_DISK_IO_ERRORS, STATUS(ST_IO_ERRORS));
-    int code = STATUS(ST_VERIFY_FAILURES) ? EXIT_VERIFY_FAILED
-               : STATUS(ST_IO_ERRORS)     ? EXIT_IO_ERROR
-                                          : EXIT_OK;
-    STATUS(ST_EXIT_CODE) = (u64)code;
-    STATUS(ST_STATE) = DISK_STATE_FINISHED;
-    return code;
+    return finish();
 }
 
 /* --- entry ---------------------------------------------------------------------------- */
@@ -861,6 +941,7 @@ int disk_main(u32 mbi)
     STATUS(ST_LIMIT) = cfg.limit;
     STATUS(ST_PROGRESS) = cfg.progress;
     STATUS(ST_GENERATION) = cfg.generation;
+    STATUS(ST_BENCH) = cfg.bench;
     STATUS(ST_MAGIC) = STATUS_MAGIC;
 
     if (!cfg.ndevices)

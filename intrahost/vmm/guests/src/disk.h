@@ -66,12 +66,21 @@
 #define ST_TSC_NOW          184         /* TSC at the latest progress line / the end */
 #define ST_KICKS            192         /* queue notifications written */
 #define ST_LAST_FAILURE     200         /* block of the latest verify failure + 1; 0 = none */
+#define ST_MAX_COMPLETION_GAP 208       /* largest TSC gap between two reaps that found completions */
+#define ST_MAX_LOOP_GAP     216         /* largest TSC gap between two turns of the main loop */
+#define ST_DUPLICATES       224         /* used-ring entries for a request not in flight */
+#define ST_BENCH            232         /* bench= (BENCH_*) */
 #define ST_SIZE             256
 
 #define DISK_STATE_STARTING 0
 #define DISK_STATE_RUNNING  1
 #define DISK_STATE_FINISHED 2
 #define DISK_STATE_FAILED   3
+
+/* bench=: the verified workload, or random 4 KiB writes or reads (no verification). */
+#define BENCH_NONE          0
+#define BENCH_RANDWRITE     1
+#define BENCH_RANDREAD      2
 
 /* The 4 KiB block the guest writes: a header, then payload words. */
 #define BLOCK_SIZE          4096

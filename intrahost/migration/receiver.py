@@ -353,6 +353,7 @@ class Receiver:
             self.console = (fd, path)
         else:
             os.close(fd)  # this VMM's console is another one (--serial)
+        self.channel.ok()
 
     def _on_device_fds(self, msg: Message) -> None:
         assert self.config is not None

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from intrahost.errors import IntrahostError
 
@@ -34,10 +34,17 @@ class CliError(IntrahostError):
     """A user error on the command line."""
 
 
-def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (the full usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _run_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     from intrahost.vmm.config import config_flags
 
-    p = sub.add_parser("run", help="run a guest (or wait for one with --incoming)")
+    p = add_command(sub, "run", help="run a guest (or wait for one with --incoming)")
     # The machine's flags come from MachineConfig's fields; none has a default here, so that
     # the flags the user gave can be told apart (see explicit_run_flags).
     for name, flags in config_flags():
@@ -67,14 +74,69 @@ def _run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="with --incoming: also accept the hand-off from a VMM run by this user "
         "(repeatable; by default only this VMM's own user may hand a guest in)",
     )
-    p.add_argument("--incoming-timeout", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--incoming-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="with --incoming: give up (exit status 1) if no hand-off has succeeded after "
+        "this long (default: wait until a hand-off, 'quit' or SIGTERM)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def global_options() -> _Parser:
+    """The options every subcommand accepts, before or after its name: a parent parser for
+    ``add_parser(..., parents=[...])`` (see :func:`add_command`). Their defaults live on the
+    top-level parser only (here they are SUPPRESSed), so that a subcommand without the
+    option does not overwrite a value given before the subcommand."""
+    from intrahost.service.logs import FORMATS, LEVELS
+
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=argparse.SUPPRESS,
+        help="least severe log messages shown on stderr (default: warning)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=argparse.SUPPRESS,
+        help="text (journald priority prefixes when stderr is the journal) or json, one "
+        "object per line (default: text)",
+    )
+    return common
+
+
+def add_command(
+    sub: argparse._SubParsersAction[_Parser], name: str, **kwargs: Any
+) -> _Parser:
+    """A subcommand's parser that also takes the global options."""
+    return sub.add_parser(name, parents=[global_options()], **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="intrahost", description="Run KVM guests and hand them to a new VMM process."
+    from intrahost.version import version
+
+    parser = _Parser(
+        prog="intrahost",
+        description="Run KVM guests and hand them to a new VMM process.",
+        parents=[global_options()],
     )
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.set_defaults(log_level="warning", log_format="text")
+    parser.add_argument("--version", action="version", version=f"intrahost {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     for name, text in (
@@ -83,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "resume the guest"),
         ("stop", "stop the VMM and its guest"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = add_command(sub, name, help=text)
         p.add_argument("--api-socket", required=True)
-    p = sub.add_parser("migrate", help="hand the guest to a VMM waiting with --incoming")
+    p = add_command(sub, "migrate", help="hand the guest to a VMM waiting with --incoming")
     p.add_argument("--api-socket", required=True)
     p.add_argument("destination", help="unix:PATH of the waiting VMM")
-    p = sub.add_parser("upgrade", help="start a new VMM and hand the guest to it")
+    p = add_command(sub, "upgrade", help="start a new VMM and hand the guest to it")
     p.add_argument("--api-socket", required=True)
     p.add_argument("--exec", dest="exec_command", help="the new VMM's command (default: this one)")
     p.add_argument(
@@ -97,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         "guest's console goes where --serial says)",
     )
     p.add_argument("new_flags", nargs=argparse.REMAINDER, help="-- then flags for the new VMM")
-    p = sub.add_parser("selftest", help="the kernel's SEV migration selftests, on a platform")
+    p = add_command(sub, "selftest", help="the kernel's SEV migration selftests, on a platform")
     p.add_argument("--platform", choices=("auto", "kernel", "model"), default="auto")
-    p = sub.add_parser("platform", help="the SEV model platform service")
+    p = add_command(sub, "platform", help="the SEV model platform service")
     p.add_argument("action", choices=("serve",))
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="options of the service")
     return parser
@@ -108,10 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="%(asctime)s intrahost[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    from intrahost.service.logs import configure
+
+    configure(args.log_level, args.log_format)
     try:
         if args.command == "run":
             # vCPU threads spend their time in KVM_RUN without the GIL; when one comes back

@@ -63,6 +63,7 @@ from intrahost.migration.state import (
     restore_machine,
     warm_up_import,
 )
+from intrahost.version import version as this_version
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 
@@ -225,8 +226,16 @@ class Receiver:
                 f"{sorted(ACCEPTED_VERSIONS)}"
             )
         self.copy_memory = bool(body.get("copy_memory", False))
+        release = body.get("release")
+        log.info(
+            "hand-off from %s (protocol %d) to intrahost %s (protocol %d)",
+            protocol.release_name(release),
+            version,
+            this_version(),
+            protocol.PROTOCOL_VERSION,
+        )
         self.state = ReceiveState.STARTED
-        self.channel.ok({"version": protocol.PROTOCOL_VERSION})
+        self.channel.ok({"version": protocol.PROTOCOL_VERSION, "release": this_version()})
 
     def _on_memory_fd(self, msg: Message) -> None:
         body = msg.json()

@@ -35,6 +35,7 @@ from intrahost.migration import protocol
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.migration.state import save_machine, warm_up_export
+from intrahost.version import version
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,21 @@ class Sender:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
             self._checkpoint("start", channel)
-            start = {"version": protocol.PROTOCOL_VERSION, "copy_memory": self.options.copy_memory}
-            channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            start = {
+                "version": protocol.PROTOCOL_VERSION,
+                "copy_memory": self.options.copy_memory,
+                # Informational (logged by both sides); a receiver ignores keys it does not know.
+                "release": version(),
+            }
+            started = channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            log.info(
+                "hand-off to %s: from intrahost %s (protocol %d) to %s (protocol %s)",
+                self.path,
+                version(),
+                protocol.PROTOCOL_VERSION,
+                protocol.release_name(started.get("release")),
+                started.get("version"),
+            )
             self._checkpoint("memory", channel)
             if not self.options.copy_memory:
                 channel.request(

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import intrahost
 from intrahost.errors import IntrahostError
+from intrahost.version import version, version_numbers
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,12 @@ class _Reply(Exception):
 
 
 def version_info() -> dict[str, Any]:
-    """The ``version`` member of the greeting and of ``query-version``."""
-    parts = [int(p) if p.isdigit() else 0 for p in intrahost.__version__.split(".")[:3]]
-    major, minor, micro = [*parts, 0, 0, 0][:3]
+    """The ``version`` member of the greeting and of ``query-version``, in QMP's shape:
+    ``qemu`` holds this release's numbers (QEMU clients expect that member)."""
+    major, minor, micro = version_numbers()
     return {
         "qemu": {"major": major, "minor": minor, "micro": micro},
-        "package": f"intrahost {intrahost.__version__}",
+        "package": f"intrahost {version()}",
     }
 
 

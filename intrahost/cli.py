@@ -120,9 +120,7 @@ def global_options() -> _Parser:
     return common
 
 
-def add_command(
-    sub: argparse._SubParsersAction[_Parser], name: str, **kwargs: Any
-) -> _Parser:
+def add_command(sub: argparse._SubParsersAction[_Parser], name: str, **kwargs: Any) -> _Parser:
     """A subcommand's parser that also takes the global options."""
     return sub.add_parser(name, parents=[global_options()], **kwargs)
 
@@ -219,35 +217,25 @@ def explicit_run_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from intrahost.migration.faults import from_environment
-    from intrahost.service.runner import Vmm, listen, receive
+    from intrahost.service.notify import Notifier
+    from intrahost.service.runner import StopSignals, Vmm
     from intrahost.vmm.machine import MachineConfig
 
     faults = from_environment()  # none unless the fault tests ask for one
+    notifier = Notifier()
+    # SIGTERM and SIGINT stop the VMM as `quit` does (see StopSignals); until there is a VMM
+    # to stop, a signal is kept for it.
+    signals = StopSignals()
+    signals.install()
 
     if args.allow_uid and not args.incoming:
         raise CliError("--allow-uid applies only with --incoming (who may hand a guest in)")
     if any(uid < 0 for uid in args.allow_uid):
         raise CliError("--allow-uid takes a numeric user id (0 or more)")
+    if args.incoming_timeout is not None and not args.incoming:
+        raise CliError("--incoming-timeout applies only with --incoming")
     if args.incoming:
-        from intrahost.migration.receiver import ReceiveOptions
-
-        listener = listen(args.incoming)  # refuse a live socket before anything else
-        takeover = bool(args.api_socket) and _socket_is_live(args.api_socket)
-        vmm_api = args.api_socket
-        if vmm_api and not takeover:
-            _check_api_path(vmm_api)
-        options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
-        machine = receive(
-            args.incoming,
-            options,
-            args.incoming_timeout,
-            listener,
-            allow_uids=args.allow_uid,
-            faults=faults,
-        )
-        vmm = Vmm(machine, vmm_api, faults)
-        vmm.open_api(take_over=True)
-        return vmm.serve()
+        return _run_incoming(args, faults, notifier, signals)
 
     from intrahost.vmm.machine import Machine
 
@@ -267,13 +255,53 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "intrahost: notice: the model platform does not encrypt guest memory",
                 file=sys.stderr,
             )
-    vmm = Vmm(machine, args.api_socket, faults)
+    vmm = Vmm(machine, args.api_socket, faults, notifier=notifier)
     try:
         vmm.open_api()
     except BaseException:
         machine.close()
         raise
     machine.start()
+    signals.route_to(vmm.request_stop)
+    return vmm.serve()
+
+
+def _run_incoming(args: argparse.Namespace, faults: Any, notifier: Any, signals: Any) -> int:
+    """``run --incoming``: wait (serving the control socket) until a hand-off succeeds,
+    then serve the guest; ``quit``/SIGTERM while waiting exit 0, the timeout exits 1."""
+    from intrahost.migration.receiver import ReceiveOptions
+    from intrahost.service.runner import Incoming, Vmm, listen
+
+    listener = listen(args.incoming)  # refuse a live socket before anything else
+    options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
+    incoming = Incoming(
+        args.incoming,
+        options,
+        listener=listener,
+        allow_uids=args.allow_uid,
+        faults=faults,
+        timeout=args.incoming_timeout,
+    )
+    signals.route_to(incoming.request_stop)
+    try:
+        api = incoming.serve_api(args.api_socket)
+        notifier.status(f"waiting for a hand-off at {incoming.path}")
+        machine = incoming.wait()
+    except BaseException:
+        incoming.close_api("host-error")
+        raise
+    if machine is None:
+        why = incoming.stop_requested or "quit"
+        log.info("stopped waiting for a hand-off (%s)", why)
+        notifier.stopping(f"stopped waiting for a hand-off ({why})")
+        incoming.close_api("host-qmp-quit" if why == "quit" else "host-signal")
+        return 0
+    vmm = Vmm(machine, args.api_socket, faults, arrival=incoming.arrival, notifier=notifier)
+    signals.route_to(vmm.request_stop)
+    if api is not None:
+        vmm.adopt_api(api)
+    if incoming.stop_requested:  # told to stop as the hand-off committed: stop the guest
+        vmm.request_stop(incoming.stop_requested)
     return vmm.serve()
 
 

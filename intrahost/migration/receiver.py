@@ -36,6 +36,7 @@ import contextlib
 import enum
 import logging
 import os
+import socket
 import stat
 import struct
 import time
@@ -128,15 +129,33 @@ class Receiver:
         self.config: MachineConfig | None = None
         self.machine: Machine | None = None
         self.running_after_commit = True
+        #: Where this side's time went (µs), for query-migrate: build_us (READY), prefault_us,
+        #: import_us (the state decoded and set), resume_us (from the import to the resume).
         self.timings: dict[str, int] = {}
+        self.state_bytes = 0
         self.error: str | None = None
+        #: The source's release, from START (None if it did not say).
+        self.peer_release: str | None = None
+        self._aborted = False
         #: The copy-based baseline: memory arrives as MEMORY_DATA, not as a shared fd.
         self.copy_memory = False
         self._copy_target: GuestMemory | None = None
+        self._imported_ns = 0
         #: SEV: the source VM's fd, named in MOVE.
         self.sev_source_fd = -1
 
     # --- driver --------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Give this hand-off up, from another thread or a signal handler (this VMM is told
+        to stop). The channel is shut down, so the wait for the source's next message ends
+        and the hand-off fails as on EOF, with one difference: a receiver that has imported
+        the state does not then take the guest on its own (:meth:`_take_over`); it marks the
+        baton ABANDONED and the source resumes the guest. Past the commit point (the baton
+        says COMMITTED) nothing changes: this VMM has the guest."""
+        self._aborted = True
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> Machine | None:
         """Serve the hand-off; the running (or paused) machine on commit, else None."""
@@ -154,7 +173,9 @@ class Receiver:
                 msg = self.channel.receive(timeout)
                 self._dispatch(msg)
         except ProtocolError as e:
-            if self.state is ReceiveState.IMPORTED:
+            if self._aborted:
+                self._fail("this VMM was told to stop")
+            elif self.state is ReceiveState.IMPORTED:
                 self._take_over(str(e))
             else:
                 self._fail(str(e))
@@ -227,6 +248,7 @@ class Receiver:
             )
         self.copy_memory = bool(body.get("copy_memory", False))
         release = body.get("release")
+        self.peer_release = release if isinstance(release, str) else None
         log.info(
             "hand-off from %s (protocol %d) to intrahost %s (protocol %d)",
             protocol.release_name(release),
@@ -357,6 +379,9 @@ class Receiver:
         if run_state is not None:
             self.running_after_commit = bool(run_state.get("running"))
         imported = time.monotonic_ns()
+        self.timings["import_us"] = (imported - received) // 1000
+        self.state_bytes = len(msg.payload)
+        self._imported_ns = imported
         self.faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
         self.channel.ok({"received_ns": received, "imported_ns": imported})
@@ -364,6 +389,8 @@ class Receiver:
     def _on_commit(self, msg: Message) -> None:
         assert self.machine is not None and self.baton is not None
         self.running_after_commit = bool(msg.json().get("running", True))
+        if self._aborted:
+            self._refuse("the destination VMM is stopping")
         # The commit point: from this swap on, the guest belongs to this VMM.
         found = self.baton.swap(Baton.PENDING, Baton.COMMITTED)
         if found != Baton.PENDING:
@@ -375,6 +402,7 @@ class Receiver:
         if self.running_after_commit:
             self.machine.resume()
         resumed = time.monotonic_ns()
+        self.timings["resume_us"] = (resumed - self._imported_ns) // 1000
         try:
             self.channel.ok({"resumed_ns": resumed})
         except ProtocolError:

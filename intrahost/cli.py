@@ -18,7 +18,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -399,23 +398,19 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         output = args.output or os.devnull
         phase("starting the new VMM")
         # The new VMM outlives this command: it must not hold this command's stdout/stderr.
+        from intrahost.service.runner import spawn_vmm, wait_for_socket
+
         with open(output, "ab") as out:
             argv = [*command, "run", "--incoming", f"unix:{mig}", "--api-socket", args.api_socket]
-            new = subprocess.Popen(
-                [*argv, *flags],
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
+            # Under systemd the new VMM must become the service manager's child (see
+            # spawn_vmm), in this unit's cgroup.
+            new = spawn_vmm([*argv, *flags], out)
         try:
-            from intrahost.service.runner import wait_for_socket
-
             deadline = time.monotonic() + 20
             while not os.path.exists(mig):
-                if new.poll() is not None:
+                if not new.running():
                     raise CliError(
-                        f"the new VMM exited with status {new.returncode} before the hand-off"
+                        f"the new VMM exited{_status_text(new.returncode)} before the hand-off"
                     )
                 if time.monotonic() > deadline:
                     raise CliError("the new VMM did not start listening within 20 s")
@@ -425,16 +420,15 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             qmp.execute("migrate", uri=f"unix:{mig}")
             result = _wait_migration(qmp)
         except BaseException:
-            if new.poll() is None:
+            if new.running():
                 new.terminate()
             raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         if result["status"] == "failed":
-            try:
-                new.wait(10)
-            except subprocess.TimeoutExpired:
-                new.terminate()
+            # The new VMM keeps waiting after a failed hand-off: tell it to give up.
+            new.terminate()
+            new.wait(10)
             raise CliError(
                 "upgrade failed, the guest keeps running on the old VMM: "
                 f"{result.get('error-desc')}"
@@ -447,6 +441,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     where = f" (its output: {args.output})" if args.output else ""
     print(f"new VMM pid {new.pid} serves {args.api_socket}{where}")
     return 0
+
+
+def _status_text(code: int | None) -> str:
+    return "" if code is None else f" with status {code}"
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

@@ -501,6 +501,7 @@ class Incoming:
         self._receiver: Receiver | None = None
         self._peer_pid = 0
         self._attempts = 0
+        self._dropped = 0
         self._last_error: str | None = None
         self._started = time.monotonic()
         #: After a successful hand-off: how the guest arrived (the new VMM's query-migrate).
@@ -556,6 +557,7 @@ class Incoming:
             "uri": self.url,
             "waiting-s": round(time.monotonic() - self._started, 3),
             "failed-attempts": self._attempts,
+            "dropped-connections": self._dropped,
         }
         if self._last_error is not None:
             info["last-error"] = self._last_error
@@ -678,27 +680,33 @@ class Incoming:
                 del pending[conn]
                 selector.unregister(conn)
                 conn.close()
-                self._failed(
-                    f"the connection from pid {pid} sent nothing within {self.options.timeout} s",
-                    quiet=True,
+                self._dropped_connection(
+                    f"the connection from pid {pid} sent nothing within {self.options.timeout} s"
                 )
 
-    def _failed(self, error: str, quiet: bool = False) -> None:
+    def _failed(self, error: str) -> None:
         """Record a failed attempt; raise unless this wait retries."""
         self._attempts += 1
         self._last_error = error
         if not self.retry:
             raise IncomingError(f"incoming hand-off failed: {error}")
-        level = logging.INFO if quiet else logging.WARNING
-        log.log(level, "incoming hand-off failed: %s; still waiting at %s", error, self.path)
+        log.warning("incoming hand-off failed: %s; still waiting at %s", error, self.path)
+
+    def _dropped_connection(self, why: str) -> None:
+        """A connection that never started a hand-off (it closed, or stayed silent). With
+        ``retry=False`` it was the one attempt, and it failed."""
+        if not self.retry:
+            self._failed(why)
+        self._dropped += 1
+        log.info("incoming hand-off failed: %s; still waiting at %s", why, self.path)
 
     def _attempt(self, conn: socket.socket, pid: int, uid: int, first: bytes) -> Machine | None:
         """Run one hand-off on ``conn``; the machine, or None after a failure (recorded)."""
         if not first:
             conn.close()
-            if not self.retry:
-                self._failed(f"the connection from pid {pid} closed before sending anything")
-            log.info("a connection from pid %d closed without a hand-off", pid)
+            self._dropped_connection(
+                f"the connection from pid {pid} closed before sending anything"
+            )
             return None
         options = self.options
         if uid != os.getuid():

@@ -255,7 +255,7 @@ def _waits_again(api: Path) -> bool:
             progress = qmp.execute("query-migrate")
     except (QmpConnectionError, OSError):
         return False
-    return progress["status"] == "waiting" and progress["failed-attempts"] >= 1
+    return progress["status"] == "waiting"
 
 
 def _both_undecided(api_src: Path, api_dst: Path) -> bool:

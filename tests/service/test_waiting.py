@@ -130,6 +130,8 @@ def test_junk_on_the_migration_socket_leaves_it_waiting_then_a_hand_off_succeeds
     _junk(mig)
     assert dest.alive(), dest.output()
     assert _query(api, "query-status") == {"status": "inmigrate", "running": False}
+    progress = _query(api, "query-migrate")
+    assert progress["status"] == "waiting" and progress["dropped-connections"] >= 40
     # A peer that connects and says nothing holds nothing up: the hand-off goes past it.
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.connect(str(mig))

@@ -40,7 +40,7 @@ from intrahost.errors import IntrahostError
 from intrahost.kvm import KvmError
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import FRAME, Channel, ProtocolError, parse_url
-from intrahost.migration.receiver import ReceiveOptions, Receiver
+from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
 from intrahost.migration.sender import MigrationFailed, Sender
 from intrahost.service.api import (
     MAX_SOCKET_PATH,
@@ -92,8 +92,11 @@ class Latch:
 
     def set(self) -> None:
         self._set = True
-        with contextlib.suppress(OSError):  # full: already awake; closed: nobody waits
-            os.write(self._write, b"\0")
+        fd = self._write
+        if fd < 0:
+            return  # closed: nobody waits (and the fd number may be another file's now)
+        with contextlib.suppress(OSError):  # full: already awake
+            os.write(fd, b"\0")
 
     def is_set(self) -> bool:
         return self._set
@@ -104,8 +107,11 @@ class Latch:
         return self._set
 
     def close(self) -> None:
-        for fd in (self._read, self._write):
-            with contextlib.suppress(OSError):
+        """Close the pipe. Only once no other thread may still call :meth:`set` (a signal
+        handler runs in the closing thread, between two of its steps: it sees -1)."""
+        fds, self._read, self._write = (self._read, self._write), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
 
 
@@ -348,7 +354,10 @@ class Vmm:
         """Run until the guest stops, ``quit``, SIGTERM/SIGINT, or a completed hand-off;
         the exit status. Tells systemd it is ready first (if it was not told already)."""
         self._notify_ready()
-        self._done.wait()
+        try:
+            self._done.wait()
+        except KeyboardInterrupt:  # no StopSignals installed (an embedder): same as SIGINT
+            self.request_stop("SIGINT")
         return self.shutdown()
 
     def shutdown(self) -> int:
@@ -504,6 +513,7 @@ class Incoming:
         self._dropped = 0
         self._last_error: str | None = None
         self._started = time.monotonic()
+        self._arrived_running = False
         #: After a successful hand-off: how the guest arrived (the new VMM's query-migrate).
         self.arrival: dict[str, Any] | None = None
         self.api: ApiServer | None = None
@@ -525,7 +535,7 @@ class Incoming:
         api = ApiServer(path)
         api.replace_commands(
             {
-                "query-status": (lambda _a: {"status": "inmigrate", "running": False}, {}),
+                "query-status": (lambda _a: self._query_status(), {}),
                 "query-migrate": (lambda _a: self.progress(), {}),
                 "query-vm": (lambda _a: self._no_guest(), {}),
                 "stop": (lambda _a: self._no_guest(), {}),
@@ -540,6 +550,19 @@ class Incoming:
                      "at %s", api_path, path)  # fmt: skip
         self.api = api
         return api
+
+    def _query_status(self) -> dict[str, Any]:
+        """``inmigrate`` until the commit point; from there until the running VMM's commands
+        take over (:meth:`Vmm.adopt_api`), the guest's state as the hand-off left it (the
+        source may ask as soon as it has the acknowledgement of its COMMIT)."""
+        receiver = self._receiver
+        committed = self.arrival is not None or (
+            receiver is not None and receiver.state is ReceiveState.COMMITTED
+        )
+        if not committed:
+            return {"status": "inmigrate", "running": False}
+        running = self._arrived_running if receiver is None else receiver.running_after_commit
+        return {"status": "running" if running else "paused", "running": running}
 
     def _no_guest(self) -> None:
         raise CommandError(
@@ -583,6 +606,11 @@ class Incoming:
         receiver = self._receiver
         if receiver is not None:
             receiver.abort()
+
+    def close(self) -> None:
+        """Release the stop latch, once nothing may call :meth:`request_stop` any more (a
+        VMM process keeps it for its lifetime: its signal handler may call it until exit)."""
+        self._stop.close()
 
     @property
     def stop_requested(self) -> str | None:
@@ -642,7 +670,6 @@ class Incoming:
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            self._stop.close()
 
     def _accept(
         self, selector: selectors.BaseSelector, pending: dict[socket.socket, tuple[float, int, int]]
@@ -723,6 +750,10 @@ class Incoming:
         started = time.monotonic()
         try:
             machine = receiver.run()
+            if machine is not None:
+                # Before _receiver is cleared: query-status must not say inmigrate between.
+                self._arrived_running = receiver.running_after_commit
+                self.arrival = self._arrival(receiver, pid, started)
         finally:
             self._receiver = None
             with contextlib.suppress(OSError):
@@ -730,7 +761,12 @@ class Incoming:
         if machine is None:
             self._failed(receiver.error or "abandoned by the source")
             return None
-        self.arrival = {
+        log.info("hand-off from pid %d completed: %s", pid, (self.arrival or {}).get("blackout"))
+        return machine
+
+    def _arrival(self, receiver: Receiver, pid: int, started: float) -> dict[str, Any]:
+        """The running VMM's query-migrate: how its guest arrived."""
+        arrival: dict[str, Any] = {
             "status": "completed",
             "direction": "incoming",
             "uri": self.url,
@@ -743,9 +779,8 @@ class Incoming:
             "failed-attempts": self._attempts,
         }
         if receiver.peer_release is not None:
-            self.arrival["source-release"] = receiver.peer_release
-        log.info("hand-off from pid %d completed: %s", pid, self.arrival["blackout"])
-        return machine
+            arrival["source-release"] = receiver.peer_release
+        return arrival
 
 
 def _first_frame(conn: socket.socket) -> bytes | None:
@@ -785,7 +820,10 @@ def receive(
         timeout=timeout,
         retry=False,
     )
-    machine = incoming.wait()
+    try:
+        machine = incoming.wait()
+    finally:
+        incoming.close()
     assert machine is not None  # nothing calls request_stop on this wait
     return machine
 

@@ -179,12 +179,24 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
 
 
 def test_a_failing_move_hands_the_guest_back(sev_source: Machine, sockdir: Path) -> None:
-    """MOVE refused at the destination (injected): nothing moved, the source resumes."""
+    """MOVE refused at the destination (injected): nothing moved, the source resumes; the
+    destination discarded its VM and waits for another hand-off (until told to stop)."""
     env = {"INTRAHOST_TEST_FAULT": "destination:before-move:fail"}
     proc, result = _hand_off(sev_source, sockdir, env)
     assert isinstance(result, MigrationFailed), result
     assert "MOVE failed" in str(result)
-    assert proc.wait(20) == 1
+    deadline = time.monotonic() + 20
+    while True:
+        with QmpClient(sockdir / "dst.sock") as qmp:
+            progress = qmp.execute("query-migrate")
+            status = qmp.execute("query-status")["status"]
+        if progress["status"] == "waiting" and progress["failed-attempts"] == 1:
+            break
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.05)
+    assert status == "inmigrate" and "MOVE failed" in progress["last-error"]
+    proc.terminate()
+    assert proc.wait(20) == 0
     assert sev_source.status == "running" and _counting(sev_source)
     sev_source.vm.get_clock()  # the source VM is alive
 

@@ -40,7 +40,7 @@ from intrahost.errors import IntrahostError
 from intrahost.kvm import KvmError
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import FRAME, Channel, ProtocolError, parse_url
-from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
+from intrahost.migration.receiver import ReceiveOptions, Receiver
 from intrahost.migration.sender import MigrationFailed, Sender
 from intrahost.service.api import (
     MAX_SOCKET_PATH,
@@ -513,7 +513,6 @@ class Incoming:
         self._dropped = 0
         self._last_error: str | None = None
         self._started = time.monotonic()
-        self._arrived_running = False
         #: After a successful hand-off: how the guest arrived (the new VMM's query-migrate).
         self.arrival: dict[str, Any] | None = None
         self.api: ApiServer | None = None
@@ -535,7 +534,9 @@ class Incoming:
         api = ApiServer(path)
         api.replace_commands(
             {
-                "query-status": (lambda _a: self._query_status(), {}),
+                # (QEMU's state until the incoming migration is over: here, until the
+                # running VMM's commands replace these, in Vmm.adopt_api.)
+                "query-status": (lambda _a: {"status": "inmigrate", "running": False}, {}),
                 "query-migrate": (lambda _a: self.progress(), {}),
                 "query-vm": (lambda _a: self._no_guest(), {}),
                 "stop": (lambda _a: self._no_guest(), {}),
@@ -550,19 +551,6 @@ class Incoming:
                      "at %s", api_path, path)  # fmt: skip
         self.api = api
         return api
-
-    def _query_status(self) -> dict[str, Any]:
-        """``inmigrate`` until the commit point; from there until the running VMM's commands
-        take over (:meth:`Vmm.adopt_api`), the guest's state as the hand-off left it (the
-        source may ask as soon as it has the acknowledgement of its COMMIT)."""
-        receiver = self._receiver
-        committed = self.arrival is not None or (
-            receiver is not None and receiver.state is ReceiveState.COMMITTED
-        )
-        if not committed:
-            return {"status": "inmigrate", "running": False}
-        running = self._arrived_running if receiver is None else receiver.running_after_commit
-        return {"status": "running" if running else "paused", "running": running}
 
     def _no_guest(self) -> None:
         raise CommandError(
@@ -584,6 +572,8 @@ class Incoming:
         }
         if self._last_error is not None:
             info["last-error"] = self._last_error
+        if self.arrival is not None:  # the guest is here; the running VMM takes over now
+            return info | {"status": "active", "state": "committed"}
         receiver = self._receiver
         if receiver is not None:
             info |= {
@@ -751,8 +741,6 @@ class Incoming:
         try:
             machine = receiver.run()
             if machine is not None:
-                # Before _receiver is cleared: query-status must not say inmigrate between.
-                self._arrived_running = receiver.running_after_commit
                 self.arrival = self._arrival(receiver, pid, started)
         finally:
             self._receiver = None

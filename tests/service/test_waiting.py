@@ -69,6 +69,15 @@ def _counter(api: Path) -> int:
         return sum(c["count"] for c in qmp.execute("query-vm").get("counter", []))
 
 
+def _serving(api: Path) -> None:
+    """Wait until the VMM at ``api`` serves its guest's commands (right after its hand-off,
+    for a moment, it still answers as the waiting VMM: inmigrate)."""
+    deadline = time.monotonic() + 20
+    while _query(api, "query-status")["status"] == "inmigrate":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def _query(api: Path, command: str) -> Any:
     with QmpClient(api) as qmp:
         return qmp.execute(command)
@@ -140,6 +149,7 @@ def test_junk_on_the_migration_socket_leaves_it_waiting_then_a_hand_off_succeeds
     finally:
         silent.close()
     assert result["status"] == "completed", (result, dest.output())
+    _serving(api)
     before = _counter(api)
     deadline = time.monotonic() + 10
     while _counter(api) <= before:
@@ -206,6 +216,7 @@ def test_a_failed_hand_off_leaves_it_waiting_for_the_next(vmm_factory: Any, sock
         time.sleep(0.05)
     assert len(_fds(dest.pid)) <= len(fds), f"the failed attempt leaked fds: {_fds(dest.pid) - fds}"
     assert _migrate(right, mig)["status"] == "completed", dest.output()
+    _serving(api)
     assert _query(api, "query-status")["status"] == "running"
     assert _query(api, "query-migrate")["failed-attempts"] == 2
 

@@ -167,12 +167,14 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
             sev_source.vm.get_clock()  # a real KVM ioctl on the old VM
         assert info.value.errno == errno.EIO
         assert sev_source.confidential is not None and sev_source.confidential.vm.is_dead()
-        deadline = time.monotonic() + 10  # the new VMM renames its control socket into place
-        while not (sockdir / "dst.sock").exists():
-            assert time.monotonic() < deadline
+        deadline = time.monotonic() + 10  # the new VMM serves its guest's commands
+        while True:
+            with QmpClient(sockdir / "dst.sock") as qmp:
+                status = qmp.execute("query-status")["status"]
+            if status != "inmigrate" or time.monotonic() > deadline:
+                break
             time.sleep(0.01)
-        with QmpClient(sockdir / "dst.sock") as qmp:
-            assert qmp.execute("query-status")["status"] == "running"
+        assert status == "running"
     finally:
         proc.kill()
         proc.wait()

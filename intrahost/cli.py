@@ -119,11 +119,30 @@ FORMATS = ("text", "json")
 
 
 def global_options() -> _Parser:
-    """The options every subcommand accepts, as a parent parser (their defaults are
-    SUPPRESS, so a subcommand's copy never overrides one given before the subcommand)."""
-    parent = _Parser(add_help=False)
-    parent.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parent
+    """The options every subcommand accepts, before or after its name: a parent parser for
+    ``add_parser(..., parents=[...])``. Their defaults live on the top-level parser only
+    (here they are SUPPRESSed), so that a subcommand without the option does not overwrite a
+    value given before the subcommand."""
+    from intrahost.service.logs import FORMATS as LOG_FORMATS
+    from intrahost.service.logs import LEVELS
+
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=argparse.SUPPRESS,
+        help="least severe log messages shown on stderr (default: warning)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=argparse.SUPPRESS,
+        help="text (journald priority prefixes when stderr is the journal) or json, one "
+        "object per line (default: text)",
+    )
+    return common
 
 
 def _add_command(
@@ -205,14 +224,26 @@ def add_run_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> None
         "(repeatable; by default only this VMM's own user may hand a guest in)",
         **({"default": []} if defaults else none),
     )
-    p.add_argument("--incoming-timeout", type=_seconds, help=argparse.SUPPRESS, **none)
+    p.add_argument(
+        "--incoming-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --incoming: give up (exit status 1) if no hand-off has succeeded after "
+        "this long (default: wait until a hand-off, 'quit' or SIGTERM)",
+        **none,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from intrahost.version import version
+
     parser = _Parser(
-        prog="intrahost", description="Run KVM guests and hand them to a new VMM process."
+        prog="intrahost",
+        description="Run KVM guests and hand them to a new VMM process.",
+        parents=[global_options()],
     )
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.set_defaults(log_level="warning", log_format="text")
+    parser.add_argument("--version", action="version", version=f"intrahost {version()}")
     common = [global_options()]
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_arguments(
@@ -349,11 +380,10 @@ def _main(argv: list[str], out: Output) -> int:
             sys.stderr.write(e.usage)
             print(f"{e.prog}: error: {e}", file=sys.stderr)
         return 2
-    level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s intrahost[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    from intrahost.service.logs import configure
+
+    configure(args.log_level, args.log_format)
+    level = logging.getLogger().getEffectiveLevel()
     out.debug = level <= logging.DEBUG
     fmt = getattr(args, "output", "text")
     if fmt in FORMATS:
@@ -465,16 +495,24 @@ class _LogDestination:
 def cmd_run(args: argparse.Namespace) -> int:
     from intrahost.migration.faults import from_environment
     from intrahost.service import registry
-    from intrahost.service.runner import Vmm, listen, receive
+    from intrahost.service.notify import Notifier
+    from intrahost.service.runner import StopSignals, Vmm
     from intrahost.service.settings import RunSettings
     from intrahost.vmm.machine import MachineConfig
 
     faults = from_environment()  # none unless the fault tests ask for one
+    notifier = Notifier()
+    # SIGTERM and SIGINT stop the VMM as `quit` does (see StopSignals); until there is a VMM
+    # to stop, a signal is kept for it.
+    signals = StopSignals()
+    signals.install()
 
     if args.allow_uid and not args.incoming:
         raise CliError("--allow-uid applies only with --incoming (who may hand a guest in)")
     if any(uid < 0 for uid in args.allow_uid):
         raise CliError("--allow-uid takes a numeric user id (0 or more)")
+    if args.incoming_timeout is not None and not args.incoming:
+        raise CliError("--incoming-timeout applies only with --incoming")
     name = args.name or registry.default_name()
     api_socket = args.api_socket
     if api_socket is None:
@@ -490,26 +528,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_uids=tuple(args.allow_uid),
     )
     if args.incoming:
-        from intrahost.migration.receiver import ReceiveOptions
-
-        listener = listen(args.incoming)  # refuse a live socket before anything else
-        takeover = _socket_is_live(api_socket)
-        if not takeover:
-            _check_api_path(api_socket)
-        options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
-        machine = receive(
-            args.incoming,
-            options,
-            args.incoming_timeout,
-            listener,
-            allow_uids=args.allow_uid,
-            faults=faults,
-        )
-        _announce_console(machine)
-        logs.switch()
-        vmm = Vmm(machine, api_socket, faults, settings)
-        vmm.open_api(take_over=True)
-        return vmm.serve()
+        return _run_incoming(args, api_socket, settings, logs, faults, notifier, signals)
 
     from intrahost.vmm.machine import Machine
 
@@ -524,7 +543,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         # (That the model does not encrypt guest memory is logged once, at attach.)
-    vmm = Vmm(machine, api_socket, faults, settings)
+    vmm = Vmm(machine, api_socket, faults, settings, notifier=notifier)
     try:
         vmm.open_api()
     except BaseException:
@@ -533,6 +552,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     _announce_console(machine)
     machine.start()
     logs.switch()
+    signals.route_to(vmm.request_stop)
+    return vmm.serve()
+
+
+def _run_incoming(
+    args: argparse.Namespace,
+    api_socket: str,
+    settings: Any,
+    logs: _LogDestination,
+    faults: Any,
+    notifier: Any,
+    signals: Any,
+) -> int:
+    """``run --incoming``: wait (serving the control socket) until a hand-off succeeds,
+    then serve the guest; ``quit``/SIGTERM while waiting exit 0, the timeout exits 1."""
+    from intrahost.migration.receiver import ReceiveOptions
+    from intrahost.service.runner import Incoming, Vmm, listen
+
+    listener = listen(args.incoming)  # refuse a live socket before anything else
+    options = ReceiveOptions(overrides=explicit_run_flags(args), prefault=args.prefault)
+    incoming = Incoming(
+        args.incoming,
+        options,
+        listener=listener,
+        allow_uids=args.allow_uid,
+        faults=faults,
+        timeout=args.incoming_timeout,
+    )
+    signals.route_to(incoming.request_stop)
+    try:
+        api = incoming.serve_api(api_socket)
+        notifier.status(f"waiting for a hand-off at {incoming.path}")
+        machine = incoming.wait()
+    except BaseException:
+        incoming.close_api("host-error")
+        raise
+    if machine is None:
+        why = incoming.stop_requested or "quit"
+        log.info("stopped waiting for a hand-off (%s)", why)
+        notifier.stopping(f"stopped waiting for a hand-off ({why})")
+        incoming.close_api("host-qmp-quit" if why == "quit" else "host-signal")
+        return 0
+    _announce_console(machine)
+    logs.switch()
+    vmm = Vmm(machine, api_socket, faults, settings, arrival=incoming.arrival, notifier=notifier)
+    signals.route_to(vmm.request_stop)
+    if api is not None:
+        vmm.adopt_api(api)
+    if incoming.stop_requested:  # told to stop as the hand-off committed: stop the guest
+        vmm.request_stop(incoming.stop_requested)
     return vmm.serve()
 
 
@@ -919,31 +988,34 @@ def upgrade(
                 old_pid if isinstance(old_pid, int) else None,
             )
             phase("starting the new VMM")
+            from intrahost.service.runner import SpawnError, spawn_vmm
+
+            # Its standard error comes back through a pipe until it serves (then it switches
+            # to its own log destination), so that its own error reaches the user. Under
+            # systemd it must become the service manager's child (see spawn_vmm).
+            err_read, err_write = os.pipe2(os.O_CLOEXEC)
             try:
-                new = subprocess.Popen(
+                new = spawn_vmm(
                     plan.argv,
-                    start_new_session=True,
-                    stdin=subprocess.DEVNULL,
-                    stdout=plan.stdout,
-                    stderr=subprocess.PIPE,
+                    plan.stdout,
+                    err_write,
                     pass_fds=[plan.log_fd] if plan.log_fd is not None else [],
                 )
-            except OSError as e:
-                raise CliError(
-                    f"cannot start the new VMM {plan.argv[0]}: {e.strerror}; the guest keeps "
-                    "running on the old VMM"
-                ) from None
+            except SpawnError as e:
+                os.close(err_read)
+                raise CliError(f"{e}; the guest keeps running on the old VMM") from None
             finally:
+                os.close(err_write)
                 for fd in plan.to_close:
                     os.close(fd)
-            capture = _Capture(new.stderr)
+            capture = _Capture(os.fdopen(err_read, "rb"))
             try:
                 result = _hand_over(qmp, new, mig, capture, phase)
             except BaseException:
-                if new.poll() is None:
+                # A new VMM whose hand-off failed keeps waiting for another: tell it to stop.
+                if new.running():
                     new.terminate()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        new.wait(10)
+                    new.wait(10)
                 raise
         finally:
             with contextlib.suppress(OSError):
@@ -973,7 +1045,7 @@ def upgrade(
 
 def _hand_over(
     qmp: Any,
-    new: subprocess.Popen[bytes],
+    new: Any,
     mig: str,
     capture: _Capture,
     phase: Callable[[str], None],
@@ -982,9 +1054,10 @@ def _hand_over(
 
     deadline = time.monotonic() + 20
     while not os.path.exists(mig):
-        if new.poll() is not None:
+        if not new.running():
+            status = "" if new.returncode is None else f" with status {new.returncode}"
             raise NewVmmFailed(
-                f"the new VMM exited with status {new.returncode} before the hand-off; the "
+                f"the new VMM exited{status} before the hand-off; the "
                 "guest keeps running on the old VMM",
                 capture.text(timeout=2.0),
             )

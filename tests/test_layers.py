@@ -1,7 +1,8 @@
 """Imports point down the layers only (see the package docstrings).
 
-errors and wire < kvm (bindings) < sev (interface, kernel platform) < sevmodel (the SEV model)
-< vmm < migration < service < cli, demo. A module may import its own layer and those below.
+errors, version and wire < kvm (bindings) < sev (interface, kernel platform) < sevmodel (the
+SEV model) < vmm < migration < service < cli, demo. A module may import its own layer and
+those below.
 """
 
 from __future__ import annotations
@@ -11,7 +12,19 @@ from pathlib import Path
 
 import intrahost
 
-ORDER = ["errors", "wire", "kvm", "sev", "sevmodel", "vmm", "migration", "service", "cli", "demo"]
+ORDER = [
+    "errors",
+    "version",
+    "wire",
+    "kvm",
+    "sev",
+    "sevmodel",
+    "vmm",
+    "migration",
+    "service",
+    "cli",
+    "demo",
+]
 ROOT = Path(intrahost.__file__).parent
 
 

@@ -424,6 +424,14 @@ class Baton:
             self.fd = -1
 
 
+def release_name(value: object) -> str:
+    """How a peer's release (START's and its reply's ``release``) reads in a log line; peers
+    of releases that predate that key send none."""
+    if isinstance(value, str) and value:
+        return f"intrahost {value}"
+    return "an intrahost release that does not report its version"
+
+
 def parse_url(url: str) -> str:
     """``unix:PATH`` -> PATH (the only transport: fds cross only unix sockets)."""
     scheme, sep, path = url.partition(":")

@@ -53,6 +53,7 @@ import contextlib
 import enum
 import logging
 import os
+import socket
 import stat
 import struct
 import time
@@ -80,6 +81,7 @@ from intrahost.migration.state import (
     restore_machine,
     warm_up_import,
 )
+from intrahost.version import version as this_version
 from intrahost.vmm.config import config_flags
 from intrahost.vmm.devices.console import PtyConsole
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError, disk_fd_names
@@ -146,11 +148,18 @@ class Receiver:
         self.config: MachineConfig | None = None
         self.machine: Machine | None = None
         self.running_after_commit = True
+        #: Where this side's time went (µs), for query-migrate: build_us (READY), prefault_us,
+        #: import_us (the state decoded and set), resume_us (from the import to the resume).
         self.timings: dict[str, int] = {}
+        self.state_bytes = 0
         self.error: str | None = None
+        #: The source's release, from START (None if it did not say).
+        self.peer_release: str | None = None
+        self._aborted = False
         #: The copy-based baseline: memory arrives as MEMORY_DATA, not as a shared fd.
         self.copy_memory = False
         self._copy_target: GuestMemory | None = None
+        self._imported_ns = 0
         #: SEV: the source VM's fd, named in MOVE.
         self.sev_source_fd = -1
         #: The source's pty console (master fd, slave path), adopted when this VMM's console
@@ -162,6 +171,17 @@ class Receiver:
         self.device_fds: dict[int, dict[str, int]] = {}
 
     # --- driver --------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Give this hand-off up, from another thread or a signal handler (this VMM is told
+        to stop). The channel is shut down, so the wait for the source's next message ends
+        and the hand-off fails as on EOF, with one difference: a receiver that has imported
+        the state does not then take the guest on its own (:meth:`_take_over`); it marks the
+        baton ABANDONED and the source resumes the guest. Past the commit point (the baton
+        says COMMITTED) nothing changes: this VMM has the guest."""
+        self._aborted = True
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> Machine | None:
         """Serve the hand-off; the running (or paused) machine on commit, else None."""
@@ -179,7 +199,9 @@ class Receiver:
                 msg = self.channel.receive(timeout)
                 self._dispatch(msg)
         except ProtocolError as e:
-            if self.state is ReceiveState.IMPORTED:
+            if self._aborted:
+                self._fail("this VMM was told to stop")
+            elif self.state is ReceiveState.IMPORTED:
                 self._take_over(str(e))
             else:
                 self._fail(str(e))
@@ -260,14 +282,21 @@ class Receiver:
             self.protocol_version = protocol.choose(offer)
         except NoCommonVersion as e:
             self._refuse(str(e))
-        log.info(
-            "hand-off: protocol version %d (the source speaks %s)", self.protocol_version, offer
-        )
         self.copy_memory = bool(body.get("copy_memory", False))
+        release = body.get("release")
+        self.peer_release = release if isinstance(release, str) else None
+        log.info(
+            "hand-off from %s to intrahost %s: protocol version %d (the source speaks %s)",
+            protocol.release_name(release),
+            this_version(),
+            self.protocol_version,
+            offer,
+        )
         self.state = ReceiveState.STARTED
         self.channel.ok(
             {
                 "version": self.protocol_version,
+                "release": this_version(),
                 "features": [protocol.CONSOLE_FD_FEATURE, protocol.DEVICE_FDS_FEATURE],
             }
         )
@@ -461,6 +490,9 @@ class Receiver:
             if isinstance(booted_at, int | float):  # absent from older senders
                 self.machine.booted_at = float(booted_at)
         imported = time.monotonic_ns()
+        self.timings["import_us"] = (imported - received) // 1000
+        self.state_bytes = len(msg.payload)
+        self._imported_ns = imported
         self.faults.hit("destination", "after-import", self.channel.close)
         self.state = ReceiveState.IMPORTED
         self.channel.ok({"received_ns": received, "imported_ns": imported})
@@ -468,6 +500,8 @@ class Receiver:
     def _on_commit(self, msg: Message) -> None:
         assert self.machine is not None and self.baton is not None
         self.running_after_commit = bool(msg.json().get("running", True))
+        if self._aborted:
+            self._refuse("the destination VMM is stopping")
         # The commit point: from this swap on, the guest belongs to this VMM.
         found = self.baton.swap(Baton.PENDING, Baton.COMMITTED)
         if found != Baton.PENDING:
@@ -480,6 +514,7 @@ class Receiver:
         if self.running_after_commit:
             self.machine.resume()
         resumed = time.monotonic_ns()
+        self.timings["resume_us"] = (resumed - self._imported_ns) // 1000
         try:
             self.channel.ok({"resumed_ns": resumed})
         except ProtocolError:

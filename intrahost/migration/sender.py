@@ -51,6 +51,7 @@ from intrahost.migration import protocol
 from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.protocol import Baton, Channel, Command, PeerRefused, ProtocolError
 from intrahost.migration.state import save_machine, warm_up_export
+from intrahost.version import version
 from intrahost.vmm.devices.console import PtyConsole
 from intrahost.vmm.machine import Machine
 from intrahost.vmm.vcpu import PauseTimeout
@@ -140,10 +141,20 @@ class Sender:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
             self._checkpoint("start", channel)
-            start = protocol.start_offer() | {"copy_memory": self.options.copy_memory}
+            start = protocol.start_offer() | {
+                "copy_memory": self.options.copy_memory,
+                # Informational (logged by both sides); a receiver ignores keys it does not know.
+                "release": version(),
+            }
             reply = channel.request(Command.START, protocol.to_json(start), [baton.fd])
             self.protocol_version = protocol.agreed(reply, protocol.spoken())
-            log.info("hand-off: protocol version %d", self.protocol_version)
+            log.info(
+                "hand-off to %s: from intrahost %s to %s, protocol %d",
+                self.path,
+                version(),
+                protocol.release_name(reply.get("release")),
+                self.protocol_version,
+            )
             features = reply.get("features")
             features = features if isinstance(features, list) else []
             self._checkpoint("memory", channel)

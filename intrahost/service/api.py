@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import intrahost
 from intrahost.errors import IntrahostError
+from intrahost.version import version, version_numbers
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,35 @@ class _Reply(Exception):
 
 
 def version_info() -> dict[str, Any]:
-    """The ``version`` member of the greeting and of ``query-version``."""
-    parts = [int(p) if p.isdigit() else 0 for p in intrahost.__version__.split(".")[:3]]
-    major, minor, micro = [*parts, 0, 0, 0][:3]
+    """The ``version`` member of the greeting and of ``query-version``, in QMP's shape:
+    ``qemu`` holds this release's numbers (QEMU clients expect that member)."""
+    major, minor, micro = version_numbers()
     return {
         "qemu": {"major": major, "minor": minor, "micro": micro},
-        "package": f"intrahost {intrahost.__version__}",
+        "package": f"intrahost {version()}",
     }
+
+
+def _command(name: str, handler: Handler, schema: Schema | None) -> Command:
+    """A command table entry; raises :class:`ApiError` for a bad name or schema."""
+    if not isinstance(name, str) or not name:
+        raise ApiError(f"command name must be a non-empty string, got {name!r}")
+    if name == "qmp_capabilities":
+        raise ApiError("'qmp_capabilities' is built into the server and cannot be replaced")
+    spec = dict(schema or {})
+    for arg, entry in spec.items():
+        if (
+            not isinstance(arg, str)
+            or not isinstance(entry, tuple)
+            or len(entry) != 2
+            or entry[0] not in ARG_TYPES
+            or not isinstance(entry[1], bool)
+        ):
+            raise ApiError(
+                f"command {name!r}: schema entry {arg!r}: {entry!r} must be (type, required) "
+                f"with a type among str, int, float, bool, list, dict, object"
+            )
+    return Command(name, handler, MappingProxyType(spec))
 
 
 def check_arguments(schema: Schema, arguments: Mapping[str, Any]) -> None:
@@ -329,27 +351,19 @@ class ApiServer:
         handler sees only known names with the right types. Raises :class:`ApiError` for a
         duplicate name or a bad schema.
         """
-        if not isinstance(name, str) or not name:
-            raise ApiError(f"command name must be a non-empty string, got {name!r}")
-        if name == "qmp_capabilities":
-            raise ApiError("'qmp_capabilities' is built into the server and cannot be replaced")
-        spec = dict(schema or {})
-        for arg, entry in spec.items():
-            if (
-                not isinstance(arg, str)
-                or not isinstance(entry, tuple)
-                or len(entry) != 2
-                or entry[0] not in ARG_TYPES
-                or not isinstance(entry[1], bool)
-            ):
-                raise ApiError(
-                    f"command {name!r}: schema entry {arg!r}: {entry!r} must be (type, required) "
-                    f"with a type among str, int, float, bool, list, dict, object"
-                )
+        command = _command(name, handler, schema)
         with self._commands_lock:
             if name in self._commands:
                 raise ApiError(f"command {name!r} is already registered; unregister it first")
-            self._commands[name] = Command(name, handler, MappingProxyType(spec))
+            self._commands[name] = command
+
+    def replace_commands(self, table: Mapping[str, tuple[Handler, Schema]]) -> None:
+        """Register each ``name: (handler, schema)`` of ``table``, replacing a command of
+        the same name, all in one step: a request sees either the old table or the new one
+        (a VMM that received its guest swaps its waiting commands for its running ones)."""
+        entries = {name: _command(name, *entry) for name, entry in table.items()}
+        with self._commands_lock:
+            self._commands.update(entries)
 
     def unregister(self, name: str) -> None:
         """Remove command ``name`` (no error if it is absent)."""
@@ -434,6 +448,17 @@ class ApiServer:
     def running(self) -> bool:
         """Whether the server thread is serving."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def serves_path(self) -> bool:
+        """Whether :attr:`path` is still this server's socket (during an upgrade a new VMM
+        renames its own socket over it)."""
+        if self._socket_id is None:
+            return False
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._socket_id
 
     @property
     def client_count(self) -> int:

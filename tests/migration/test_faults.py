@@ -10,8 +10,10 @@ hand-off settles, the invariants are checked:
   the one holding the guest at that moment (the outcome then says "lost: holder killed");
 - its counter still advances and its memory region matches counter and checksum;
 - the surviving VMM's control socket answers;
-- nothing is left behind: the other VMM has exited, the migration socket is gone, and the
-  source holds no more fds than before the attempt.
+- nothing is left behind: the old VMM has exited after a hand-off; after a failed one the
+  destination holds no guest (it is back to waiting, as a waiting VMM does after any failed
+  attempt, or it was killed), and once told to ``quit`` it exits and its migration socket is
+  gone; the source holds no more fds than before the attempt.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
             src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
-            dst_done = not dest.alive() or _status(api_dst) in ("running", "paused")
+            dst_done = not dest.alive() or _dest_settled(api_dst)
             if (
                 src_done
                 and dst_done
@@ -212,9 +214,18 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
             other = dest if src_runs else source
             deadline = time.monotonic() + 3 * TIMEOUT + PATIENCE
             while other.alive() and time.monotonic() < deadline:
+                if src_runs and _waits_again(api_dst):
+                    break
                 time.sleep(0.05)
             if src_runs:
-                # the failed destination exits and leaves nothing behind
+                # The failed destination holds no guest: it waits again (or it was killed);
+                # told to quit, it exits and leaves nothing behind.
+                if dest.alive():
+                    assert _waits_again(api_dst), "the failed destination is not waiting"
+                    with QmpClient(api_dst) as q:
+                        q.execute("quit")
+                    assert dest.proc.wait(10) == 0, "the waiting destination did not quit"
+                    assert not api_dst.exists(), "the destination's control socket remains"
                 assert not dest.alive(), "the failed destination is still running"
                 if kind == "kill" and side == "destination":
                     # A process killed with SIGKILL cannot unlink its socket: it must at
@@ -392,6 +403,22 @@ def _migration_status(api: Path) -> str | None:
             return str(qmp.execute("query-migrate")["status"])
     except (QmpConnectionError, OSError):
         return None
+
+
+def _dest_settled(api: Path) -> bool:
+    """The destination runs the guest, or it is back to waiting after a failed attempt."""
+    return _status(api) in ("running", "paused") or _waits_again(api)
+
+
+def _waits_again(api: Path) -> bool:
+    try:
+        with QmpClient(api, timeout=2) as qmp:
+            if qmp.execute("query-status")["status"] != "inmigrate":
+                return False
+            progress = qmp.execute("query-migrate")
+    except (QmpConnectionError, OSError):
+        return False
+    return progress["status"] == "waiting"
 
 
 def _both_undecided(api_src: Path, api_dst: Path) -> bool:

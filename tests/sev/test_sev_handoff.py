@@ -168,8 +168,14 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
             sev_source.vm.get_clock()  # a real KVM ioctl on the old VM
         assert info.value.errno == errno.EIO
         assert sev_source.confidential is not None and sev_source.confidential.vm.is_dead()
-        # The new VMM renames its control socket into place.
+
+        # The new VMM serves its guest's commands once the hand-off is over.
+        def served() -> bool:
+            with QmpClient(sockdir / "dst.sock") as qmp:
+                return bool(qmp.execute("query-status")["status"] != "inmigrate")
+
         wait_until((sockdir / "dst.sock").exists, "the new VMM's control socket", interval=0.01)
+        wait_until(served, "the new VMM to leave inmigrate", interval=0.01)
         with QmpClient(sockdir / "dst.sock") as qmp:
             assert qmp.execute("query-status")["status"] == "running"
     finally:
@@ -178,12 +184,25 @@ def test_the_source_vm_is_dead_after_the_move(sev_source: Machine, sockdir: Path
 
 
 def test_a_failing_move_hands_the_guest_back(sev_source: Machine, sockdir: Path) -> None:
-    """MOVE refused at the destination (injected): nothing moved, the source resumes."""
+    """MOVE refused at the destination (injected): nothing moved, the source resumes; the
+    destination discarded its VM and waits for another hand-off (until told to stop)."""
     env = {"INTRAHOST_TEST_FAULT": "destination:before-move:fail"}
     proc, result = _hand_off(sev_source, sockdir, env)
     assert isinstance(result, MigrationFailed), result
     assert "MOVE failed" in str(result)
-    assert proc.wait(PATIENCE) == 1
+
+    def failed_and_waiting() -> dict[str, Any] | None:
+        with QmpClient(sockdir / "dst.sock") as qmp:
+            progress: dict[str, Any] = qmp.execute("query-migrate")
+        ok = progress["status"] == "waiting" and progress["failed-attempts"] == 1
+        return progress if ok else None
+
+    progress = wait_until(failed_and_waiting, "the destination to wait again after MOVE failed")
+    with QmpClient(sockdir / "dst.sock") as qmp:
+        assert qmp.execute("query-status")["status"] == "inmigrate"
+    assert "MOVE failed" in progress["last-error"]
+    proc.terminate()
+    assert proc.wait(PATIENCE) == 0
     assert sev_source.status == "running" and _counting(sev_source)
     sev_source.vm.get_clock()  # the source VM is alive
 

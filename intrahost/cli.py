@@ -377,8 +377,7 @@ def _main(argv: list[str], out: Output) -> int:
         if out.json:
             out.error("UsageError", f"{e.prog}: {e}")
         else:
-            sys.stderr.write(e.usage)
-            print(f"{e.prog}: error: {e}", file=sys.stderr)
+            print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
         return 2
     from intrahost.service.logs import configure
 

@@ -286,11 +286,12 @@ class Receiver:
         release = body.get("release")
         self.peer_release = release if isinstance(release, str) else None
         log.info(
-            "hand-off from %s to intrahost %s: protocol version %d (the source speaks %s)",
+            "hand-off: protocol version %d (the source speaks %s)", self.protocol_version, offer
+        )
+        log.info(
+            "hand-off from %s to intrahost %s",
             protocol.release_name(release),
             this_version(),
-            self.protocol_version,
-            offer,
         )
         self.state = ReceiveState.STARTED
         self.channel.ok(

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-import intrahost
 from intrahost import version as version_module
 from intrahost.migration import protocol
 from intrahost.migration.protocol import Baton, Channel, Command
@@ -45,31 +44,6 @@ def test_version_option_prints_the_release() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"intrahost {version_module.version()}"
     assert version_module.version().count(".") == 2
-
-
-def test_the_installed_metadata_counts_only_when_it_describes_this_code(
-    tmp_path: Path,
-) -> None:
-    class Dist:
-        version = "9.8.7"
-
-        def __init__(self, location: Path, direct_url: str | None) -> None:
-            self.location, self.direct_url = location, direct_url
-
-        def locate_file(self, name: str) -> Path:
-            return self.location / name
-
-        def read_text(self, name: str) -> str | None:
-            return self.direct_url if name == "direct_url.json" else None
-
-    here = Path(intrahost.__file__).parent
-    ships = version_module._ships_this_code
-    assert ships(Dist(here.parent, None))  # type: ignore[arg-type]
-    assert not ships(Dist(tmp_path, None))  # type: ignore[arg-type]
-    editable = json.dumps({"url": here.parent.as_uri(), "dir_info": {"editable": True}})
-    assert ships(Dist(tmp_path, editable))  # type: ignore[arg-type]
-    elsewhere = json.dumps({"url": tmp_path.as_uri(), "dir_info": {"editable": True}})
-    assert not ships(Dist(tmp_path, elsewhere))  # type: ignore[arg-type]
 
 
 def test_query_version_has_qmps_shape(tmp_path: Path) -> None:
@@ -102,7 +76,8 @@ def test_start_carries_the_release_and_both_sides_log_it(
             thread.join(10)
         source.close()
         baton.close()
-        assert reply == {"version": protocol.PROTOCOL_VERSION, "release": version_module.version()}
+        assert reply["version"] == protocol.PROTOCOL_VERSION
+        assert reply["release"] == version_module.version()
         line = [r.getMessage() for r in caplog.records if "hand-off from" in r.getMessage()][-1]
         assert f"to intrahost {version_module.version()}" in line
         if "release" in body:

@@ -305,7 +305,7 @@ def test_fault_with_a_disk(
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
             src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
-            dst_done = not dest.alive() or _status(api_dst) in ("running", "paused")
+            dst_done = not dest.alive() or _dest_settled(api_dst)
             if (
                 src_done
                 and dst_done
@@ -332,10 +332,20 @@ def test_fault_with_a_disk(
                 _check_disk(image, mem, disk["stats"])
                 q.execute("cont")
             other = dest if src_runs else source
-            deadline = time.monotonic() + 3 * TIMEOUT + 5
+            deadline = time.monotonic() + 3 * TIMEOUT + PATIENCE
             while other.alive() and time.monotonic() < deadline:
+                if src_runs and _waits_again(api_dst):
+                    break
                 time.sleep(0.05)
             if src_runs:
+                # The failed destination holds no guest: it waits again (or it was killed);
+                # told to quit, it exits and leaves nothing behind.
+                if dest.alive():
+                    assert _waits_again(api_dst), "the failed destination is not waiting"
+                    with QmpClient(api_dst) as q:
+                        q.execute("quit")
+                    assert dest.proc.wait(10) == 0, "the waiting destination did not quit"
+                    assert not api_dst.exists(), "the destination's control socket remains"
                 assert not dest.alive(), "the failed destination is still running"
                 deadline = time.monotonic() + 3
                 while source.fds() > fds_before and time.monotonic() < deadline:

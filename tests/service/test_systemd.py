@@ -114,19 +114,35 @@ def systemd() -> Iterator[Systemd]:
         yield instance
     finally:
         instance.stop()
+        shutil.rmtree(f"/var/tmp/intrahost-systemd-test-{os.getpid()}", ignore_errors=True)
+
+
+def _visible_in_the_namespace() -> tuple[str, Path]:
+    """A Python and a directory holding this checkout's ``intrahost`` that the namespace's
+    systemd can see. Its /tmp is a tmpfs of its own (and emptied at its boot), so a checkout
+    under /tmp (a CI clone) is copied to /var/tmp and run by the real interpreter (intrahost
+    needs nothing beyond the standard library at run time)."""
+    checkout = Path(intrahost.__file__).parents[1]
+    if not checkout.is_relative_to("/tmp"):
+        return sys.executable, checkout
+    copy = Path(f"/var/tmp/intrahost-systemd-test-{os.getpid()}")
+    if not copy.exists():
+        shutil.copytree(
+            checkout / "intrahost", copy / "intrahost", ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return os.path.realpath(sys.executable), copy
 
 
 def _unit_for_this_checkout(shm: Path, extra_args: str = "") -> str:
     """The shipped template, run from this checkout's Python with a small counter guest."""
     text = UNIT.read_text()
-    command = f"{sys.executable} -m intrahost"
-    text = text.replace("/usr/local/bin/intrahost", command)
+    python, checkout = _visible_in_the_namespace()
+    text = text.replace("/usr/local/bin/intrahost", f"{python} -m intrahost")
     help_text = subprocess.run(
         [sys.executable, "-m", "intrahost", "run", "--help"], capture_output=True, text=True
     ).stdout
     if "--name" not in help_text:  # (until `run --name` exists)
         text = text.replace(" --name %i", "")
-    checkout = Path(intrahost.__file__).parents[1]
     args = f"--memory 32M --memory-path {shm} --guest-args progress=16777216 --serial none"
     args = f"{args} {extra_args}".strip()
     extra = (

@@ -276,10 +276,10 @@ def test_a_destination_that_is_already_sev_is_refused_by_the_move(
             memory: Any,
             kvm: Any = None,
             incoming: bool = False,
-            console: Any = None,
+            **kwargs: Any,
         ):
             # incoming=False inits SEV: wrong here.
-            super().__init__(config, memory, kvm, incoming=False, console=console)
+            super().__init__(config, memory, kvm, incoming=False, **kwargs)
 
     monkeypatch.setattr(receiver_module, "Machine", AlreadySev)
     machine = Machine.create(

@@ -94,17 +94,10 @@ ExitHandler = Callable[[Vcpu, VcpuExit], bool]
 class VcpuGroup:
     """The vCPU threads of one VM, paused and resumed together."""
 
-    def __init__(
-        self,
-        vcpus: list[Vcpu],
-        handle_exit: ExitHandler,
-        run: Callable[[int, Vcpu], VcpuExit] | None = None,
-    ) -> None:
-        """``run(index, vcpu)`` replaces a plain ``vcpu.run()`` (the SEV model platform wraps
-        KVM_RUN to load and save a protected vCPU's state)."""
+    def __init__(self, vcpus: list[Vcpu], handle_exit: ExitHandler) -> None:
+        """A platform that must wrap KVM_RUN (the SEV model) does so in its own Vcpu class."""
         self.vcpus = vcpus
         self._handle_exit = handle_exit
-        self._run = run
         self._cond = threading.Condition()
         self._pause_requested = False
         self._stop_requested = False
@@ -251,7 +244,7 @@ class VcpuGroup:
             if not self._park(i):
                 return
             while True:
-                exit_ = vcpu.run() if self._run is None else self._run(i, vcpu)
+                exit_ = vcpu.run()
                 if isinstance(exit_, Interrupted):
                     if not self._park(i):
                         break

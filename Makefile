@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-ops lint typecheck unit bench clean
+.PHONY: demo test test-ops lint typecheck unit bench clean host-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) host-tools
 	$(BIN)/python -m intrahost.demo
 
 lint: $(STAMP)
@@ -23,13 +23,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# Host programs the tests use (ip, ping, qemu-system-x86_64): installed when missing, if it can.
+host-tools:
+	@sh contrib/host-tools
+
+unit: $(STAMP) host-tools
 	$(BIN)/pytest
 
 test: lint typecheck unit
 
 # The operations tests: the fleet upgrade play of docs/operations.md with ansible-core.
-test-ops: $(STAMP)
+test-ops: $(STAMP) host-tools
 	$(BIN)/pytest -m ops
 
 bench: $(STAMP)

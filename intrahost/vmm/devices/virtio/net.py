@@ -25,8 +25,10 @@ order of one batch on the I/O thread, as the transport runs it (see
    ends; the tap is *not* watched, so frames wait in the tap's own queue (the kernel's, about
    1000 frames) until the guest's kick for the buffers it adds runs the queue again.
 
-A frame longer than the chain holds (the tap reports its full length) is dropped and counted
-(``rx-dropped``); the same chain takes the next frame. A read error other than EAGAIN (the
+A frame longer than the chain holds is dropped and counted (``rx-dropped``); the same chain
+takes the next frame. (A tap read returns at most the bytes its buffers hold, truncating the
+frame, so each read gets one spare byte of the VMM's after the chain: a frame that reaches
+it did not fit.) A read error other than EAGAIN (the
 tap was deleted) stops receiving for good, with one log line.
 
 Across a hand-off the tap's fd travels with the queues' eventfds (``host_fds``: ``tap``).
@@ -147,6 +149,9 @@ class VirtioNet:
         self._io: IoThread | None = None
         self._run_rx: Callable[[], None] | None = None
         self._watching = False
+        #: One byte after the chain's buffers in every read: a tap read returns at most what
+        #: the buffers hold, so a frame that reaches this byte did not fit in the chain.
+        self._spare = bytearray(1)
 
     def bind(self, io: IoThread, process: Callable[[int], None]) -> None:
         """The transport's I/O thread and its ``process(queue)``: the tap's readiness runs
@@ -231,14 +236,15 @@ class VirtioNet:
             )
         bufs = chain.writable
         first = bufs[0]
+        spare = self._spare
         if len(first) > NET_HDR_SIZE:
             first[:NET_HDR_SIZE] = RX_HEADER
-            iov = [first[NET_HDR_SIZE:], *bufs[1:]]
+            iov = [first[NET_HDR_SIZE:], *bufs[1:], spare]
         elif len(first) == NET_HDR_SIZE:
             first[:] = RX_HEADER
-            iov = bufs[1:]
+            iov = [*bufs[1:], spare]
         else:
-            iov = _skip(bufs, NET_HDR_SIZE)
+            iov = [*_skip(bufs, NET_HDR_SIZE), spare]
             _fill(bufs, RX_HEADER)
         room = chain.writable_len - NET_HDR_SIZE
         stats = self.stats
@@ -262,7 +268,7 @@ class VirtioNet:
                 stats.rx_packets += 1
                 stats.rx_bytes += n
                 return NET_HDR_SIZE + n
-            stats.rx_dropped += 1  # truncated: the tap reports the frame's whole length
+            stats.rx_dropped += 1  # it reached the spare byte: the frame did not fit
 
     def _watch(self) -> None:
         """Have the tap's readiness run the receive queue, once (see the module docstring)."""

@@ -151,7 +151,7 @@ class VirtioNet:
         self._watching = False
         #: One byte after the chain's buffers in every read: a tap read returns at most what
         #: the buffers hold, so a frame that reaches this byte did not fit in the chain.
-        self._spare = bytearray(1)
+        self._spare = memoryview(bytearray(1))
 
     def bind(self, io: IoThread, process: Callable[[int], None]) -> None:
         """The transport's I/O thread and its ``process(queue)``: the tap's readiness runs

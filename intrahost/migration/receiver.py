@@ -395,7 +395,8 @@ class Receiver:
         count = self.config.virtio_count
         problem = None
         if type(n) is not int or not 0 <= n < count:
-            problem = f"device {n!r} is not one of the guest's {count} virtio device(s)"
+            nets = f" and {len(self.config.nets)} net(s)" if self.config.nets else ""
+            problem = f"device {n!r} is not one of the guest's {len(disks)} disk(s){nets}"
         elif n in self.device_fds:
             problem = f"a second DEVICE_FDS for device {n}"
         elif not isinstance(names, list) or sorted(names) != sorted(
@@ -423,7 +424,8 @@ class Receiver:
             self._refuse(
                 f"the guest has {self.config.virtio_count} virtio device(s) and the source "
                 f"passed the fds of {len(self.device_fds)} (DEVICE_FDS): this VMM takes a "
-                "guest's disks and taps over only as the source's open fds, never by name"
+                "guest's disks and taps over only as the source's open fds, never by their paths "
+                "or names"
             )
         t0 = time.monotonic_ns()
         try:

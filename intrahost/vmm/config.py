@@ -374,7 +374,8 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         """Whether the value of a flag given to a VMM that takes this running guest over
         (``given``, as :func:`parse_disks` etc. made it) changes what the guest sees. For
         disks only the ids and read-only flags count: the new VMM inherits the open images,
-        so their paths are not used and their sizes are the running guest's."""
+        so their paths are not used and their sizes are the running guest's. For nets the ids
+        count, and the MACs where the flags give one (the new VMM inherits the taps' fds)."""
         if field == "disks":
             return [d.flag_view() for d in given] != [d.flag_view() for d in self.disks]
         if field == "nets":

@@ -224,10 +224,11 @@ class Machine:
             return
         if self.incoming:
             if len(self._pending_fds) != count:
+                nets = f" and {len(self.config.nets)} net(s)" if self.config.nets else ""
                 raise MachineError(
-                    f"the guest has {count} virtio device(s) but the source VMM passed the "
-                    f"open images, taps and eventfds of {len(self._pending_fds)}: a VMM taking "
-                    "over a guest never opens its images or taps by name"
+                    f"the guest has {len(disks)} disk(s){nets} but the source VMM passed the "
+                    f"open images, taps and eventfds of {len(self._pending_fds)} device(s): a "
+                    "VMM taking over a guest never opens its images or taps by name"
                 )
         elif len(self._pending_images) != len(disks):
             raise MachineError(f"{len(disks)} disk(s) configured, {len(self._pending_images)} open")

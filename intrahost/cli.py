@@ -665,6 +665,8 @@ def cmd_control(args: argparse.Namespace, out: Output) -> int:
             document: dict[str, Any] = {"status": status["status"], "vm": info}
             if info.get("disks"):
                 document["block"] = qmp.execute("query-block")
+            if info.get("nets"):
+                document["net"] = qmp.execute("query-net")
             out.result(document, json.dumps(document, indent=2))
         elif args.command == "query-migrate":
             result = qmp.execute("query-migrate")

@@ -29,12 +29,15 @@ T = TypeVar("T")
 class VmmProcess:
     """An ``intrahost`` CLI process (a VMM) for tests: real process, real sockets."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str = "vmm") -> None:
+    def __init__(
+        self, args: list[str], workdir: Path, name: str = "vmm", prefix: Sequence[str] = ()
+    ) -> None:
+        """``prefix``: a command that execs the VMM, e.g. ``ip netns exec NS``."""
         self.args = args
         self.log = workdir / f"{name}.log"
         self._log = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "intrahost", "--log-level", "info", *args],
+            [*prefix, sys.executable, "-m", "intrahost", "--log-level", "info", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

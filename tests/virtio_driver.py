@@ -36,13 +36,20 @@ class Buf:
 
 
 class Driver:
-    """Queue 0 of ``dev``: descriptor table at ``ring``, then the available ring, then the
-    used ring (4-aligned). Descriptors are handed out round-robin."""
+    """Queue ``queue`` (default 0) of ``dev``: descriptor table at ``ring``, then the
+    available ring, then the used ring (4-aligned). Descriptors are handed out round-robin.
+    For a device with several queues, one Driver per queue: :func:`start_queues`."""
 
     def __init__(
-        self, dev: VirtioMmioDevice, mem: GuestMemory, ring: int = 0x10000, size: int = 256
+        self,
+        dev: VirtioMmioDevice,
+        mem: GuestMemory,
+        ring: int = 0x10000,
+        size: int = 256,
+        queue: int = 0,
     ) -> None:
         self.dev = dev
+        self.queue = queue
         self.mem = mem
         self.size = size
         self.desc = ring
@@ -81,7 +88,7 @@ class Driver:
         return bool(self.read(Reg.STATUS) & FEATURES_OK)
 
     def setup_queue(self) -> None:
-        self.write(Reg.QUEUE_SEL, 0)
+        self.write(Reg.QUEUE_SEL, self.queue)
         self.write(Reg.QUEUE_NUM, self.size)
         for reg, addr in (
             (Reg.QUEUE_DESC_LOW, self.desc),
@@ -96,6 +103,10 @@ class Driver:
         assert self.negotiate(features)
         self.setup_queue()
         self.write(Reg.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+
+    def kick(self) -> None:
+        """Notify the device of this queue (QueueNotify)."""
+        self.write(Reg.QUEUE_NOTIFY, self.queue)
 
     # --- rings ----------------------------------------------------------------------------------
 
@@ -160,3 +171,12 @@ class Driver:
             out.append(USED.unpack_from(self.mem.view(at, 8)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out
+
+
+def start_queues(drivers: list[Driver], features: int | None = None) -> None:
+    """Negotiate once, set up every driver's queue, then DRIVER_OK."""
+    first = drivers[0]
+    assert first.negotiate(features)
+    for d in drivers:
+        d.setup_queue()
+    first.write(Reg.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)

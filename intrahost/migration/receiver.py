@@ -10,7 +10,8 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     CONFIGURED --CONSOLE_FD(+pty fd)--> CONFIGURED   (a pty console's master: kept if this
                                                       VMM's console is a pty too)
     CONFIGURED --DEVICE_FDS(+fds)--> CONFIGURED      (one per virtio device: a disk's open
-                                             image, its irqfd and ioeventfd eventfds)
+                                             image or a net's tap, its irqfd and ioeventfd
+                                             eventfds)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
@@ -84,7 +85,8 @@ from intrahost.migration.state import (
 from intrahost.version import version as this_version
 from intrahost.vmm.config import config_flags
 from intrahost.vmm.devices.console import PtyConsole
-from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError, disk_fd_names
+from intrahost.vmm.devices.virtio.tap import tap_fd_problem
+from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError, device_fd_names
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
 
 log = logging.getLogger(__name__)
@@ -390,18 +392,22 @@ class Receiver:
         body = msg.json()
         n, names = body.get("device"), body.get("names")
         disks = self.config.disks
+        count = self.config.virtio_count
         problem = None
-        if type(n) is not int or not 0 <= n < len(disks):
-            problem = f"device {n!r} is not one of the guest's {len(disks)} disk(s)"
+        if type(n) is not int or not 0 <= n < count:
+            nets = f" and {len(self.config.nets)} net(s)" if self.config.nets else ""
+            problem = f"device {n!r} is not one of the guest's {len(disks)} disk(s){nets}"
         elif n in self.device_fds:
             problem = f"a second DEVICE_FDS for device {n}"
-        elif not isinstance(names, list) or sorted(names) != sorted(disk_fd_names()):
-            problem = f"device {n} must carry the fds {list(disk_fd_names())}, got {names!r}"
+        elif not isinstance(names, list) or sorted(names) != sorted(
+            wanted := device_fd_names(self.config, n)
+        ):
+            problem = f"device {n} must carry the fds {list(wanted)}, got {names!r}"
         elif len(msg.fds) != len(names):
             problem = f"device {n}: {len(names)} fds named, {len(msg.fds)} sent"
         else:
             fds = dict(zip(names, msg.fds, strict=True))
-            problem = _device_fd_problem(fds, disks[n].size)
+            problem = _device_fd_problem(fds, disks[n].size if n < len(disks) else None)
         if problem is not None:
             msg.close_fds()
             self._refuse(f"DEVICE_FDS: {problem}")
@@ -414,11 +420,12 @@ class Receiver:
         assert self.config is not None
         if self.config.sev and self.sev_source_fd < 0:
             self._refuse("an SEV guest needs SEV_CONTEXT (the source VM) before READY")
-        if len(self.device_fds) != len(self.config.disks):
+        if len(self.device_fds) != self.config.virtio_count:
             self._refuse(
-                f"the guest has {len(self.config.disks)} disk(s) and the source passed the "
-                f"fds of {len(self.device_fds)} (DEVICE_FDS): this VMM takes a guest's disks "
-                "over only as the source's open images, never by their paths"
+                f"the guest has {self.config.virtio_count} virtio device(s) and the source "
+                f"passed the fds of {len(self.device_fds)} (DEVICE_FDS): this VMM takes a "
+                "guest's disks and taps over only as the source's open fds, never by their paths "
+                "or names"
             )
         t0 = time.monotonic_ns()
         try:
@@ -434,7 +441,7 @@ class Receiver:
         if self.console is not None:
             console = PtyConsole(*self.console)
             self.console = None
-        inherited = [self.device_fds[i] for i in range(len(self.config.disks))]
+        inherited = [self.device_fds[i] for i in range(self.config.virtio_count)]
         self.device_fds = {}  # the machine owns them now (and closes them if it fails)
         try:
             self.machine = Machine(
@@ -610,8 +617,14 @@ class Receiver:
 
 
 def _device_fd_problem(fds: dict[str, int], size: int | None) -> str | None:
-    """What is wrong with a disk's inherited fds (None: nothing): the image must be a regular
-    file or block device of the guest's disk size, the others eventfds."""
+    """What is wrong with a device's inherited fds (None: nothing): a disk's image must be a
+    regular file or block device of the guest's disk size, a net's tap a tap (TUNGETIFF), the
+    others eventfds."""
+    if "tap" in fds:
+        problem = tap_fd_problem(fds["tap"])
+        if problem is not None:
+            return problem
+        return _eventfd_problem(fds, "tap")
     try:
         st = os.fstat(fds["image"])
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -619,8 +632,16 @@ def _device_fd_problem(fds: dict[str, int], size: int | None) -> str | None:
         actual = os.lseek(fds["image"], 0, os.SEEK_END)
         if size is not None and actual != size:
             return f"the image holds {actual} bytes, the guest's disk {size}"
+    except OSError as e:
+        return f"an fd cannot be examined: {e.strerror}"
+    return _eventfd_problem(fds, "image")
+
+
+def _eventfd_problem(fds: dict[str, int], resource: str) -> str | None:
+    """Which of ``fds`` but ``resource`` is not an eventfd (None: they all are)."""
+    try:
         for name, fd in fds.items():
-            if name != "image" and os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            if name != resource and os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
                 return f"fd {name!r} is not an eventfd"
     except OSError as e:
         return f"an fd cannot be examined: {e.strerror}"

@@ -224,6 +224,7 @@ class Vmm:
             "migrate": (self._migrate, {"uri": (str, True)}),
             "query-migrate": (lambda _a: self._query_migrate(), {}),
             "query-block": (lambda _a: self.machine.query_block(), {}),
+            "query-net": (lambda _a: self.machine.query_net(), {}),
             "query-settings": (lambda _a: self._query_settings(), {}),
         }
 

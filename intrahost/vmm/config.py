@@ -152,6 +152,102 @@ def _disks_to_json(disks: tuple[DiskConfig, ...]) -> list[dict[str, Any]]:
     return [d.to_dict() for d in disks]
 
 
+#: A network device id (the same alphabet as a disk's).
+_NET_ID = _DISK_ID
+
+
+@dataclass(frozen=True)
+class NetConfig(JsonRecord, label="net", error=MachineConfigError):
+    """One ``--net``: a tap, opened by name (``tap``) or adopted as an open fd (``fd``),
+    and the MAC the guest sees. An empty ``mac`` is chosen at random when the VMM starts the
+    guest (:meth:`with_mac`), and then recorded: the config travels to a new VMM with it. A
+    VMM taking over a running guest inherits the tap's fd instead of opening it."""
+
+    tap: str = ""
+    fd: int | None = None
+    mac: str = ""
+    id: str = ""
+
+    def guest_view(self) -> tuple[str, str]:
+        """What the guest sees of the device: its id (the device order) and MAC."""
+        return (self.id, self.mac)
+
+    def flag_view(self, running: NetConfig) -> bool:
+        """Whether a ``--net`` flag given to a VMM taking over the guest matches the running
+        device ``running``: the same id, and the same MAC if the flag names one."""
+        return self.id == running.id and self.mac in ("", running.mac)
+
+    def with_mac(self) -> NetConfig:
+        """This config with a MAC: its own, else a random locally administered one."""
+        if self.mac:
+            return self
+        from intrahost.vmm.devices.virtio.net import random_mac
+
+        return dataclasses.replace(self, mac=random_mac())
+
+    def check(self) -> None:
+        if bool(self.tap) == (self.fd is not None):
+            raise MachineConfigError("--net needs one of tap=NAME or fd=N")
+        if self.fd is not None and self.fd < 0:
+            raise MachineConfigError(f"--net fd={self.fd}: not a file descriptor number")
+        if not _NET_ID.fullmatch(self.id):
+            raise MachineConfigError(f"--net id {self.id!r}: use 1 to 20 letters, digits or _.:-")
+        if self.mac:
+            from intrahost.vmm.devices.virtio.net import parse_mac
+
+            try:
+                parse_mac(self.mac)
+            except ValueError as e:
+                raise MachineConfigError(f"--net mac: {e}") from None
+
+
+def parse_net(text: str, index: int = 0) -> NetConfig:
+    """``tap=NAME[,mac=MAC][,id=NAME]`` or ``fd=N[,mac=MAC][,id=NAME]`` (the id defaults to
+    netN)."""
+    usage = "tap=NAME|fd=N[,mac=MAC][,id=NAME]"
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MachineConfigError(f"--net {text!r}: {item!r} is not KEY=VALUE ({usage})")
+        if key in values:
+            raise MachineConfigError(f"--net {text!r}: {key} is given twice")
+        if key == "fd":
+            if not value.isdigit():
+                raise MachineConfigError(f"--net {text!r}: fd must be a file descriptor number")
+            values[key] = int(value)
+        elif key == "mac":
+            values[key] = value.lower()
+        elif key in ("tap", "id"):
+            values[key] = value
+        else:
+            raise MachineConfigError(
+                f"--net {text!r}: unknown key {key!r} (known: tap, fd, mac, id)"
+            )
+    if ("tap" in values) == ("fd" in values):
+        raise MachineConfigError(f"--net {text!r}: give one of tap=NAME or fd=N ({usage})")
+    if "tap" in values and not values["tap"]:
+        raise MachineConfigError(f"--net {text!r}: tap= needs a name")
+    values.setdefault("id", f"net{index}")
+    net = NetConfig(**values)
+    net.check()
+    return net
+
+
+def parse_nets(texts: Sequence[str]) -> tuple[NetConfig, ...]:
+    return tuple(parse_net(text, i) for i, text in enumerate(texts))
+
+
+def _nets_from_json(value: Any) -> tuple[NetConfig, ...]:
+    if not isinstance(value, list):
+        raise MachineConfigError("config: nets must be a list")
+    return tuple(NetConfig.from_dict(d, where=f"config: nets[{i}]") for i, d in enumerate(value))
+
+
+def _nets_to_json(nets: tuple[NetConfig, ...]) -> list[dict[str, Any]]:
+    return [n.to_dict() for n in nets]
+
+
 @dataclass(frozen=True)
 class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
     """What a VMM was asked to run. ``GUEST_VISIBLE`` fields change what the guest sees and
@@ -209,6 +305,19 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         default=(),
     )
 
+    #: The virtio network devices, in device order after the disks (see docs/devices.md).
+    nets: tuple[NetConfig, ...] = _flags_converted(
+        Flag(
+            "--net",
+            "a tap: tap=NAME|fd=N[,mac=MAC][,id=NAME] (repeatable)",
+            parse=parse_nets,
+            repeat=True,
+        ),
+        to_json=_nets_to_json,
+        from_json=_nets_from_json,
+        default=(),
+    )
+
     GUEST_VISIBLE: ClassVar[tuple[str, ...]] = (
         "memory",
         "vcpus",
@@ -216,6 +325,7 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         "guest_args",
         "sev",
         "disks",
+        "nets",
     )
 
     def __post_init__(self) -> None:
@@ -230,16 +340,29 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         ids = [d.id for d in self.disks]
         if len(set(ids)) != len(ids):
             raise MachineConfigError(f"--disk ids must differ, got {ids}")
+        if len(self.disks) + len(self.nets) > MAX_DISKS:
+            raise MachineConfigError(
+                f"at most {MAX_DISKS} virtio devices (--disk and --net together), got "
+                f"{len(self.disks) + len(self.nets)}"
+            )
+        ids = [n.id for n in self.nets]
+        if len(set(ids)) != len(ids):
+            raise MachineConfigError(f"--net ids must differ, got {ids}")
+
+    @property
+    def virtio_count(self) -> int:
+        """How many virtio devices the guest has: the disks, then the network devices."""
+        return len(self.disks) + len(self.nets)
 
     @property
     def cmdline(self) -> str:
         """The guest's command line: the vCPU count, the user's arguments, then one
         ``virtio_mmio.device=`` entry per virtio device in device order."""
         parts = [f"cpus={self.vcpus}", self.guest_args]
-        if self.disks:
+        if self.virtio_count:
             from intrahost.vmm.devices.virtio.layout import cmdline_entry
 
-            parts += [cmdline_entry(n) for n in range(len(self.disks))]
+            parts += [cmdline_entry(n) for n in range(self.virtio_count)]
         return " ".join(p for p in parts if p)
 
     def guest_differences(self, other: MachineConfig) -> list[str]:
@@ -251,12 +374,19 @@ class MachineConfig(JsonRecord, label="config", error=MachineConfigError):
         """Whether the value of a flag given to a VMM that takes this running guest over
         (``given``, as :func:`parse_disks` etc. made it) changes what the guest sees. For
         disks only the ids and read-only flags count: the new VMM inherits the open images,
-        so their paths are not used and their sizes are the running guest's."""
+        so their paths are not used and their sizes are the running guest's. For nets the ids
+        count, and the MACs where the flags give one (the new VMM inherits the taps' fds)."""
         if field == "disks":
             return [d.flag_view() for d in given] != [d.flag_view() for d in self.disks]
+        if field == "nets":
+            return len(given) != len(self.nets) or not all(
+                g.flag_view(n) for g, n in zip(given, self.nets, strict=False)
+            )
         return bool(given != getattr(self, field))
 
     def _guest_value(self, field: str) -> Any:
         if field == "disks":
             return [d.guest_view() for d in self.disks]
+        if field == "nets":
+            return [n.guest_view() for n in self.nets]
         return getattr(self, field)

@@ -8,12 +8,14 @@ Build order (also the destination's order during a hand-off, all of it before th
    KVM_CREATE_IRQCHIP waits for an RCU grace period (5-8 ms on these hosts);
 4. the vCPUs, each with the host's supported CPUID;
 5. the devices on the I/O bus: COM1 (IRQ 4) and the debug port;
-6. the virtio-mmio devices, in device order (``--disk`` devices in command-line order): each
-   on the MMIO bus at its fixed window, its interrupt routed through an irqfd and its queue
-   notifications through ioeventfds (docs/devices.md). A booted machine's disk images are
-   opened and locked by :meth:`Machine.create` before anything else, so a locked image fails
-   the start at once. A machine built for an incoming hand-off builds its devices on the
-   image fds and eventfds the source VMM passed (it never opens an image by name), and
+6. the virtio-mmio devices, in device order (``--disk`` devices in command-line order, then
+   ``--net`` devices in command-line order): each on the MMIO bus at its fixed window, its
+   interrupt routed through an irqfd and its queue notifications through ioeventfds
+   (docs/devices.md). A booted machine's disk images are opened and locked, and its taps
+   opened, by :meth:`Machine.create` before anything else, so a locked image or a busy tap
+   fails the start at once. A machine built for an incoming hand-off builds its devices on
+   the image, tap and eventfd fds the source VMM passed (it never opens an image or a tap by
+   name), and
    registers only their ioeventfds: the irqfds are the source's until it lets go of them in
    the pause, and are assigned by :meth:`Machine.attach_interrupts` after the state import.
 
@@ -60,6 +62,8 @@ from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
 from intrahost.vmm.devices.virtio.block import DiskImage, VirtioBlock
 from intrahost.vmm.devices.virtio.layout import device_base, device_gsi
 from intrahost.vmm.devices.virtio.mmio import VirtioMmioDevice
+from intrahost.vmm.devices.virtio.net import VirtioNet
+from intrahost.vmm.devices.virtio.tap import Tap, TapError
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
 from intrahost.vmm.memory import GuestMemory
 from intrahost.vmm.persist import Persist
@@ -86,19 +90,23 @@ class Machine:
         kvm: Kvm | None = None,
         incoming: bool = False,
         disk_images: Sequence[DiskImage] = (),
+        taps: Sequence[Tap] = (),
         inherited_fds: Sequence[Mapping[str, int]] = (),
         console: Console | None = None,
     ) -> None:
         """Build the machine on ``memory``. ``incoming``: for a hand-off's destination (an
         SEV context will be moved in, so the SEV VM is not initialised here).
         ``disk_images``: the open images of ``config.disks``, in order (owned from now on),
-        opened by :meth:`create`. ``inherited_fds``: for an incoming machine instead, each
+        opened by :meth:`create`; ``taps`` likewise the open taps of ``config.nets``.
+        ``inherited_fds``: for an incoming machine instead, each
         virtio device's host fds as the source's device listed them
-        (:meth:`VirtioMmioDevice.host_fds`: ``image``, ``irq``, ``notify/N``), in device
+        (:meth:`VirtioMmioDevice.host_fds`: ``image`` or ``tap``, ``irq``, ``notify/N``), in device
         order; owned from now on (closed if the build fails). ``console``: the UART's console
         (the machine owns it), instead of opening ``config.serial``."""
         #: Images not yet adopted by a device (closed by close() if the build fails).
         self._pending_images = list(disk_images)
+        #: Taps not yet adopted by a device (closed by close() likewise).
+        self._pending_taps = list(taps)
         #: Inherited fds not yet adopted by a device (closed by close() likewise).
         self._pending_fds = [dict(fds) for fds in inherited_fds]
         #: How long the last pause took to drain the devices and release their irqfds (µs).
@@ -152,25 +160,36 @@ class Machine:
         from intrahost.vmm.boot import boot_guest
 
         images = open_disks(config)
+        try:
+            taps = open_taps(config)
+        except BaseException:
+            for image in images:
+                image.close()
+            raise
         config = dataclasses.replace(
             config,
             disks=tuple(
                 dataclasses.replace(d, size=image.size)
                 for d, image in zip(config.disks, images, strict=True)
             ),
+            nets=tuple(n.with_mac() for n in config.nets),
         )
         try:
             memory = GuestMemory.create(config.memory, config.memory_path)
         except BaseException:
             for image in images:
                 image.close()
+            for tap in taps:
+                tap.close()
             raise
         try:
-            machine = cls(config, memory, kvm, disk_images=images)
+            machine = cls(config, memory, kvm, disk_images=images, taps=taps)
         except BaseException:
             memory.close()
             for image in images:  # idempotent: those a device adopted are closed already
                 image.close()
+            for tap in taps:
+                tap.close()
             raise
         try:
             image_size = boot_guest(machine)
@@ -197,19 +216,26 @@ class Machine:
         self._build_group()
 
     def _build_virtio(self) -> None:
-        """Step 6 of the build order: one virtio-blk device per disk."""
+        """Step 6 of the build order: one virtio-blk device per disk, then one virtio-net
+        device per net."""
         disks = self.config.disks
-        if not disks:
+        count = self.config.virtio_count
+        if not count:
             return
         if self.incoming:
-            if len(self._pending_fds) != len(disks):
+            if len(self._pending_fds) != count:
+                nets = f" and {len(self.config.nets)} net(s)" if self.config.nets else ""
                 raise MachineError(
-                    f"the guest has {len(disks)} disk(s) but the source VMM passed the open "
-                    f"images and eventfds of {len(self._pending_fds)}: a VMM taking over a "
-                    "guest never opens its images by name"
+                    f"the guest has {len(disks)} disk(s){nets} but the source VMM passed the "
+                    f"open images, taps and eventfds of {len(self._pending_fds)} device(s): a "
+                    "VMM taking over a guest never opens its images or taps by name"
                 )
         elif len(self._pending_images) != len(disks):
             raise MachineError(f"{len(disks)} disk(s) configured, {len(self._pending_images)} open")
+        elif len(self._pending_taps) != len(self.config.nets):
+            raise MachineError(
+                f"{len(self.config.nets)} net(s) configured, {len(self._pending_taps)} open"
+            )
         for n, disk in enumerate(disks):
             irq_fd: int | None = None
             notify_fds: list[int] | None = None
@@ -241,10 +267,42 @@ class Machine:
                 irq_fd=irq_fd,
                 notify_fds=notify_fds,
             )
-            self.virtio.append(device)
-            device.attach(self.vm, interrupt=not self.incoming)
-            self.mmio.register(device.base, device.length, device, device.name)
-            self.add_state(f"device/virtio/{n}", device)
+            self._add_virtio(n, device)
+        for n, net in enumerate(self.config.nets, start=len(disks)):
+            irq_fd = notify_fds = None
+            if self.incoming:
+                fds = self._pending_fds[0]
+                if sorted(fds) != sorted(net_fd_names()):
+                    raise MachineError(
+                        f"net {net.id}: the source passed fds {sorted(fds)}, not "
+                        f"{list(net_fd_names())}"
+                    )
+                try:
+                    tap = Tap.from_fd(fds["tap"], f"net {net.id}'s inherited tap fd")
+                except TapError as e:
+                    raise MachineError(str(e)) from None
+                del fds["tap"]
+                irq_fd = fds.pop("irq")
+                notify_fds = [fds.pop("notify/0"), fds.pop("notify/1")]
+                self._pending_fds.pop(0)
+            else:
+                tap = self._pending_taps.pop(0)
+            device = VirtioMmioDevice(
+                VirtioNet(tap, net.id, net.mac),
+                self.memory,
+                device_base(n),
+                device_gsi(n),
+                f"virtio-net{n} ({net.id})",
+                irq_fd=irq_fd,
+                notify_fds=notify_fds,
+            )
+            self._add_virtio(n, device)
+
+    def _add_virtio(self, n: int, device: VirtioMmioDevice) -> None:
+        self.virtio.append(device)
+        device.attach(self.vm, interrupt=not self.incoming)
+        self.mmio.register(device.base, device.length, device, device.name)
+        self.add_state(f"device/virtio/{n}", device)
 
     def _build_vm(self) -> None:
         """Steps 1-4 of the build order (module docstring) on ``self.vm``."""
@@ -435,8 +493,10 @@ class Machine:
         }
         if self.exit_code is not None:
             info["exit-code"] = self.exit_code
-        if self.virtio:
-            info["disks"] = len(self.virtio)
+        if self.config.disks:
+            info["disks"] = len(self.config.disks)
+        if self.config.nets:
+            info["nets"] = len(self.config.nets)
         if self.confidential is not None:
             record = self.confidential.record
             info["sev"] = {"mode": self.confidential.mode, "platform": self.config.sev_platform}
@@ -449,6 +509,14 @@ class Machine:
         out = []
         for device in self.virtio:
             if isinstance(device.backend, VirtioBlock):
+                out.append(device.backend.query() | device.query())
+        return out
+
+    def query_net(self) -> list[dict[str, Any]]:
+        """The control API's ``query-net``: each network device, its tap and its counters."""
+        out = []
+        for device in self.virtio:
+            if isinstance(device.backend, VirtioNet):
                 out.append(device.backend.query() | device.query())
         return out
 
@@ -473,6 +541,8 @@ class Machine:
             device.close(vm_closing=True)
         for image in self._pending_images:
             image.close()
+        for tap in self._pending_taps:
+            tap.close()
         if self._console is not None:  # given, but the build failed before the UART took it
             self._console.close()
             self._console = None
@@ -504,9 +574,36 @@ def open_disks(config: MachineConfig) -> list[DiskImage]:
     return images
 
 
+def open_taps(config: MachineConfig) -> list[Tap]:
+    """Open (``tap=NAME``) or adopt (``fd=N``) every tap of ``config``, in order; on a
+    failure the ones already open are closed and the TapError names the tap."""
+    taps: list[Tap] = []
+    try:
+        for net in config.nets:
+            if net.fd is not None:
+                taps.append(Tap.from_fd(net.fd, f"--net fd={net.fd}"))
+            else:
+                taps.append(Tap.open(net.tap))
+    except BaseException:
+        for tap in taps:
+            tap.close()
+        raise
+    return taps
+
+
 def disk_fd_names() -> tuple[str, ...]:
     """The host fds of a disk's device, by name, as a hand-off passes them."""
     return ("image", "irq", "notify/0")
+
+
+def net_fd_names() -> tuple[str, ...]:
+    """The host fds of a network device, by name, as a hand-off passes them."""
+    return ("tap", "irq", "notify/0", "notify/1")
+
+
+def device_fd_names(config: MachineConfig, n: int) -> tuple[str, ...]:
+    """The host fds virtio device ``n`` of ``config`` carries in a hand-off."""
+    return disk_fd_names() if n < len(config.disks) else net_fd_names()
 
 
 def inherited_image(fd: int, disk: DiskConfig) -> DiskImage:

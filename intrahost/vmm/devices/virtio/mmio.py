@@ -131,9 +131,12 @@ class VirtioBackend(Protocol):
         """The device-specific configuration space, as the driver reads it."""
         ...
 
-    def handle(self, queue: int, chain: Chain) -> int:
+    def handle(self, queue: int, chain: Chain) -> int | None:
         """Serve one chain of queue ``queue``; returns the bytes written into its
-        device-writable buffers. Raises QueueError for a malformed request."""
+        device-writable buffers, or None when the host has nothing for the chain yet (the
+        network device's receive queue on an empty tap): the transport puts the chain back
+        and ends the batch, and the backend runs the queue again when it has (see
+        :class:`HostFed`). Raises QueueError for a malformed request."""
         ...
 
     def host_fds(self) -> dict[str, int]:
@@ -141,6 +144,15 @@ class VirtioBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HostFed(Protocol):
+    """A backend fed from the host as well as by the guest (the network device: frames
+    arrive on its tap). It is given the device's I/O thread and ``process(queue)`` when the
+    device is built, to run a queue when its host side becomes ready."""
+
+    def bind(self, io: IoThread, process: Callable[[int], None]) -> None: ...
 
 
 @runtime_checkable
@@ -219,6 +231,8 @@ class VirtioMmioDevice:
         self.io = IoThread(name)
         for i, fd in enumerate(self.notify_fds):
             self.io.watch(fd, _bind(self._on_notify, i))
+        if isinstance(backend, HostFed):
+            backend.bind(self.io, self.process)
 
     # --- KVM wiring ------------------------------------------------------------------------------
 
@@ -512,7 +526,10 @@ class VirtioMmioDevice:
     def process(self, index: int) -> None:
         """Serve every chain available on queue ``index``, a batch at a time: notifications
         off, chains handled, the used ring published once, notifications back on and the
-        ring looked at again; one interrupt at the end if the driver wants one."""
+        ring looked at again; one interrupt at the end if the driver wants one. A chain the
+        backend has nothing for yet (``handle`` answers None) goes back to the ring and ends
+        the batch with notifications left off: the backend runs the queue again when its
+        host side is ready."""
         with self._work:
             q = self.queues[index]
             if not self.live or not q.active:
@@ -537,16 +554,22 @@ class VirtioMmioDevice:
         while True:
             q.disable_notifications()
             done: list[tuple[int, int]] = []
+            waiting = False
             try:
                 while not io.draining:
                     chain = q.pop()
                     if chain is None:
                         break
-                    done.append((chain.head, handle(index, chain)))
+                    written = handle(index, chain)
+                    if written is None:
+                        q.put_back()
+                        waiting = True
+                        break
+                    done.append((chain.head, written))
             finally:
                 if done:
                     notify |= q.push_used(done)
-            if io.draining or not q.enable_notifications():
+            if waiting or io.draining or not q.enable_notifications():
                 return notify
 
     def signal(self, bits: int) -> None:
@@ -676,4 +699,4 @@ def _bind(fn: Callable[[int], None], i: int) -> Callable[[], None]:
     return lambda: fn(i)
 
 
-__all__ = ["MAX_QUEUE_SIZE", "VirtioBackend", "VirtioMmioDevice", "VirtioMmioState"]
+__all__ = ["MAX_QUEUE_SIZE", "HostFed", "VirtioBackend", "VirtioMmioDevice", "VirtioMmioState"]

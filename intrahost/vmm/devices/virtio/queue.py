@@ -214,6 +214,10 @@ class SplitQueue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
 
+    def put_back(self) -> None:
+        """Undo the last :meth:`pop`: its chain is the next available one again."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+
     def _chain(self, head: int) -> Chain:
         assert self._desc is not None and self._memory is not None
         view = self._memory.view

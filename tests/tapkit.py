@@ -1,0 +1,176 @@
+"""Network namespaces with a tap for the network device's tests.
+
+Everything happens inside a namespace the test creates (``intrahost-t-PID-N``) and deletes:
+a persistent tap ``tap0`` with 192.0.2.1/24, IPv6 off (so that the kernel sends nothing on
+its own), and a static neighbour entry for the guest's address, so that host datagrams to
+the guest need no ARP. The test process reaches into the namespace from a short-lived thread
+that ``setns`` into it (only that thread changes namespace): a tap opened or a socket
+created there belongs to the namespace and is used from any thread afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import itertools
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from support import wait_until
+
+from intrahost.vmm.devices.virtio.tap import Tap
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x4000_0000
+HOST_IP = "192.0.2.1"
+GUEST_IP = "192.0.2.2"
+GUEST_MAC = "02:00:00:00:00:02"
+_counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+class NetNs:
+    """A network namespace with ``tap0`` (see the module docstring)."""
+
+    def __init__(self, tap: str = "tap0") -> None:
+        self.name = f"intrahost-t-{os.getpid()}-{next(_counter)}"
+        self.tap = tap
+        ip("netns", "add", self.name)
+        try:
+            self.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+            self.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+            ip("-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap")
+            ip("-n", self.name, "addr", "add", f"{HOST_IP}/24", "dev", tap)
+            ip("-n", self.name, "link", "set", tap, "up")
+            ip("-n", self.name, "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", tap)
+        except BaseException:
+            self.delete()
+            raise
+
+    def exec(self, *argv: str) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv], check=True, capture_output=True, text=True
+        ).stdout
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+
+    def inside(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on a thread that entered this namespace."""
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if _libc.setns(fd, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                finally:
+                    os.close(fd)
+                result.append(fn())
+            except BaseException as e:
+                error.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    def open_tap(self, name: str | None = None) -> Tap:
+        """The tap opened in the namespace, once the kernel took its carrier up (see
+        :meth:`wait_carrier`)."""
+        tap = self.inside(lambda: Tap.open(name or self.tap))
+        self.wait_carrier()
+        return tap
+
+    def wait_carrier(self) -> None:
+        """Wait until the tap's operstate is UP. A tap gets its carrier when an fd attaches;
+        the kernel applies it (and activates the queueing discipline) from its link-watch
+        work, which it may delay by up to a second: a datagram sent before that is dropped."""
+        wait_until(lambda: self.link().get("operstate") == "UP", f"{self.tap}'s carrier")
+
+    def tun_fd(self, name: str | None = None) -> int:
+        """A tap fd as another program would pass it: IFF_TAP | IFF_NO_PI, blocking,
+        inheritable."""
+        fd = self.open_tap(name).fd
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        os.set_inheritable(fd, True)
+        return fd
+
+    def udp(self, port: int = 0) -> socket.socket:
+        """A UDP socket bound to the host's address in the namespace."""
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((HOST_IP, port))
+            return s
+
+        return self.inside(make)
+
+    def link(self) -> dict[str, object]:
+        (info,) = json.loads(ip("-n", self.name, "-s", "-j", "link", "show", self.tap))
+        assert isinstance(info, dict)
+        return info
+
+    def tap_mac(self) -> bytes:
+        return bytes.fromhex(str(self.link()["address"]).replace(":", ""))
+
+    def tap_tx_packets(self) -> int:
+        """Frames the host's stack handed to the tap (its queueing discipline's count: the
+        tap's own counts a frame only when its reader takes it)."""
+        out = json.loads(
+            subprocess.run(
+                ["tc", "-n", self.name, "-s", "-j", "qdisc", "show", "dev", self.tap],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        return sum(int(q.get("packets", 0)) for q in out)
+
+
+def mac_bytes(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(dst_mac: bytes, payload: bytes, sport: int, dport: int) -> bytes:
+    """An Ethernet/IPv4/UDP frame from the guest (GUEST_MAC, GUEST_IP) to HOST_IP."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    src = socket.inet_aton(GUEST_IP)
+    dst = socket.inet_aton(HOST_IP)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, src, dst)
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return dst_mac + mac_bytes(GUEST_MAC) + b"\x08\x00" + header + udp
+
+
+def udp_payload(frame: bytes) -> tuple[int, int, bytes] | None:
+    """(source port, destination port, payload) of an IPv4/UDP frame, else None."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0xF) * 4
+    sport, dport, length, _ = struct.unpack_from("!HHHH", frame, 14 + ihl)
+    return sport, dport, frame[14 + ihl + 8 : 14 + ihl + length]

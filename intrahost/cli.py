@@ -32,11 +32,9 @@ import select
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from intrahost.errors import IntrahostError
@@ -999,6 +997,8 @@ def _upgrade(
         given = parse_new_flags(flags)
         if given is not None:
             check_new_flags(given, settings, api)
+        import tempfile  # (here: `run`, the new VMM, has no use for it)
+
         workdir = tempfile.mkdtemp(prefix="intrahost-upgrade-")
         mig = os.path.join(workdir, "migration.sock")
         try:
@@ -1126,6 +1126,8 @@ def upgrade_all(request: UpgradeRequest, parallel: int, out: Output) -> int:
     """Upgrade every live VMM of the runtime directory, ``parallel`` at a time, in name
     order. A batch always finishes; after a batch with a failure no new batch starts (the
     failed VMMs' guests keep running on their old VMMs, the rest are "skipped")."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from intrahost.service import registry
 
     targets = [e for e in registry.entries() if e.state == "live"]
@@ -1191,6 +1193,8 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from intrahost.service import registry
 
     found = registry.entries()

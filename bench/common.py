@@ -65,11 +65,17 @@ class Workspace:
         return self.dir / name
 
     def spawn(
-        self, argv: Sequence[str], log_name: str, *, pipes: bool = False
+        self,
+        argv: Sequence[str],
+        log_name: str,
+        *,
+        pipes: bool = False,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[str]:
         """Start ``argv`` with stderr (and stdout, unless ``pipes``) in ``log_name``.log.
 
-        With ``pipes`` the child's stdin and stdout are text pipes to this process.
+        With ``pipes`` the child's stdin and stdout are text pipes to this process; ``env``
+        replaces the environment.
         """
         log = open(self.path(f"{log_name}.log"), "a")  # noqa: SIM115 -- closed in stop()
         try:
@@ -80,6 +86,7 @@ class Workspace:
                 stderr=log,
                 text=True,
                 start_new_session=True,
+                env=env,
             )
         except BaseException:
             log.close()

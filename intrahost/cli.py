@@ -28,14 +28,13 @@ import itertools
 import json
 import logging
 import os
+import select
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from intrahost.errors import IntrahostError
@@ -696,12 +695,19 @@ def describe_migration(result: dict[str, Any]) -> str:
 
 
 def _wait_migration(qmp: Any, timeout: float = 120.0) -> dict[str, Any]:
+    """``query-migrate`` once the migration has ended. Between two queries it waits for the
+    source's next MIGRATION event (briefly: a source that sends none is polled), so it learns
+    of the end at once instead of at the next poll, and does not keep the source's control
+    thread busy, with the GIL its migration thread needs, during the pause."""
+    from intrahost.service.qmp_client import QmpTimeoutError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result: dict[str, Any] = qmp.execute("query-migrate")
         if result.get("status") in ("completed", "failed"):
             return result
-        time.sleep(0.01)
+        with contextlib.suppress(QmpTimeoutError):
+            qmp.wait_event("MIGRATION", timeout=0.02)
     raise CliError("the migration did not finish in time")
 
 
@@ -960,13 +966,25 @@ def _new_vmm_command(
 def upgrade(
     api: str, request: UpgradeRequest, phase: Callable[[str], None] = lambda _text: None
 ) -> dict[str, Any]:
+    """See :func:`_upgrade`."""
+    with contextlib.ExitStack() as cleanup:
+        return _upgrade(api, request, phase, cleanup)
+
+
+def _upgrade(
+    api: str,
+    request: UpgradeRequest,
+    phase: Callable[[str], None],
+    cleanup: contextlib.ExitStack,
+) -> dict[str, Any]:
     """Start a new VMM with the running VMM's settings (and the request's flags over them),
     hand the guest to it, and wait until it serves ``api``; what happened, as a dict.
 
     Order: the running VMM's settings are read and the new flags checked before anything
     starts (a flag that can't change is refused, naming it); the new VMM's standard error is
     read until it serves (its own error, if it fails to start, is in the exception); only
-    then is the guest handed over (the pause is inside that step)."""
+    then is the guest handed over (the pause is inside that step). It returns once the old
+    VMM has exited (a pidfd tells at once) and the new one answers on ``api``."""
     flags = list(request.flags)
     if flags and flags[0] == "--":
         flags = flags[1:]
@@ -974,9 +992,15 @@ def upgrade(
     with _client(api) as qmp:
         settings = _running_settings(qmp)
         old_pid = qmp.execute("query-vm").get("pid")
+        # Opened now, while the pid surely is the running VMM's (it answered).
+        old_pidfd = _open_pid(old_pid) if isinstance(old_pid, int) else None
+        if old_pidfd is not None:
+            cleanup.callback(os.close, old_pidfd)
         given = parse_new_flags(flags)
         if given is not None:
             check_new_flags(given, settings, api)
+        import tempfile  # (here: `run`, the new VMM, has no use for it)
+
         workdir = tempfile.mkdtemp(prefix="intrahost-upgrade-")
         mig = os.path.join(workdir, "migration.sock")
         try:
@@ -989,7 +1013,7 @@ def upgrade(
                 old_pid if isinstance(old_pid, int) else None,
             )
             phase("starting the new VMM")
-            from intrahost.service.runner import SpawnError, spawn_vmm
+            from intrahost.service.spawn import SpawnError, spawn_vmm
 
             # Its standard error comes back through a pipe until it serves (then it switches
             # to its own log destination), so that its own error reaches the user. Under
@@ -1025,13 +1049,11 @@ def upgrade(
                 os.rmdir(workdir)
     phase("waiting for the old VMM to exit")
     if isinstance(old_pid, int):
-        _wait_pid_gone(old_pid, 10)
-    _wait_served_by(api, new.pid, 10)
+        _wait_pid_gone(old_pid, 10, old_pidfd)
+    console = _wait_served_by(api, new.pid, 10).get("console")
     said = capture.text(timeout=2.0)
     if said:
         log.info("the new VMM said, before it served: %s", said.rstrip())
-    with _client(api) as qmp:
-        console = qmp.execute("query-vm").get("console")
     return {
         "status": "completed",
         "api-socket": api,
@@ -1051,8 +1073,6 @@ def _hand_over(
     capture: _Capture,
     phase: Callable[[str], None],
 ) -> dict[str, Any]:
-    from intrahost.service.runner import wait_for_socket
-
     deadline = time.monotonic() + 20
     while not os.path.exists(mig):
         if not new.running():
@@ -1065,7 +1085,6 @@ def _hand_over(
         if time.monotonic() > deadline:
             raise CliError("the new VMM did not start listening within 20 s")
         time.sleep(0.005)
-    wait_for_socket(mig, 1)
     phase("handing the guest over")
     qmp.execute("migrate", uri=f"unix:{mig}")
     result = _wait_migration(qmp)
@@ -1109,6 +1128,8 @@ def upgrade_all(request: UpgradeRequest, parallel: int, out: Output) -> int:
     """Upgrade every live VMM of the runtime directory, ``parallel`` at a time, in name
     order. A batch always finishes; after a batch with a failure no new batch starts (the
     failed VMMs' guests keep running on their old VMMs, the rest are "skipped")."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from intrahost.service import registry
 
     targets = [e for e in registry.entries() if e.state == "live"]
@@ -1174,6 +1195,8 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     from intrahost.service import registry
 
     found = registry.entries()
@@ -1279,26 +1302,40 @@ def cmd_selftest(args: argparse.Namespace, out: Output) -> int:
     return 1 if failed else 0
 
 
-def _wait_served_by(path: str, pid: int, timeout: float) -> None:
+def _wait_served_by(path: str, pid: int, timeout: float) -> dict[str, Any]:
     """Wait until the control socket at ``path`` answers from ``pid`` (the new VMM renames its
-    socket into place right after it took the guest)."""
+    socket into place right after it took the guest); its ``query-vm``."""
     from intrahost.service.qmp_client import QmpConnectionError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with _client(path) as qmp:
-                if qmp.execute("query-vm").get("pid") == pid:
-                    return
+                info: dict[str, Any] = qmp.execute("query-vm")
+                if info.get("pid") == pid:
+                    return info
         except QmpConnectionError:
             pass
-        time.sleep(0.005)
+        time.sleep(0.002)
     raise CliError(f"the new VMM (pid {pid}) did not take over {path} within {timeout} s")
 
 
-def _wait_pid_gone(pid: int, timeout: float) -> None:
+def _open_pid(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it has exited), or None if it cannot be opened
+    (gone already, or no permission): then :func:`_wait_pid_gone` polls /proc."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def _wait_pid_gone(pid: int, timeout: float, pidfd: int | None = None) -> None:
     """Wait until ``pid`` has exited (a zombie counts as exited: its parent may be slow to
-    reap it)."""
+    reap it). With ``pidfd`` (opened while ``pid`` surely was the old VMM), the kernel says
+    when, at once; without, /proc is polled."""
+    if pidfd is not None:
+        select.select([pidfd], [], [], timeout)
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

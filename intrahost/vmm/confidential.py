@@ -3,8 +3,8 @@ context over from another VMM (MOVE).
 
 The machine's KVM VM is bound to an SEV VM of a platform (``intrahost.sev``): the kernel's
 (the KVM VM itself) or the model's (a context held by the platform service,
-``intrahost.sevmodel``, which this module makes available by importing it). Order, with the
-reason for each step:
+``intrahost.sevmodel``, which this module makes available by importing it on attach). Order,
+with the reason for each step:
 
 1. attach and, on a new guest, SEV_INIT / SEV_ES_INIT — before any vCPU exists (the kernel
    refuses INIT once vCPUs were created); a destination of a hand-off does not init: MOVE
@@ -32,11 +32,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Vm
 from intrahost.sev.interface import SEV_POLICY_ES, PlatformInfo, SevPlatform, SevVm, VmType
-from intrahost.sev.platforms import open_platform
 from intrahost.vmm.persist import JsonRecord, RecordState
 
 if TYPE_CHECKING:
@@ -120,6 +118,11 @@ class ConfidentialGuest:
     def attach(cls, machine: Machine, incoming: bool) -> ConfidentialGuest:
         """Bind ``machine.vm`` (no vCPUs yet) to a new SEV VM; init it unless ``incoming``.
         The machine must use :attr:`kvm_vm` in place of its VM afterwards."""
+        # The platforms are imported here, for SEV guests only: at the top they would cost
+        # every VMM's start-up (a hand-off's destination's too) the model's import.
+        import intrahost.sevmodel  # noqa: F401  (importing it registers the "model" platform)
+        from intrahost.sev.platforms import open_platform
+
         config = machine.config
         platform = open_platform(config.sev_platform)
         init = choose_initialisation(platform.info)

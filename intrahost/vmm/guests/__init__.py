@@ -11,25 +11,64 @@
 docs/guests.md describes the guests and their ABI.
 """
 
-from intrahost.vmm.guests.build import GuestBuildError, build_guest, list_guests
-from intrahost.vmm.guests.layout import (
-    CounterStatus,
-    ExitCode,
-    GuestMemoryCorrupt,
-    GuestStatusMissing,
-    ReportTag,
-    VcpuSlot,
-    read_status,
-    verify_region,
-)
-from intrahost.vmm.guests.loader import (
-    BootCpuState,
-    BootInfo,
-    GuestLoadError,
-    boot_cpu_state,
-    load_guest,
-    read_guest_image,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from intrahost.vmm.guests.build import GuestBuildError, build_guest, list_guests
+    from intrahost.vmm.guests.layout import (
+        CounterStatus,
+        ExitCode,
+        GuestMemoryCorrupt,
+        GuestStatusMissing,
+        ReportTag,
+        VcpuSlot,
+        read_status,
+        verify_region,
+    )
+    from intrahost.vmm.guests.loader import (
+        BootCpuState,
+        BootInfo,
+        GuestLoadError,
+        boot_cpu_state,
+        load_guest,
+        read_guest_image,
+    )
+
+#: Where each name below lives. The submodules are imported on first use of a name
+#: (PEP 562), not with the package: a reader of guest memory (``probe``, ``layout``) must
+#: not pull in the build and the loader, and ``query-vm`` runs in every VMM.
+_HOMES = {
+    "build": ("GuestBuildError", "build_guest", "list_guests"),
+    "layout": (
+        "CounterStatus",
+        "ExitCode",
+        "GuestMemoryCorrupt",
+        "GuestStatusMissing",
+        "ReportTag",
+        "VcpuSlot",
+        "read_status",
+        "verify_region",
+    ),
+    "loader": (
+        "BootCpuState",
+        "BootInfo",
+        "GuestLoadError",
+        "boot_cpu_state",
+        "load_guest",
+        "read_guest_image",
+    ),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "BootCpuState",

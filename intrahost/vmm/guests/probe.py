@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 from intrahost.errors import IntrahostError
 from intrahost.vmm.guests import layout
-from intrahost.vmm.guests.diskcheck import GuestView
 from intrahost.vmm.guests.layout import CounterStatus, DiskState, DiskStatus, GuestStatusMissing
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from intrahost.vmm.guests.diskcheck import GuestView
 
 
 class GuestNotCounting(IntrahostError):
@@ -202,4 +203,6 @@ class DiskProbe:
         """What the guest saw complete, for :func:`~intrahost.vmm.guests.diskcheck.check_image`.
 
         Read it from a paused or stopped guest (see :meth:`GuestView.from_memory`)."""
+        from intrahost.vmm.guests.diskcheck import GuestView  # only the disk checks need it
+
         return GuestView.from_memory(self.memory)

@@ -122,6 +122,7 @@ def test_a_clean_stream_loses_nothing(peer_ns: NetNamespace) -> None:
     assert report.first_reply_ns is not None and report.start_ns < report.first_reply_ns
     assert 0.9 * RATE < report.sent_per_s < 1.1 * RATE
     assert report.lost_ranges == []
+    assert 0 <= report.send_lag_ms < PATIENCE * 1000
     assert EchoReport.from_json(report.to_json()) == report
 
 

@@ -293,6 +293,9 @@ class EchoReport:
     foreign: int = 0  # datagrams that are not this stream's replies
     send_errors: int = 0  # sends the kernel refused (counted as sent and lost)
     socket_drops: int = 0  # replies the stream's own socket dropped (a full receive buffer)
+    #: stream: the most a send was late on its deadline. The stream's own process held up
+    #: (a loaded host) shows here; a blackout far longer than it is the network's.
+    send_lag_ms: float = 0.0
     first_reply_ns: int | None = None
     last_reply_ns: int | None = None
     blackout: Blackout = field(default_factory=Blackout)
@@ -342,6 +345,8 @@ class EchoReport:
         if self.lost_ranges:
             ranges = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.lost_ranges)
             lines.append(f"lost sequence numbers: {ranges}")
+        if self.send_lag_ms:
+            lines.append(f"sends at most {self.send_lag_ms:.1f} ms late")
         if self.send_errors or self.socket_drops or self.foreign:
             lines.append(
                 f"{self.send_errors} send errors, {self.socket_drops} dropped by the receiving "
@@ -644,14 +649,15 @@ def run_stream(
         stopped = _stopper(None, stop, start_ns)
         # With a duration: the datagrams due before it ends, sent even if the sender is late.
         total = math.ceil(duration * rate - 1e-6) if duration is not None else None
-        sent = 0
+        sent = lag = 0
         while True:
             now = time.monotonic_ns()
             if stopped(now):
                 break
             while (total is None or sent < total) and start_ns + int(sent * period) <= now:
-                sent += 1
                 last_send = time.monotonic_ns()
+                lag = max(lag, last_send - start_ns - int(sent * period))
+                sent += 1
                 ep.send(encode(sid, sent, last_send, size))
             if total is not None and sent >= total:
                 break
@@ -673,6 +679,7 @@ def run_stream(
             send_errors=ep.send_errors,
             socket_drops=ep.drops,
         )
+        report.send_lag_ms = lag / 1e6
         prog.write(time.monotonic_ns(), start_ns, sent, tally, final=True)
         return report
     finally:

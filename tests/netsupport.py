@@ -3,13 +3,17 @@
 The peer stands in for the net guest: run in a test's namespace (``EchoPeer``), it echoes
 every datagram back to its sender, except that it can drop, duplicate or delay chosen
 sequence numbers of an echo stream, and stall (hold every datagram, then release them all in
-order), the way a paused VMM's tap queue does. It reports what it did, with CLOCK_MONOTONIC
-times. Run as a script, this file is the peer: ``python tests/netsupport.py echo ...``.
+order), the way a paused VMM's tap queue does. Given a tap, it is a guest behind it: it
+attaches the tap and answers ARP and UDP echo there, and a stall is a real pause of its
+reading, with the frames waiting in the tap's own queue. It reports what it did, with
+CLOCK_MONOTONIC times. Run as a script, this file is the peer:
+``python tests/netsupport.py echo ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import heapq
 import json
 import os
@@ -17,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,7 +43,8 @@ PEER = "192.0.2.2"
 
 
 class EchoPeer:
-    """The misbehaving echo peer as a process in ``netns`` (a context manager)."""
+    """The misbehaving echo peer as a process in ``netns`` (a context manager). With
+    ``tap``, it is a guest behind that tap instead (:func:`serve_tap`)."""
 
     def __init__(
         self,
@@ -50,11 +56,14 @@ class EchoPeer:
         duplicate: Iterable[int] = (),
         delay: dict[int, float] | None = None,
         stall: tuple[int, float] | None = None,
+        tap: str | None = None,
     ) -> None:
         self.netns = netns
         self._dir = Path(tempfile.mkdtemp(prefix="ih-peer-"))
         self.ready = self._dir / "ready"
         argv = [sys.executable, __file__, "echo", "--bind", bind, "--port", str(port)]
+        if tap is not None:
+            argv += ["--tap", tap]
         argv += ["--ready-file", str(self.ready)]
         argv += [a for seq in drop for a in ("--drop", str(seq))]
         argv += [a for seq in duplicate for a in ("--duplicate", str(seq))]
@@ -95,14 +104,19 @@ def _seq_ms(text: str) -> tuple[int, float]:
     return int(seq), float(ms)
 
 
-def serve(args: argparse.Namespace) -> dict[str, Any]:
-    """The peer's loop, until SIGTERM."""
+def _on_sigterm() -> list[int]:
     stopping: list[int] = []
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_term)
+    return stopping
+
+
+def serve(args: argparse.Namespace) -> dict[str, Any]:
+    """The peer's loop on a UDP socket, until SIGTERM."""
+    stopping = _on_sigterm()
     family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: never drop a burst
@@ -172,6 +186,89 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
     return done
 
 
+_MAC = bytes.fromhex("020000000002")  # the peer's, locally administered
+_TUNSETIFF = 0x400454CA
+_IFF_TAP_NO_PI = 0x0002 | 0x1000
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _answer(frame: bytes, ip: bytes, port: int) -> tuple[bytes | None, int]:
+    """The reply to one Ethernet frame (an ARP request for ``ip``, or a UDP datagram to
+    ``ip``:``port``), or None; and the echo stream sequence number the frame carries (0)."""
+    ethertype = frame[12:14]
+    if ethertype == b"\x08\x06" and frame[20:22] == b"\x00\x01" and frame[38:42] == ip:
+        sender_mac, sender_ip = frame[22:28], frame[28:32]
+        arp = b"\x00\x01\x08\x00\x06\x04\x00\x02" + _MAC + ip + sender_mac + sender_ip
+        return sender_mac + _MAC + b"\x08\x06" + arp, 0
+    if ethertype != b"\x08\x00" or frame[23] != 17 or frame[30:34] != ip:
+        return None, 0
+    ihl = (frame[14] & 15) * 4
+    udp = frame[14 + ihl :]
+    source_port, dest_port, length = struct.unpack_from("!HHH", udp)
+    if dest_port != port:
+        return None, 0
+    payload = udp[8:length]
+    fields = decode(payload)
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + len(payload), 0, 0x4000, 64, 17, 0, ip, frame[26:30]
+    )
+    header = header[:10] + struct.pack("!H", _ip_checksum(header)) + header[12:]
+    reply_udp = struct.pack("!HHHH", port, source_port, 8 + len(payload), 0) + payload
+    return frame[6:12] + _MAC + b"\x08\x00" + header + reply_udp, fields[1] if fields else 0
+
+
+def serve_tap(args: argparse.Namespace) -> dict[str, Any]:
+    """A guest behind the tap ``args.tap``: it attaches the tap (IFF_TAP|IFF_NO_PI, as the
+    VMM does) and answers ARP and UDP echo for ``args.bind``. A stall stops it reading the
+    tap, as a paused VMM does: meanwhile frames wait in the tap's queue (or are dropped when
+    it is full)."""
+    stopping = _on_sigterm()
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", args.tap.encode(), _IFF_TAP_NO_PI))
+    os.set_blocking(fd, False)
+    Path(args.ready_file).write_text("ready")
+    ip = socket.inet_aton(args.bind)
+    stall_seq, stall_ms = _seq_ms(args.stall) if args.stall else (0, 0.0)
+    done: dict[str, Any] = {"received": 0, "answered": 0, "stall_start_ns": None}
+    done.update(stall_end_ns=None, after_stall=0)
+    stalled: bytes | None = None
+    while not stopping:
+        if stalled is not None:
+            remaining = done["stall_start_ns"] + int(stall_ms * 1e6) - time.monotonic_ns()
+            if remaining > 0:
+                select.select([], [], [], remaining / 1e9)
+                continue
+            done["stall_end_ns"] = time.monotonic_ns()
+            os.write(fd, stalled)
+            done["answered"] += 1
+            stalled = None
+        select.select([fd], [], [], 0.05)
+        while stalled is None:
+            try:
+                frame = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            done["received"] += 1
+            reply, seq = _answer(frame, ip, args.port)
+            if reply is None:
+                continue
+            if seq and seq == stall_seq and done["stall_start_ns"] is None:
+                done["stall_start_ns"] = time.monotonic_ns()
+                stalled = reply
+                continue
+            if done["stall_end_ns"] is not None and seq:
+                done["after_stall"] += 1
+            os.write(fd, reply)
+            done["answered"] += 1
+    return done
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="netsupport.py")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,7 +280,9 @@ def main() -> int:
     echo.add_argument("--duplicate", type=int, action="append", default=[], help="SEQ")
     echo.add_argument("--delay", action="append", default=[], help="SEQ:MS")
     echo.add_argument("--stall", help="SEQ:MS: from SEQ on, hold everything for MS ms")
-    print(json.dumps(serve(parser.parse_args())), flush=True)
+    echo.add_argument("--tap", help="be a guest behind this tap (only --stall applies)")
+    args = parser.parse_args()
+    print(json.dumps(serve_tap(args) if args.tap else serve(args)), flush=True)
     return 0
 
 

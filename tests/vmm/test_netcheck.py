@@ -258,6 +258,42 @@ def test_flood_counts_echoes_per_second(peer_ns: NetNamespace) -> None:
     assert report.received_per_s > 1000
 
 
+def _tx_dropped(netns: NetNamespace) -> int:
+    return int(netns.run(["cat", "/sys/class/net/tap0/statistics/tx_dropped"]).stdout)
+
+
+def test_through_the_tap_a_pause_is_a_blackout_and_nothing_is_lost(netns: NetNamespace) -> None:
+    """The peer is a guest behind tap0 (it attaches the tap, answers ARP and UDP echo) and
+    stops reading the tap for 200 ms at seq 1000, as a paused VMM does: the 400 datagrams
+    sent meanwhile wait in the tap's queue (1000 frames) and all come back."""
+    with EchoPeer(netns, tap="tap0", stall=(1000, 200.0)) as peer:
+        before = _tx_dropped(netns)  # (a detached tap drops what the host sends it)
+        report = _stream(netns)
+        dropped = _tx_dropped(netns) - before
+        did = peer.stop()
+    assert (report.sent, report.received, report.lost, report.duplicated) == (RATE, RATE, 0, 0)
+    b = report.blackout
+    assert (b.after_seq, b.before_seq) == (999, 1000) and 200.0 <= b.ms < 1200.0
+    assert b.start_ns < did["stall_end_ns"] <= b.end_ns < did["stall_end_ns"] + 100_000_000
+    assert dropped == 0
+
+
+def test_through_the_tap_a_pause_beyond_its_queue_loses_the_overflow(
+    netns: NetNamespace,
+) -> None:
+    """With a 100-frame tap queue, a 200 ms pause at 2000/s overflows it: the datagrams
+    the tap dropped (its TX drops) are the stream's losses, and the stream recovers."""
+    netns.ip("link", "set", "tap0", "txqueuelen", "100")
+    with EchoPeer(netns, tap="tap0", stall=(1000, 200.0)) as peer:
+        before = _tx_dropped(netns)
+        report = _stream(netns)
+        dropped = _tx_dropped(netns) - before
+        peer.stop()
+    assert 100 < report.lost <= dropped  # other frames (IPv6 neighbour discovery) may be too
+    assert report.received == RATE - report.lost and report.blackout.recovered
+    assert report.lost_ranges[0][0] > 1000 and report.lost_ranges[-1][1] < RATE
+
+
 # --- ping -----------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from intrahost.vmm.guests.netcheck import (
 )
 
 pytestmark = needs_netns
+needs_ping = pytest.mark.skipif(shutil.which("ping") is None, reason="needs ping (iputils-ping)")
 
 RATE = 2000
 
@@ -297,6 +299,7 @@ def test_through_the_tap_a_pause_beyond_its_queue_loses_the_overflow(
 # --- ping -----------------------------------------------------------------------------------------
 
 
+@needs_ping
 def test_ping_counts_replies(netns: NetNamespace) -> None:
     report = netcheck.ping(netns, "192.0.2.1", 100)
     assert (report.transmitted, report.received, report.loss_percent) == (100, 100, 0.0)
@@ -307,12 +310,14 @@ def test_ping_counts_replies(netns: NetNamespace) -> None:
     assert six.received == 10
 
 
+@needs_ping
 def test_ping_without_answer_is_full_loss(netns: NetNamespace) -> None:
     report = netcheck.ping(netns, "192.0.2.99", 5)  # nobody: the tap has no carrier
     assert (report.transmitted, report.received, report.lost) == (5, 0, 5)
     assert report.loss_percent == 100.0 and report.rtt_avg_ms is None
 
 
+@needs_ping
 def test_ping_until_stopped(netns: NetNamespace) -> None:
     with netcheck.Ping(netns, "192.0.2.1") as runner:
         assert runner.proc is not None
@@ -329,6 +334,7 @@ def test_ping_until_stopped(netns: NetNamespace) -> None:
     assert report.transmitted >= 1 and report.received >= report.transmitted - 1
 
 
+@needs_ping
 def test_ping_errors_and_other_formats(netns: NetNamespace) -> None:
     with pytest.raises(netcheck.PingError, match=r"^ping failed \(status 2\): .*unreachable"):
         netcheck.ping(netns, "2001:db8:ffff::1", 1)  # no route to it in the namespace

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netsupport import HAVE_NETNS
 from sev_modelkit import make_model
 from sev_testlib import ServiceHandle, start_service
 from support import VmmProcess, wait_for_path
 
 from intrahost.sevmodel.client import ModelPlatform
 from intrahost.sevmodel.kvm_sev import KvmModel
+from intrahost.vmm.guests.netcheck import NetNamespace, list_namespaces
 from intrahost.vmm.vcpu import install_kick_handler
 
 
@@ -43,6 +45,17 @@ def runtime_dir() -> Iterator[Path]:
         os.environ["XDG_RUNTIME_DIR"] = old
     kill_processes_mentioning(str(path))
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNamespace]:
+    """A network namespace with the persistent tap ``tap0`` (192.0.2.1/24, 2001:db8::1/64)
+    and ``lo`` up, removed at teardown (checked)."""
+    if not HAVE_NETNS:
+        pytest.skip("needs root and ip (iproute2)")
+    with NetNamespace("tap0", address6="2001:db8::1/64") as ns:
+        yield ns
+    assert ns.name not in list_namespaces()
 
 
 @pytest.fixture

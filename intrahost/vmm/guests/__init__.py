@@ -6,7 +6,9 @@
 * :mod:`~intrahost.vmm.guests.layout` holds the guests' fixed ABI (addresses, ports, report
   tags) and reads the counter and disk guests' status and memory back;
 * :mod:`~intrahost.vmm.guests.probe` is those guests seen from the host (``query-vm``);
-* :mod:`~intrahost.vmm.guests.diskcheck` checks a disk image the disk guest wrote.
+* :mod:`~intrahost.vmm.guests.diskcheck` checks a disk image the disk guest wrote;
+* :mod:`~intrahost.vmm.guests.netcheck` is the host's side of the net guest: a network
+  namespace with a tap, an echo stream that measures loss and the network blackout, ping.
 
 docs/guests.md describes the guests and their ABI.
 """

@@ -34,7 +34,7 @@
 
 /* Status page: u64 fields at these offsets. */
 #define ST_MAGIC            0           /* "IHNET001", written once the configuration is in */
-#define STATUS_MAGIC        0x313030544E454849ull  /* "IHNET001" */
+#define STATUS_MAGIC        0x31303054454E4849ull  /* "IHNET001" */
 #define ST_STATE            8           /* NET_STATE_* */
 #define ST_EXIT_CODE        16          /* the exit code, once failed */
 #define ST_DEVICE_BASE      24          /* the device's MMIO base */

@@ -55,7 +55,7 @@ from intrahost.service.settings import RunSettings
 from intrahost.service.spawn import NewVmm as NewVmm
 from intrahost.service.spawn import SpawnError as SpawnError
 from intrahost.service.spawn import spawn_vmm as spawn_vmm
-from intrahost.vmm.guests.probe import CounterProbe, DiskProbe
+from intrahost.vmm.guests.probe import CounterProbe, DiskProbe, NetProbe
 from intrahost.vmm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ class Vmm:
 
     def _query_vm(self) -> dict[str, Any]:
         """The machine's own description, plus a built-in guest's view of itself (read from
-        guest memory): the counter guest's status slots, the disk guest's progress."""
+        guest memory): the counter guest's status slots, the disk guest's progress, the net
+        guest's counters."""
         info = self.machine.query()
         info["console"] = self.machine.uart.console.description
         if self.machine.config.guest == "counter":
@@ -251,6 +252,10 @@ class Vmm:
             progress = DiskProbe(self.machine.memory.buffer).progress()
             if progress is not None:
                 info["disk"] = progress
+        elif self.machine.config.guest == "net":
+            net = NetProbe(self.machine.memory.buffer).progress()
+            if net is not None:
+                info["net"] = net
         return info
 
     def _query_settings(self) -> dict[str, Any]:

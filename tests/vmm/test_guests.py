@@ -54,7 +54,7 @@ def _isolated_cache(guest_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_list_guests() -> None:
-    assert list_guests() == ["counter", "disk", "hello"]
+    assert list_guests() == ["counter", "disk", "hello", "net"]
 
 
 @pytest.mark.parametrize("name", ["hello", "counter", "disk"])

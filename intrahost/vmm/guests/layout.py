@@ -1,7 +1,8 @@
 """The fixed ABI of the built-in guests, and host-side readers of their memory.
 
 Every address, port and number here is also written into the guest sources
-(``src/common.inc``; ``src/disk.h`` for the disk guest) and described in ``docs/guests.md``;
+(``src/common.inc``; ``src/disk.h`` and ``src/net.h`` for the C guests) and described in
+``docs/guests.md``;
 change all three together.
 
 The readers take any bytes-like view of guest RAM in which guest-physical address ``A`` is
@@ -90,7 +91,7 @@ class ExitCode(enum.IntEnum):
     AP_TIMEOUT = 3  # fewer vCPUs came up than cpus= asked for
     NOT_MULTIBOOT = 4  # not entered with EAX = 0x2BADB002
     FAULT = 5  # a CPU exception; FAULT and FAULT_RIP were reported
-    NO_DEVICE = 6  # disk guest: no usable virtio-blk device on the command line
+    NO_DEVICE = 6  # disk/net guest: no usable virtio-blk/virtio-net device on the command line
     DEVICE_ERROR = 7  # the device refused the driver (features, queue, read-only, too small)
     IO_ERROR = 8  # a request completed with a status other than OK
     VERIFY_FAILED = 9  # a block read back did not carry the last write seen complete there
@@ -449,6 +450,121 @@ def read_disk_seq_table(mem: ReadableBuffer, blocks: int) -> tuple[int, ...]:
         return struct.unpack_from(f"<{blocks}Q", view, DISK_SEQ_TABLE_ADDR)
 
 
+# --- the net guest -------------------------------------------------------------------------------
+
+#: The net guest's status page (the counter guest's address; the magic tells them apart).
+NET_STATUS_ADDR = STATUS_ADDR
+NET_STATUS_MAGIC = b"IHNET001"
+NET_STATUS_MAGIC_U64 = int.from_bytes(NET_STATUS_MAGIC, "little")
+#: The receiveq and the transmitq: descriptor table, avail ring at +0x1000, used ring at +0x2000.
+NET_RXQ_ADDR = 0x300000
+NET_TXQ_ADDR = 0x304000
+#: Receive and transmit buffer i at +NET_BUFFER_SIZE * i: the 12-byte virtio_net_hdr, the frame.
+NET_RX_BUFFERS_ADDR = 0x400000
+NET_TX_BUFFERS_ADDR = 0x500000
+NET_BUFFER_SIZE = 2048
+NET_HDR_SIZE = 12
+#: The UDP port whose datagrams the guest sends back.
+NET_ECHO_PORT = 7
+NET_DEFAULT_PREFIX = 24
+NET_DEFAULT_PROGRESS = 0
+
+#: The status page's u64 fields, in order (offset = 8 * index).
+NET_STATUS_FIELDS = (
+    "magic",
+    "state",
+    "exit_code",
+    "device_base",
+    "ip",
+    "prefix",
+    "mac",
+    "features",
+    "link_status",
+    "rx_queue_size",
+    "tx_queue_size",
+    "progress",
+    "heartbeat",
+    "tsc_start",
+    "tsc_now",
+    "frames_in",
+    "frames_out",
+    "arp_replies",
+    "icmp_echoes",
+    "udp_echoes",
+    "dropped",
+    "errors",
+    "rx_kicks",
+    "tx_kicks",
+    "duplicates",
+    "max_loop_gap",
+)
+NET_STATUS_SIZE = 256
+
+_NET_STATUS = struct.Struct(f"<{len(NET_STATUS_FIELDS)}Q")
+
+
+class NetState(enum.IntEnum):
+    """The net guest's ``state`` field."""
+
+    STARTING = 0  # parsing, finding and setting up the device
+    RUNNING = 1  # answering
+    FAILED = 2  # set-up failed; exit_code says why
+
+
+@dataclass(frozen=True)
+class NetStatus:
+    """The net guest's status page (see docs/guests.md for each field)."""
+
+    state: int
+    exit_code: int
+    device_base: int
+    ip: int
+    prefix: int
+    mac: int
+    features: int
+    link_status: int
+    rx_queue_size: int
+    tx_queue_size: int
+    progress: int
+    heartbeat: int
+    tsc_start: int
+    tsc_now: int
+    frames_in: int
+    frames_out: int
+    arp_replies: int
+    icmp_echoes: int
+    udp_echoes: int
+    dropped: int
+    errors: int
+    rx_kicks: int
+    tx_kicks: int
+    duplicates: int
+    max_loop_gap: int
+
+    @property
+    def address(self) -> str:
+        """The guest's address and prefix, ``A.B.C.D/P``."""
+        return ".".join(str(self.ip >> s & 0xFF) for s in (24, 16, 8, 0)) + f"/{self.prefix}"
+
+    @property
+    def mac_address(self) -> str:
+        """Its MAC, ``aa:bb:cc:dd:ee:ff``."""
+        return ":".join(f"{b:02x}" for b in self.mac.to_bytes(8, "little")[:6])
+
+
+def read_net_status(mem: ReadableBuffer) -> NetStatus:
+    """The net guest's status page. Raises :class:`GuestStatusMissing` without its magic."""
+    with _byte_view(mem, NET_STATUS_ADDR + NET_STATUS_SIZE) as view:
+        magic, *fields = _NET_STATUS.unpack_from(view, NET_STATUS_ADDR)
+    if magic != NET_STATUS_MAGIC_U64:
+        raise GuestStatusMissing(
+            f"no net guest status at {NET_STATUS_ADDR:#x}: magic is {_U64.pack(magic)!r}, "
+            f"not {NET_STATUS_MAGIC!r} (the guest has not started yet, or it is not the "
+            "net guest)"
+        )
+    return NetStatus(*fields)
+
+
 def _check_vcpu(vcpu: int) -> None:
     if not 0 <= vcpu < MAX_VCPUS:
         raise GuestLayoutError(f"vCPU index {vcpu} is outside 0..{MAX_VCPUS - 1}")
@@ -461,7 +577,8 @@ def _byte_view(mem: ReadableBuffer, needed: int) -> Iterator[memoryview]:
         if len(view) < needed:
             raise GuestLayoutError(
                 f"guest memory of {len(view):#x} bytes ends before {needed:#x}: "
-                "the counter guest needs at least 8 MiB of RAM, the disk guest 8 MiB plus "
+                "the counter guest needs at least 8 MiB of RAM, the net guest 6 MiB, the disk "
+                "guest 8 MiB plus "
                 "8 bytes per block"
             )
         yield view

@@ -1,6 +1,7 @@
 """The built-in guests seen through their memory: the counter guest's status slots, its gap
 record and the pause it observed (:class:`CounterProbe`); the disk guest's progress and its
-view of the writes it saw complete (:class:`DiskProbe`).
+view of the writes it saw complete (:class:`DiskProbe`); the net guest's counters
+(:class:`NetProbe`, which only reads).
 
 For the control API's ``query-vm`` (the service adds :meth:`CounterProbe.counters` to what the
 machine reports), the tests and the benchmarks. Nothing on a hand-off's path uses it: a VMM
@@ -31,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from intrahost.errors import IntrahostError
 from intrahost.vmm.guests import layout
-from intrahost.vmm.guests.layout import CounterStatus, DiskState, DiskStatus, GuestStatusMissing
+from intrahost.vmm.guests.layout import (
+    CounterStatus,
+    DiskState,
+    DiskStatus,
+    GuestStatusMissing,
+    NetState,
+    NetStatus,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -206,3 +214,80 @@ class DiskProbe:
         from intrahost.vmm.guests.diskcheck import GuestView  # only the disk checks need it
 
         return GuestView.from_memory(self.memory)
+
+
+class NetProbe:
+    """The net guest in ``memory`` (any view of guest RAM, see the module docstring; a
+    read-only one is enough), for ``query-vm``'s ``net`` member and the tests. It never writes
+    to guest memory."""
+
+    def __init__(self, memory: ReadableBuffer) -> None:
+        self.memory = memory
+        self._map: mmap.mmap | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> NetProbe:
+        """A probe on a read-only mapping of the guest's memory file (its ``--memory-path``
+        file, or ``/proc/PID/fd/N``); :meth:`close` unmaps it."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(
+                fd, layout.NET_STATUS_ADDR + layout.NET_STATUS_SIZE, prot=mmap.PROT_READ
+            )
+        finally:
+            os.close(fd)
+        probe = cls(mapping)
+        probe._map = mapping
+        return probe
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def __enter__(self) -> NetProbe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def status(self) -> NetStatus | None:
+        """The status page; None if memory holds none (not started yet, or another guest)."""
+        try:
+            return layout.read_net_status(self.memory)
+        except GuestStatusMissing:
+            return None
+
+    def progress(self) -> dict[str, Any] | None:
+        """``query-vm``'s ``net`` member: the guest's address and its counters."""
+        status = self.status()
+        if status is None:
+            return None
+        try:
+            state = NetState(status.state).name.lower()
+        except ValueError:
+            state = str(status.state)
+        return {
+            "state": state,
+            "exit-code": status.exit_code,
+            "device-base": status.device_base,
+            "address": status.address,
+            "mac": status.mac_address,
+            "heartbeat": status.heartbeat,
+            "frames-in": status.frames_in,
+            "frames-out": status.frames_out,
+            "arp-replies": status.arp_replies,
+            "icmp-echoes": status.icmp_echoes,
+            "udp-echoes": status.udp_echoes,
+            "dropped": status.dropped,
+            "errors": status.errors,
+            "rx-kicks": status.rx_kicks,
+            "tx-kicks": status.tx_kicks,
+            "duplicates": status.duplicates,
+            "max-loop-gap-ticks": status.max_loop_gap,
+        }

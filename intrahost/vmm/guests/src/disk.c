@@ -30,94 +30,26 @@
  * to random blocks, `inflight` at a time, counted in writes_completed or reads_completed; the
  * data is whatever the buffers hold, and nothing is verified.
  */
-#include <stddef.h>
-#include <stdint.h>
-
+#define GUEST_PREFIX "disk: "
 #include "disk.h"
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
+#include "cguest.h"
 
 int disk_main(u32 mbi);
 
-/* --- virtio-mmio (version 2) and virtio-blk ------------------------------------------ */
-
-#define VIRTIO_MAGIC            0x74726976u /* "virt" */
-#define REG_MAGIC               0x000
-#define REG_VERSION             0x004
-#define REG_DEVICE_ID           0x008
-#define REG_DEVICE_FEATURES     0x010
-#define REG_DEVICE_FEATURES_SEL 0x014
-#define REG_DRIVER_FEATURES     0x020
-#define REG_DRIVER_FEATURES_SEL 0x024
-#define REG_QUEUE_SEL           0x030
-#define REG_QUEUE_NUM_MAX       0x034
-#define REG_QUEUE_NUM           0x038
-#define REG_QUEUE_READY         0x044
-#define REG_QUEUE_NOTIFY        0x050
-#define REG_STATUS              0x070
-#define REG_QUEUE_DESC_LOW      0x080
-#define REG_QUEUE_DESC_HIGH     0x084
-#define REG_QUEUE_DRIVER_LOW    0x090
-#define REG_QUEUE_DRIVER_HIGH   0x094
-#define REG_QUEUE_DEVICE_LOW    0x0A0
-#define REG_QUEUE_DEVICE_HIGH   0x0A4
-#define REG_CONFIG_GENERATION   0x0FC
-#define REG_CONFIG              0x100
-
-#define STATUS_ACKNOWLEDGE      1u
-#define STATUS_DRIVER           2u
-#define STATUS_DRIVER_OK        4u
-#define STATUS_FEATURES_OK      8u
-#define STATUS_NEEDS_RESET      64u
-#define STATUS_FAILED           128u
+/* --- virtio-blk ----------------------------------------------------------------------- */
 
 #define DEVICE_ID_BLOCK         2u
 #define F_BLK_RO                (1ull << 5)
 #define F_BLK_FLUSH             (1ull << 9)
-#define F_VERSION_1             (1ull << 32)
 
 #define BLK_T_IN                0u
 #define BLK_T_OUT               1u
 #define BLK_T_FLUSH             4u
 #define BLK_S_OK                0u
 
-#define DESC_F_NEXT             1u
-#define DESC_F_WRITE            2u
-#define AVAIL_F_NO_INTERRUPT    1u
-#define USED_F_NO_NOTIFY        1u
-
-#define MAX_QUEUE               256u
 #define DESCS_PER_SLOT          3u
 #define MAX_INFLIGHT            (MAX_QUEUE / DESCS_PER_SLOT)
-#define MAX_DEVICES             16
 #define SECTORS_PER_BLOCK       (BLOCK_SIZE / 512)
-
-struct desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[MAX_QUEUE];
-};
-
-struct used_elem {
-    u32 id;
-    u32 len;
-};
-
-struct used {
-    u16 flags;
-    u16 idx;
-    struct used_elem ring[MAX_QUEUE];
-};
 
 struct request {
     u32 type;
@@ -126,136 +58,13 @@ struct request {
     u8 status;
 };
 
-#define DESCS ((volatile struct desc *)DISK_QUEUE_ADDR)
-#define AVAIL ((volatile struct avail *)(DISK_QUEUE_ADDR + 0x1000))
-#define USED ((volatile struct used *)(DISK_QUEUE_ADDR + 0x2000))
+static struct queue vq; /* queue 0, at DISK_QUEUE_ADDR */
+
 #define REQUEST(slot) \
     ((volatile struct request *)(DISK_REQUESTS_ADDR + (u64)(slot) * DISK_REQUEST_SIZE))
 #define BUFFER(slot) ((u64 *)(DISK_BUFFERS_ADDR + (u64)(slot) * BLOCK_SIZE))
 #define SEQ_TABLE ((volatile u64 *)DISK_SEQ_TABLE_ADDR)
 #define STATUS(field) (*(volatile u64 *)(DISK_STATUS_ADDR + (field)))
-
-/* --- CPU, ports, output --------------------------------------------------------------- */
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline void outb(u16 port, u8 value)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
-}
-
-static inline void outl(u16 port, u32 value)
-{
-    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
-}
-
-static inline u8 inb(u16 port)
-{
-    u8 value;
-    __asm__ volatile("inb %1, %0" : "=a"(value) : "Nd"(port));
-    return value;
-}
-
-static inline u64 rdtsc(void)
-{
-    u32 low, high;
-    __asm__ volatile("rdtsc" : "=a"(low), "=d"(high));
-    return ((u64)high << 32) | low;
-}
-
-static inline void cpu_relax(void)
-{
-    __asm__ volatile("pause" ::: "memory");
-}
-
-/* A full fence: the device must see avail->idx before the driver reads used->flags. */
-static inline void mb(void)
-{
-    __asm__ volatile("mfence" ::: "memory");
-}
-
-static inline u32 mmio_read(u64 base, u32 reg)
-{
-    return *(volatile u32 *)(base + reg);
-}
-
-static inline void mmio_write(u64 base, u32 reg, u32 value)
-{
-    *(volatile u32 *)(base + reg) = value;
-}
-
-/* gcc may emit calls to these even in freestanding code. */
-void *memset(void *dst, int value, size_t n);
-void *memcpy(void *dst, const void *src, size_t n);
-
-void *memset(void *dst, int value, size_t n)
-{
-    u8 *d = dst;
-    while (n--)
-        *d++ = (u8)value;
-    return dst;
-}
-
-void *memcpy(void *dst, const void *src, size_t n)
-{
-    u8 *d = dst;
-    const u8 *s = src;
-    while (n--)
-        *d++ = *s++;
-    return dst;
-}
-
-static void putc(char c)
-{
-    while (!(inb(UART_LSR) & UART_LSR_THRE))
-        ;
-    outb(UART_DATA, (u8)c);
-}
-
-static void puts(const char *s)
-{
-    while (*s)
-        putc(*s++);
-}
-
-static void put_dec(u64 value)
-{
-    char digits[24];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + value % 10);
-        value /= 10;
-    } while (value);
-    while (n)
-        putc(digits[--n]);
-}
-
-static void put_hex(u64 value)
-{
-    static const char hex[] = "0123456789abcdef";
-    int shift = 60;
-    puts("0x");
-    while (shift > 0 && !(value >> shift))
-        shift -= 4;
-    for (; shift >= 0; shift -= 4)
-        putc(hex[(value >> shift) & 15]);
-}
-
-/* "<key>=<value>" in decimal, with a leading space. */
-static void put_field(const char *key, u64 value)
-{
-    putc(' ');
-    puts(key);
-    putc('=');
-    put_dec(value);
-}
-
-static void report(u32 tag, u64 value)
-{
-    outl(DEBUG_TAG, tag);
-    outl(DEBUG_VALUE_LO, (u32)value);
-    outl(DEBUG_VALUE_HI, (u32)(value >> 32));
-}
 
 /* Print "disk: error: <message>", report ERROR and return the exit code for disk_main. */
 static int fail(int code, const char *message)
@@ -304,94 +113,12 @@ static u32 crc32_block(const u64 *words)
 
 /* --- command line --------------------------------------------------------------------- */
 
-struct mmio_entry {
-    u64 size;
-    u64 base;
-    u64 irq;
-};
-
 static struct {
     u64 inflight, flush, verify, limit, progress, blocks, generation, bench;
     struct mmio_entry devices[MAX_DEVICES];
     int ndevices;
 } cfg = {DEFAULT_INFLIGHT, DEFAULT_FLUSH, DEFAULT_VERIFY, 0, DEFAULT_PROGRESS, 0, 0, BENCH_NONE,
          {{0}}, 0};
-
-static int is_end(char c)
-{
-    return c == 0 || c == ' ' || c == '\t' || c == '\n';
-}
-
-/* Parse a decimal or 0x-hex number at *p; 0 if malformed or too large. */
-static int parse_number(const char **p, u64 *value)
-{
-    const char *s = *p;
-    u64 base = 10, v = 0;
-    int digits = 0;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
-        base = 16;
-        s += 2;
-    }
-    for (;; s++) {
-        u64 d;
-        if (*s >= '0' && *s <= '9')
-            d = (u64)(*s - '0');
-        else if (base == 16 && (*s | 0x20) >= 'a' && (*s | 0x20) <= 'f')
-            d = (u64)((*s | 0x20) - 'a' + 10);
-        else
-            break;
-        if (v > (~0ull - d) / base)
-            return 0;
-        v = v * base + d;
-        digits++;
-    }
-    *p = s;
-    *value = v;
-    return digits > 0;
-}
-
-/* SIZE@BASE:IRQ[:ID], as Linux's virtio_mmio parses it (SIZE may end in K, M or G). */
-static int parse_mmio_entry(const char *s, struct mmio_entry *entry)
-{
-    if (!parse_number(&s, &entry->size))
-        return 0;
-    if (*s == 'K' || *s == 'k') {
-        entry->size <<= 10;
-        s++;
-    } else if (*s == 'M' || *s == 'm') {
-        entry->size <<= 20;
-        s++;
-    } else if (*s == 'G' || *s == 'g') {
-        entry->size <<= 30;
-        s++;
-    }
-    if (*s++ != '@' || !parse_number(&s, &entry->base) || *s++ != ':' ||
-        !parse_number(&s, &entry->irq))
-        return 0;
-    if (*s == ':') {
-        u64 id;
-        s++;
-        if (!parse_number(&s, &id))
-            return 0;
-    }
-    return is_end(*s) && entry->size >= 0x100 + 24 && entry->base + entry->size <= (1ull << 32);
-}
-
-static int key_is(const char *word, u64 length, const char *key)
-{
-    u64 i = 0;
-    for (; i < length; i++)
-        if (key[i] != word[i])
-            return 0;
-    return key[i] == 0;
-}
-
-static void put_word(const char *word)
-{
-    while (!is_end(*word))
-        putc(*word++);
-    putc('\n');
-}
 
 static int parse_cmdline(const char *s)
 {
@@ -465,39 +192,6 @@ static u64 dev;        /* MMIO base of the device in use */
 static u64 features;   /* accepted */
 static u32 queue_size; /* a power of two */
 
-/* Find the first virtio-blk device among the entries; 0 if there is none. */
-static int find_device(void)
-{
-    for (int i = 0; i < cfg.ndevices; i++) {
-        u64 base = cfg.devices[i].base;
-        if (mmio_read(base, REG_MAGIC) != VIRTIO_MAGIC) {
-            puts("disk: no virtio-mmio device at ");
-            put_hex(base);
-            putc('\n');
-            continue;
-        }
-        if (mmio_read(base, REG_VERSION) != 2) {
-            puts("disk: legacy (version 1) virtio-mmio device at ");
-            put_hex(base);
-            puts(" skipped: version 2 is required\n");
-            continue;
-        }
-        if (mmio_read(base, REG_DEVICE_ID) == DEVICE_ID_BLOCK) {
-            dev = base;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-static u64 read_features(void)
-{
-    mmio_write(dev, REG_DEVICE_FEATURES_SEL, 1);
-    u64 high = mmio_read(dev, REG_DEVICE_FEATURES);
-    mmio_write(dev, REG_DEVICE_FEATURES_SEL, 0);
-    return (high << 32) | mmio_read(dev, REG_DEVICE_FEATURES);
-}
-
 static u64 read_capacity(void)
 {
     u32 generation, low, high;
@@ -512,40 +206,22 @@ static u64 read_capacity(void)
 /* Reset, negotiate and set up queue 0; 0 on success, else an exit code (reported). */
 static int setup_device(void)
 {
-    mmio_write(dev, REG_STATUS, 0);
-    if (mmio_read(dev, REG_STATUS) != 0)
-        return fail(EXIT_DEVICE_ERROR, "the device did not reset");
-    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE);
-    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    u64 offered = read_features();
-    if (!(offered & F_VERSION_1))
-        return fail(EXIT_DEVICE_ERROR, "the device does not offer VIRTIO_F_VERSION_1");
+    u64 offered;
+    const char *error = virtio_begin(dev, &offered);
+    if (error)
+        return fail(EXIT_DEVICE_ERROR, error);
     if (offered & F_BLK_RO)
         return fail(EXIT_DEVICE_ERROR, "the disk is read-only (VIRTIO_BLK_F_RO)");
     features = F_VERSION_1 | (offered & F_BLK_FLUSH);
-    mmio_write(dev, REG_DRIVER_FEATURES_SEL, 0);
-    mmio_write(dev, REG_DRIVER_FEATURES, (u32)features);
-    mmio_write(dev, REG_DRIVER_FEATURES_SEL, 1);
-    mmio_write(dev, REG_DRIVER_FEATURES, (u32)(features >> 32));
-    mmio_write(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(mmio_read(dev, REG_STATUS) & STATUS_FEATURES_OK))
-        return fail(EXIT_DEVICE_ERROR, "the device refused the features (FEATURES_OK did not stick)");
-
-    mmio_write(dev, REG_QUEUE_SEL, 0);
-    if (mmio_read(dev, REG_QUEUE_READY) != 0)
-        return fail(EXIT_DEVICE_ERROR, "queue 0 is already in use after a reset");
-    u32 max = mmio_read(dev, REG_QUEUE_NUM_MAX);
-    if (max < DESCS_PER_SLOT)
-        return fail(EXIT_DEVICE_ERROR, "queue 0 is missing or smaller than 3 descriptors");
-    queue_size = MAX_QUEUE;
-    while (queue_size > max)
-        queue_size >>= 1;
+    if ((error = virtio_accept(dev, features)) != 0 ||
+        (error = virtio_queue_size(dev, 0, DESCS_PER_SLOT, &queue_size)) != 0)
+        return fail(EXIT_DEVICE_ERROR, error);
     if (cfg.inflight > queue_size / DESCS_PER_SLOT)
         cfg.inflight = queue_size / DESCS_PER_SLOT;
 
-    memset((void *)DISK_QUEUE_ADDR, 0, 0x3000);
+    virtio_queue_setup(dev, &vq, 0, DISK_QUEUE_ADDR, queue_size);
     for (u32 slot = 0; slot < cfg.inflight; slot++) {
-        volatile struct desc *d = &DESCS[slot * DESCS_PER_SLOT];
+        volatile struct desc *d = &vq.desc[slot * DESCS_PER_SLOT];
         u64 request = DISK_REQUESTS_ADDR + slot * DISK_REQUEST_SIZE;
         d[0].addr = request;
         d[0].len = 16;
@@ -559,20 +235,8 @@ static int setup_device(void)
         d[2].len = 1;
         d[2].flags = DESC_F_WRITE;
     }
-    AVAIL->flags = AVAIL_F_NO_INTERRUPT;
-    mmio_write(dev, REG_QUEUE_NUM, queue_size);
-    mmio_write(dev, REG_QUEUE_DESC_LOW, DISK_QUEUE_ADDR);
-    mmio_write(dev, REG_QUEUE_DESC_HIGH, 0);
-    mmio_write(dev, REG_QUEUE_DRIVER_LOW, DISK_QUEUE_ADDR + 0x1000);
-    mmio_write(dev, REG_QUEUE_DRIVER_HIGH, 0);
-    mmio_write(dev, REG_QUEUE_DEVICE_LOW, DISK_QUEUE_ADDR + 0x2000);
-    mmio_write(dev, REG_QUEUE_DEVICE_HIGH, 0);
-    mmio_write(dev, REG_QUEUE_READY, 1);
-    mmio_write(dev, REG_STATUS,
-               STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-    u32 status = mmio_read(dev, REG_STATUS);
-    if (status & (STATUS_NEEDS_RESET | STATUS_FAILED) || !(status & STATUS_DRIVER_OK))
-        return fail(EXIT_DEVICE_ERROR, "the device did not accept DRIVER_OK");
+    if ((error = virtio_driver_ok(dev)) != 0)
+        return fail(EXIT_DEVICE_ERROR, error);
     return 0;
 }
 
@@ -587,7 +251,6 @@ static struct {
 
 static u32 free_slots[MAX_INFLIGHT];
 static u32 nfree;
-static u16 avail_idx, used_idx, submitted_in_batch;
 static u64 blocks, next_seq = 1, next_block, writes_since_flush, writes_since_verify;
 static int flush_in_flight;
 static u64 last_completion_tsc, last_loop_tsc, bench_counter = ST_WRITES_COMPLETED;
@@ -655,7 +318,7 @@ static int block_matches(u64 *w, u64 block, u64 seq)
 static void submit(u32 slot, u32 type, u64 block)
 {
     volatile struct request *request = REQUEST(slot);
-    volatile struct desc *head = &DESCS[slot * DESCS_PER_SLOT];
+    volatile struct desc *head = &vq.desc[slot * DESCS_PER_SLOT];
     request->type = type;
     request->sector = block * SECTORS_PER_BLOCK;
     request->status = 0xFF;
@@ -666,24 +329,14 @@ static void submit(u32 slot, u32 type, u64 block)
         head->next = (u16)(slot * DESCS_PER_SLOT + 1);
         head[1].flags = (u16)(DESC_F_NEXT | (type == BLK_T_IN ? DESC_F_WRITE : 0));
     }
-    AVAIL->ring[avail_idx & (queue_size - 1)] = (u16)(slot * DESCS_PER_SLOT);
-    avail_idx++;
-    submitted_in_batch++;
+    queue_add(&vq, (u16)(slot * DESCS_PER_SLOT));
 }
 
 /* Make the batch visible to the device, and notify it unless it said it polls. */
 static void kick(void)
 {
-    if (!submitted_in_batch)
-        return;
-    barrier(); /* descriptors and ring entries before the index (x86 keeps store order) */
-    AVAIL->idx = avail_idx;
-    submitted_in_batch = 0;
-    mb();
-    if (!(USED->flags & USED_F_NO_NOTIFY)) {
-        mmio_write(dev, REG_QUEUE_NOTIFY, 0);
+    if (queue_kick(dev, &vq))
         STATUS(ST_KICKS)++;
-    }
 }
 
 static void verify_failed(u64 block, u64 seq, u64 *w)
@@ -709,14 +362,12 @@ static void verify_failed(u64 block, u64 seq, u64 *w)
 static u32 reap(void)
 {
     u32 n = 0;
-    if (used_idx != USED->idx)
+    if (queue_has_used(&vq))
         note_gap(ST_MAX_COMPLETION_GAP, &last_completion_tsc);
-    while (used_idx != USED->idx) {
-        barrier(); /* the ring entry after the index (x86 keeps load order) */
-        u32 slot = USED->ring[used_idx & (queue_size - 1)].id / DESCS_PER_SLOT;
+    while (queue_has_used(&vq)) {
+        u32 slot = queue_take_used(&vq).id / DESCS_PER_SLOT;
         if (slot >= cfg.inflight || slots[slot].kind == FREE) {
             STATUS(ST_DUPLICATES)++; /* completed twice, or never submitted */
-            used_idx++;
             continue;
         }
         u8 status = REQUEST(slot)->status;
@@ -745,7 +396,6 @@ static u32 reap(void)
             flush_in_flight = 0;
         slots[slot].kind = FREE;
         free_slots[nfree++] = slot;
-        used_idx++;
         n++;
     }
     return n;
@@ -912,13 +562,6 @@ static int run(void)
 
 /* --- entry ---------------------------------------------------------------------------- */
 
-#define MBI_FLAGS 0
-#define MBI_MEM_UPPER 8
-#define MBI_CMDLINE 16
-#define MBI_HAS_MEM 0x001u
-#define MBI_HAS_CMDLINE 0x004u
-#define IMAGE_BASE 0x100000ull
-
 int disk_main(u32 mbi)
 {
     const u8 *info = (const u8 *)(u64)mbi;
@@ -947,7 +590,7 @@ int disk_main(u32 mbi)
     if (!cfg.ndevices)
         return fail(EXIT_NO_DEVICE, "no virtio_mmio.device= entry on the command line "
                                     "(give the VMM a disk)");
-    if (!find_device())
+    if (!(dev = virtio_find(cfg.devices, cfg.ndevices, DEVICE_ID_BLOCK)))
         return fail(EXIT_NO_DEVICE, "no virtio-blk device among the virtio_mmio.device= entries");
     STATUS(ST_DEVICE_BASE) = dev;
     int code = setup_device();

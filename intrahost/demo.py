@@ -11,10 +11,23 @@ it is upgraded three times (the image fd and the device's eventfds travel to eac
 each hand-off's I/O blackout — the longest time no request completed, as the guest saw it —
 is shown next to its vCPU blackout, and at the end ``intrahost guest-check disk`` verifies
 that every write the guest saw complete is on the image.
+
+Last, the net guest answers ping and UDP echo on a tap in a network namespace of the demo's
+own (``intrahost-demo-PID-N``: the host is 192.0.2.1 on ``tap0``, the guest 192.0.2.2; no
+traffic leaves it) while it is upgraded three times (the tap's fd travels to each new VMM).
+``ping -i 0.002`` and a UDP echo stream (2000 datagrams/s) run throughout; their reports must
+show nothing lost and nothing duplicated, or the demo fails. ping is given a count, not
+stopped with SIGINT: ping then waits for its last replies, where SIGINT would count the
+probes still in flight as lost. The namespace, and every process in it, is removed at the
+end, also on Ctrl-C. Where it can't run (not root, no ``ip`` or ``ping``, no
+``/dev/net/tun``), the demo says so in one line and skips this part.
+
+``python -m intrahost.demo [counter] [disk] [net]`` runs only the parts named.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import mmap
@@ -28,8 +41,10 @@ import time
 import uuid
 from pathlib import Path
 
+from intrahost.errors import IntrahostError
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
+from intrahost.vmm.guests.netcheck import EchoStream, NetNamespace, Ping, PingReport
 
 VCPUS = 2
 UPGRADES = 3
@@ -45,11 +60,22 @@ def _counters(mem: mmap.mmap) -> list[int]:
     return [layout.read_slot(mem, i).counter for i in range(VCPUS)]
 
 
-def main() -> int:
-    code = counter_demo()
-    if code == 0:
-        print()
-        code = disk_demo()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m intrahost.demo",
+        description="Run guests and hand each to a new VMM process three times while it "
+        "runs: the counter guest, the disk guest, the net guest (default: all three).",
+    )
+    parser.add_argument("parts", nargs="*", choices=list(PARTS), metavar="PART",
+                        help="counter, disk or net")  # fmt: skip
+    parts = parser.parse_args(argv).parts or list(PARTS)
+    code = 0
+    for i, part in enumerate(p for p in PARTS if p in parts):
+        if i:
+            print()
+        code = PARTS[part]()
+        if code:
+            break
     return code
 
 
@@ -226,6 +252,180 @@ def disk_demo() -> int:
         ram.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
 
+
+# --- the net guest ------------------------------------------------------------------------------
+
+GUEST_IP = "192.0.2.2"
+#: ping's probes, 2 ms apart (at most 500 a second; fewer on a busy host): enough to outlast
+#: three upgrades. ping sends them all and then waits for the last replies.
+PING_COUNT = 2500
+STREAM_RATE = 2000.0
+
+
+def net_unavailable() -> str | None:
+    """Why this machine can't run the net part, or None."""
+    if os.geteuid() != 0:
+        return "it needs root (a network namespace and a tap)"
+    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed ({package})"
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "there is no usable /dev/net/tun"
+    return None
+
+
+def net_demo() -> int:
+    reason = net_unavailable()
+    if reason is not None:
+        print(f"== skipping the network part of the demo: {reason}")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="intrahost-demo-net-"))
+    api = work / "api.sock"
+    netns = NetNamespace("tap0", prefix="intrahost-demo")
+    try:
+        try:
+            netns.create()
+        except IntrahostError as error:
+            print(f"the network part failed: {error}", file=sys.stderr)
+            return 1
+        vmm = netns.popen(
+            [
+                sys.executable, "-m", "intrahost", "run",
+                "--memory", "64M", "--guest", "net", "--guest-args", f"ip={GUEST_IP}/24",
+                "--net", "tap=tap0,id=lan", "--serial", "none", "--api-socket", str(api),
+            ],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not api.exists():
+                if vmm.poll() is not None or time.monotonic() > deadline:
+                    print("the VMM did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.02)
+            with EchoStream(netns, GUEST_IP, rate=STREAM_RATE) as stream:
+                stream.wait_replies(100)  # the guest answers (and ARP is resolved)
+                with Ping(netns, GUEST_IP, interval=0.002, count=PING_COUNT) as ping:
+                    return _net_upgrades(netns, api, vmm.pid, stream, ping)
+        except IntrahostError as error:  # the namespace, the stream or ping failed
+            print(f"the network part failed: {error}", file=sys.stderr)
+            return 1
+        finally:
+            vmm.kill()
+            vmm.wait()
+    finally:
+        # The upgrades' VMMs are not this process's children: end every process in the
+        # namespace by its pid, then delete the namespace (and so its tap).
+        if netns.exists():
+            _end_processes(netns.name)
+        netns.remove()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _net_upgrades(netns: NetNamespace, api: Path, pid: int, stream: EchoStream, ping: Ping) -> int:
+    print(
+        f"== the net guest ({GUEST_IP}) runs in VMM pid {pid}, on tap0 in the network "
+        f"namespace {netns.name} (the host is 192.0.2.1 there)"
+    )
+    print(
+        f"== ping -i 0.002 -c {PING_COUNT} and a UDP echo stream ({STREAM_RATE:.0f} "
+        "datagrams/s to port 7) run while it is upgraded"
+    )
+    rows = []
+    for i in range(UPGRADES):
+        result = netns.run(
+            [sys.executable, "-m", "intrahost", "upgrade", "--api-socket", str(api)],
+            check=False,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            print(result.stderr, file=sys.stderr)
+            return 1
+        with QmpClient(api) as qmp:
+            pid = qmp.execute("query-vm")["pid"]
+        # The guest answers through the new VMM before the next upgrade.
+        progress = stream.progress()
+        stream.wait_replies((progress["received"] if progress else 0) + 200)
+        rows.append((i + 1, pid, result.stdout.splitlines()[0]))
+        print(f"== upgrade {i + 1}: now VMM pid {pid}; the guest goes on answering")
+    ping_running = ping.proc is not None and ping.proc.poll() is None
+    pinged = ping.report(timeout=120)  # ping ends once its last probe is answered
+    stream.stop()
+    echoed = stream.report()
+    with QmpClient(api) as qmp:
+        (net,) = qmp.execute("query-net")
+        qmp.execute("quit")
+    print()
+    print(f"{'#':>2} {'new pid':>8}  blackout (VMM-measured)")
+    for n, new_pid, line in rows:
+        print(f"{n:>2} {new_pid:>8}  {line.removeprefix('blackout: ')}")
+    print()
+    print("== ping:")
+    print("   " + "\n   ".join(_ping_summary(pinged)))
+    print("== the UDP echo stream:")
+    print("   " + "\n   ".join(echoed.summary().splitlines()))
+    print(
+        f"== the device counted {net['rx-packets']} frames in and {net['tx-packets']} out "
+        f"({net['rx-dropped']} dropped, {net['tx-errors']} transmit errors) over the guest's "
+        "whole life, across the VMMs"
+    )
+    problems = []
+    if not ping_running:
+        problems.append(
+            f"ping's {PING_COUNT} probes were all answered before the third upgrade ended"
+        )
+    if pinged.lost or pinged.duplicates or pinged.errors:
+        problems.append(
+            f"ping: {pinged.lost} lost, {pinged.duplicates} duplicated, {pinged.errors} errors"
+        )
+    if echoed.lost or echoed.duplicated or echoed.send_errors or echoed.socket_drops:
+        problems.append(
+            f"UDP echo: {echoed.lost} lost, {echoed.duplicated} duplicated, "
+            f"{echoed.send_errors} send errors, {echoed.socket_drops} dropped by the socket"
+        )
+    if problems:
+        print(f"FAILED: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    print("OK: 0% loss through three upgrades")
+    return 0
+
+
+def _ping_summary(report: PingReport) -> list[str]:
+    """ping's own closing statistics, from its parsed report."""
+    line = f"{report.transmitted} packets transmitted, {report.received} received"
+    if report.duplicates:
+        line += f", +{report.duplicates} duplicates"
+    if report.errors:
+        line += f", +{report.errors} errors"
+    line += f", {report.loss_percent:g}% packet loss"
+    if report.time_ms is not None:
+        line += f", time {report.time_ms}ms"
+    if report.rtt_avg_ms is None:
+        return [line]
+    rtt = (report.rtt_min_ms, report.rtt_avg_ms, report.rtt_max_ms, report.rtt_mdev_ms)
+    return [
+        line,
+        "rtt min/avg/max/mdev = " + "/".join(f"{v:.3f}" for v in rtt if v is not None) + " ms",
+    ]
+
+
+def _end_processes(netns: str) -> None:
+    """SIGTERM every process in the namespace, SIGKILL those left after 5 s."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
+    ).stdout.split()
+    alive = [int(p) for p in pids if p.isdigit() and int(p) != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists()]
+            time.sleep(0.02)
+
+
+PARTS = {"counter": counter_demo, "disk": disk_demo, "net": net_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

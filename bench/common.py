@@ -71,11 +71,12 @@ class Workspace:
         *,
         pipes: bool = False,
         env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[str]:
         """Start ``argv`` with stderr (and stdout, unless ``pipes``) in ``log_name``.log.
 
         With ``pipes`` the child's stdin and stdout are text pipes to this process; ``env``
-        replaces the environment.
+        replaces the environment; ``pass_fds`` are inherited by the child (same numbers).
         """
         log = open(self.path(f"{log_name}.log"), "a")  # noqa: SIM115 -- closed in stop()
         try:
@@ -87,6 +88,7 @@ class Workspace:
                 text=True,
                 start_new_session=True,
                 env=env,
+                pass_fds=tuple(pass_fds),
             )
         except BaseException:
             log.close()

@@ -18,6 +18,7 @@ from support import PATIENCE, wait_until
 
 from intrahost.vmm.guests import netcheck
 from intrahost.vmm.guests.netcheck import (
+    MAX_LISTED,
     EchoReport,
     EchoStream,
     NetNamespace,
@@ -177,6 +178,11 @@ def test_a_stall_is_a_blackout_of_its_length_at_its_time(peer_ns: NetNamespace) 
     assert b.start_ns < did["stall_end_ns"] <= b.end_ns < did["stall_end_ns"] + 100_000_000
     assert did["stalled"] > 300  # the datagrams sent during the stall waited, and came back
     assert f"network blackout: {b.ms:.1f} ms (after seq 999" in report.summary()
+    # The longest gaps, longest first: the stall's leads; each is between consecutive replies.
+    assert report.gaps[0] == [b.end_ns - b.start_ns, b.start_ns, b.end_ns, 999, 1000]
+    assert len(report.gaps) == MAX_LISTED
+    assert [g[0] for g in report.gaps] == sorted((g[0] for g in report.gaps), reverse=True)
+    assert all(g[0] == g[2] - g[1] > 0 and g[4] == g[3] + 1 for g in report.gaps[1:])
 
 
 def test_no_peer_means_everything_lost_and_no_recovery(peer_ns: NetNamespace) -> None:

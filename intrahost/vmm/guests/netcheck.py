@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import heapq
 import itertools
 import json
 import math
@@ -303,6 +304,10 @@ class EchoReport:
     sent_per_s: float = 0.0
     received_per_s: float = 0.0
     lost_ranges: list[list[int]] = field(default_factory=list)  # [first, last], MAX_LISTED
+    #: The MAX_LISTED longest gaps between consecutive replies, longest first, each
+    #: [ns, start_ns, end_ns, after_seq, before_seq] (a recovered ``blackout`` is the first):
+    #: a caller that knows when something happened picks the gap around it.
+    gaps: list[list[int]] = field(default_factory=list)
     per_second: list[int] = field(default_factory=list)  # flood: replies in each second
 
     def to_json(self) -> dict[str, Any]:
@@ -371,6 +376,7 @@ class _Tally:
         self.last_ns: int | None = None
         self.last_seq = 0
         self.blackout = Blackout()
+        self.gaps: list[tuple[int, int, int, int, int]] = []  # a min-heap, MAX_LISTED long
         self.arrivals = array.array("q")  # flood: arrival times, for replies per second
 
     def record(self, data: bytes, now: int, sent: int) -> int | None:
@@ -394,7 +400,13 @@ class _Tally:
         self.rtts.append(now - sent_ns)
         if self.last_ns is None:
             self.first_ns = now
-        elif now - self.last_ns > self.blackout.ms * 1e6:
+        else:
+            gap = (now - self.last_ns, self.last_ns, now, self.last_seq, seq)
+            if len(self.gaps) < MAX_LISTED:
+                heapq.heappush(self.gaps, gap)
+            elif gap > self.gaps[0]:
+                heapq.heapreplace(self.gaps, gap)
+        if self.last_ns is not None and now - self.last_ns > self.blackout.ms * 1e6:
             self.blackout = Blackout(
                 (now - self.last_ns) / 1e6, self.last_ns, now, self.last_seq, seq
             )
@@ -437,6 +449,7 @@ class _Tally:
             first_reply_ns=self.first_ns,
             last_reply_ns=self.last_ns,
             blackout=self.blackout,
+            gaps=[list(gap) for gap in sorted(self.gaps, reverse=True)],
         )
         if self.last_ns is None:
             report.blackout = Blackout((stop_ns - start_ns) / 1e6, start_ns, stop_ns, 0, 0, False)

@@ -11,6 +11,8 @@ created there belongs to the namespace and is used from any thread afterwards.
 
 from __future__ import annotations
 
+import array
+import bisect
 import ctypes
 import fcntl
 import json
@@ -128,6 +130,75 @@ class NetNs(NetNamespace):
         tap's own counts a frame only when its reader takes it)."""
         out = json.loads(self.exec("tc", "-s", "-j", "qdisc", "show", "dev", self.tap))
         return sum(int(q.get("packets", 0)) for q in out)
+
+
+_ETH_P_ALL = 0x0003
+_SO_TIMESTAMPNS = 35
+_SO_RCVBUFFORCE = 33
+_SOL_PACKET = 263
+_PACKET_STATISTICS = 6
+
+
+class FrameClock:
+    """When the guest's frames reach the host: a packet socket on the namespace's tap, read
+    by a thread, records the kernel's time stamp (SO_TIMESTAMPNS, CLOCK_REALTIME ns: when
+    the VMM wrote the frame, however late the thread reads it) of every frame from ``mac``.
+    :meth:`longest_gap` is then the network blackout of a window (a hand-off), as the
+    host's stack saw it. A context manager; compare with ``time.time_ns()``."""
+
+    def __init__(self, ns: NetNs, mac: str = GUEST_MAC) -> None:
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+            s.bind((ns.tap, _ETH_P_ALL))
+            return s
+
+        self.mac = mac_bytes(mac)
+        self.times = array.array("q")
+        self.sock = ns.inside(make)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 8 << 20)
+        self.sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(16, 64)
+            except TimeoutError:
+                continue
+            if data[6:12] != self.mac:
+                continue
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    self.times.append(sec * 1_000_000_000 + nsec)
+
+    def dropped(self) -> int:
+        """Frames the socket dropped (a full buffer): a gap measured across them is too long."""
+        stats = self.sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        return int(struct.unpack("II", stats)[1])
+
+    def longest_gap(self, start_ns: int, end_ns: int) -> float:
+        """The longest time (ms) between two consecutive frames from the guest, among the
+        frames from the last one before ``start_ns`` to the first one after ``end_ns``."""
+        times = self.times
+        first = max(bisect.bisect_left(times, start_ns) - 1, 0)
+        last = min(bisect.bisect_right(times, end_ns), len(times) - 1)
+        gaps = (times[k + 1] - times[k] for k in range(first, last))
+        return max(gaps, default=0) / 1e6
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def __enter__(self) -> FrameClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def mac_bytes(text: str) -> bytes:

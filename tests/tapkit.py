@@ -1,8 +1,9 @@
 """Network namespaces with a tap for the network device's tests.
 
-Everything happens inside a namespace the test creates (``intrahost-t-PID-N``) and deletes:
-a persistent tap ``tap0`` with 192.0.2.1/24, IPv6 off (so that the kernel sends nothing on
-its own), and a static neighbour entry for the guest's address, so that host datagrams to
+:class:`NetNs` is the product's :class:`~intrahost.vmm.guests.netcheck.NetNamespace` (named
+``intrahost-t-PID-N``, created at once, deleted by the test) with what the device's tests
+add: a persistent tap ``tap0`` with 192.0.2.1/24, IPv6 off (so that the kernel sends nothing
+on its own), and a static neighbour entry for the guest's address, so that host datagrams to
 the guest need no ARP. The test process reaches into the namespace from a short-lived thread
 that ``setns`` into it (only that thread changes namespace): a tap opened or a socket
 created there belongs to the namespace and is used from any thread afterwards.
@@ -10,14 +11,14 @@ created there belongs to the namespace and is used from any thread afterwards.
 
 from __future__ import annotations
 
+import array
+import bisect
 import ctypes
 import fcntl
-import itertools
 import json
 import os
 import socket
 import struct
-import subprocess
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,6 +26,7 @@ from typing import TypeVar
 from support import wait_until
 
 from intrahost.vmm.devices.virtio.tap import Tap
+from intrahost.vmm.guests.netcheck import NetNamespace
 
 T = TypeVar("T")
 
@@ -32,39 +34,32 @@ CLONE_NEWNET = 0x4000_0000
 HOST_IP = "192.0.2.1"
 GUEST_IP = "192.0.2.2"
 GUEST_MAC = "02:00:00:00:00:02"
-_counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
-
-
-class NetNs:
-    """A network namespace with ``tap0`` (see the module docstring)."""
+class NetNs(NetNamespace):
+    """A network namespace with ``tap0``, created by the constructor (see the module
+    docstring); :meth:`delete` removes it."""
 
     def __init__(self, tap: str = "tap0") -> None:
-        self.name = f"intrahost-t-{os.getpid()}-{next(_counter)}"
-        self.tap = tap
-        ip("netns", "add", self.name)
+        super().__init__(tap, address=f"{HOST_IP}/24", prefix="intrahost-t")
+        self.tap: str = tap
+        self.create()
         try:
+            # "all" applies to the interfaces that exist (the tap: it has no carrier yet, so
+            # it sent nothing) and to "default", for those to come.
             self.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-            self.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-            ip("-n", self.name, "tuntap", "add", "dev", tap, "mode", "tap")
-            ip("-n", self.name, "addr", "add", f"{HOST_IP}/24", "dev", tap)
-            ip("-n", self.name, "link", "set", tap, "up")
-            ip("-n", self.name, "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", tap)
+            self.ip("neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", tap)
         except BaseException:
             self.delete()
             raise
 
     def exec(self, *argv: str) -> str:
-        return subprocess.run(
-            ["ip", "netns", "exec", self.name, *argv], check=True, capture_output=True, text=True
-        ).stdout
+        """Run ``argv`` in the namespace; its output."""
+        return self.run(argv).stdout
 
     def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+        self.remove()
 
     def inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on a thread that entered this namespace."""
@@ -123,7 +118,7 @@ class NetNs:
         return self.inside(make)
 
     def link(self) -> dict[str, object]:
-        (info,) = json.loads(ip("-n", self.name, "-s", "-j", "link", "show", self.tap))
+        (info,) = json.loads(self.ip("-s", "-j", "link", "show", self.tap))
         assert isinstance(info, dict)
         return info
 
@@ -133,15 +128,77 @@ class NetNs:
     def tap_tx_packets(self) -> int:
         """Frames the host's stack handed to the tap (its queueing discipline's count: the
         tap's own counts a frame only when its reader takes it)."""
-        out = json.loads(
-            subprocess.run(
-                ["tc", "-n", self.name, "-s", "-j", "qdisc", "show", "dev", self.tap],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
+        out = json.loads(self.exec("tc", "-s", "-j", "qdisc", "show", "dev", self.tap))
         return sum(int(q.get("packets", 0)) for q in out)
+
+
+_ETH_P_ALL = 0x0003
+_SO_TIMESTAMPNS = 35
+_SO_RCVBUFFORCE = 33
+_SOL_PACKET = 263
+_PACKET_STATISTICS = 6
+
+
+class FrameClock:
+    """When the guest's frames reach the host: a packet socket on the namespace's tap, read
+    by a thread, records the kernel's time stamp (SO_TIMESTAMPNS, CLOCK_REALTIME ns: when
+    the VMM wrote the frame, however late the thread reads it) of every frame from ``mac``.
+    :meth:`longest_gap` is then the network blackout of a window (a hand-off), as the
+    host's stack saw it. A context manager; compare with ``time.time_ns()``."""
+
+    def __init__(self, ns: NetNs, mac: str = GUEST_MAC) -> None:
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+            s.bind((ns.tap, _ETH_P_ALL))
+            return s
+
+        self.mac = mac_bytes(mac)
+        self.times = array.array("q")
+        self.sock = ns.inside(make)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 8 << 20)
+        self.sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(16, 64)
+            except TimeoutError:
+                continue
+            if data[6:12] != self.mac:
+                continue
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    self.times.append(sec * 1_000_000_000 + nsec)
+
+    def dropped(self) -> int:
+        """Frames the socket dropped (a full buffer): a gap measured across them is too long."""
+        stats = self.sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        return int(struct.unpack("II", stats)[1])
+
+    def longest_gap(self, start_ns: int, end_ns: int) -> float:
+        """The longest time (ms) between two consecutive frames from the guest, among the
+        frames from the last one before ``start_ns`` to the first one after ``end_ns``."""
+        times = self.times
+        first = max(bisect.bisect_left(times, start_ns) - 1, 0)
+        last = min(bisect.bisect_right(times, end_ns), len(times) - 1)
+        gaps = (times[k + 1] - times[k] for k in range(first, last))
+        return max(gaps, default=0) / 1e6
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def __enter__(self) -> FrameClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def mac_bytes(text: str) -> bytes:

@@ -37,6 +37,32 @@ GUEST_MAC = "02:00:00:00:00:02"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def inside(namespace: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run on a short-lived thread that entered the network namespace ``namespace``
+    (setns changes only the calling thread's; what ``fn`` makes there stays there)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 class NetNs(NetNamespace):
     """A network namespace with ``tap0``, created by the constructor (see the module
     docstring); :meth:`delete` removes it."""
@@ -63,27 +89,7 @@ class NetNs(NetNamespace):
 
     def inside(self, fn: Callable[[], T]) -> T:
         """``fn()`` run on a thread that entered this namespace."""
-        result: list[T] = []
-        error: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                finally:
-                    os.close(fd)
-                result.append(fn())
-            except BaseException as e:
-                error.append(e)
-
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-        if error:
-            raise error[0]
-        return result[0]
+        return inside(self.name, fn)
 
     def open_tap(self, name: str | None = None) -> Tap:
         """The tap opened in the namespace, once the kernel took its carrier up (see

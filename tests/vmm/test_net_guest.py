@@ -9,9 +9,7 @@ networked happens in the namespace (192.0.2.0/24 only), removed at teardown.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -20,7 +18,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,10 +25,12 @@ from typing import Any, Protocol
 
 import pytest
 from support import PATIENCE, wait_until
+from tapkit import inside
 
 from intrahost.vmm.guests import build, layout
 from intrahost.vmm.guests.build import build_guest
 from intrahost.vmm.guests.layout import ExitCode, NetState, NetStatus, ReportTag
+from intrahost.vmm.guests.netcheck import NetNamespace
 from intrahost.vmm.guests.probe import NetProbe
 
 MiB = 1 << 20
@@ -138,74 +137,34 @@ def test_probe_reads_the_status_page(tmp_path: Path) -> None:
 
 # --- the namespace -------------------------------------------------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-_ns_counter = itertools.count()
 
-
-class Netns:
-    """A network namespace with tap0 (192.0.2.1/24, up) for a VMM to attach the guest to."""
+class Netns(NetNamespace):
+    """The product's namespace (tap0 = 192.0.2.1/24, up; ``lo`` up), created at once, with
+    what these tests add: a socket made inside it, and tap0's MAC and neighbour entries."""
 
     def __init__(self) -> None:
-        self.name = f"intrahost-t-net-{os.getpid()}-{next(_ns_counter)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        try:
-            for command in (
-                ["tuntap", "add", "dev", "tap0", "mode", "tap"],
-                ["addr", "add", f"{HOST_IP}/24", "dev", "tap0"],
-                ["link", "set", "tap0", "up"],
-                ["link", "set", "lo", "up"],
-            ):
-                subprocess.run(["ip", "-n", self.name, *command], check=True)
-        except BaseException:
-            self.delete()
-            raise
+        super().__init__("tap0", address=f"{HOST_IP}/24", prefix="intrahost-t-net")
+        self.create()
 
     def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+        self.remove()
 
     def exec(self, *command: str) -> list[str]:
         """``command`` run inside the namespace."""
-        return ["ip", "netns", "exec", self.name, *command]
-
-    def run(self, *command: str, timeout: float = PATIENCE) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.exec(*command), capture_output=True, text=True, timeout=timeout, check=False
-        )
+        return self.command(command)
 
     def socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
-        """A socket in the namespace: made by a thread that joined it (setns changes only the
-        calling thread's namespace; the socket stays in the namespace it was made in)."""
-        made: list[socket.socket | BaseException] = []
-
-        def make() -> None:
-            try:
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                        error = ctypes.get_errno()
-                        raise OSError(error, f"setns: {os.strerror(error)}")
-                finally:
-                    os.close(fd)
-                made.append(socket.socket(family, kind, proto))
-            except BaseException as error:  # handed to the caller
-                made.append(error)
-
-        thread = threading.Thread(target=make)
-        thread.start()
-        thread.join()
-        if isinstance(made[0], BaseException):
-            raise made[0]
-        return made[0]
+        """A socket in the namespace (made by a thread that joined it)."""
+        return inside(self.name, lambda: socket.socket(family, kind, proto))
 
     def tap_mac(self) -> str:
         """tap0's MAC, where the guest's answers go."""
-        found = re.search(r"link/ether (\S+)", self.run("ip", "link", "show", "tap0").stdout)
+        found = re.search(r"link/ether (\S+)", self.ip("link", "show", "tap0"))
         assert found, "tap0 has no MAC"
         return found[1]
 
     def neighbour(self, ip: str) -> str:
-        return self.run("ip", "neigh", "show", ip, "dev", "tap0").stdout.strip()
+        return self.ip("neigh", "show", ip, "dev", "tap0").strip()
 
 
 @pytest.fixture
@@ -413,7 +372,11 @@ def guest(
 
 def ping(ns: Netns, count: int, interval: float) -> tuple[int, int, list[float]]:
     """(transmitted, received, [min, avg, max, mdev] ms) of ``ping`` from the namespace."""
-    result = ns.run("ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "5", GUEST_IP)
+    result = ns.run(
+        ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "5", GUEST_IP],
+        check=False,
+        timeout=PATIENCE,
+    )
     counts = re.search(r"(\d+) packets transmitted, (\d+) received", result.stdout)
     assert counts, result.stdout + result.stderr
     rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", result.stdout)

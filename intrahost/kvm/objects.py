@@ -24,7 +24,8 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -43,6 +44,7 @@ _libc_ioctl = _libc.ioctl
 _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc_ioctl.restype = ctypes.c_int
 _INT_MAX = 0x7FFF_FFFF
+_MSRS_HEADER = struct.Struct("<II")  # struct kvm_msrs: nmsrs, pad
 
 
 class KvmError(IntrahostError):
@@ -246,7 +248,7 @@ class Vm(_FdObject):
         return chip
 
     def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
-        self._ioctl(K.KVM_SET_IRQCHIP, "KVM_SET_IRQCHIP", _copy(chip))
+        self._ioctl(K.KVM_SET_IRQCHIP, "KVM_SET_IRQCHIP", chip)
 
     def get_pit2(self) -> uapi.kvm_pit_state2:
         state = uapi.kvm_pit_state2()
@@ -254,7 +256,7 @@ class Vm(_FdObject):
         return state
 
     def set_pit2(self, state: uapi.kvm_pit_state2) -> None:
-        self._ioctl(K.KVM_SET_PIT2, "KVM_SET_PIT2", _copy(state))
+        self._ioctl(K.KVM_SET_PIT2, "KVM_SET_PIT2", state)
 
     def get_clock(self) -> uapi.kvm_clock_data:
         data = uapi.kvm_clock_data()
@@ -262,7 +264,7 @@ class Vm(_FdObject):
         return data
 
     def set_clock(self, data: uapi.kvm_clock_data) -> None:
-        self._ioctl(K.KVM_SET_CLOCK, "KVM_SET_CLOCK", _copy(data))
+        self._ioctl(K.KVM_SET_CLOCK, "KVM_SET_CLOCK", data)
 
     def get_tsc_khz(self) -> int:
         return self._ioctl(K.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
@@ -349,7 +351,7 @@ class Vcpu(_FdObject):
         return regs
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
-        self._ioctl(K.KVM_SET_REGS, "KVM_SET_REGS", _copy(regs))
+        self._ioctl(K.KVM_SET_REGS, "KVM_SET_REGS", regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
         sregs = uapi.kvm_sregs()
@@ -357,7 +359,7 @@ class Vcpu(_FdObject):
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        self._ioctl(K.KVM_SET_SREGS, "KVM_SET_SREGS", _copy(sregs))
+        self._ioctl(K.KVM_SET_SREGS, "KVM_SET_SREGS", sregs)
 
     def get_sregs2(self) -> uapi.kvm_sregs2:
         sregs = uapi.kvm_sregs2()
@@ -365,7 +367,7 @@ class Vcpu(_FdObject):
         return sregs
 
     def set_sregs2(self, sregs: uapi.kvm_sregs2) -> None:
-        self._ioctl(K.KVM_SET_SREGS2, "KVM_SET_SREGS2", _copy(sregs))
+        self._ioctl(K.KVM_SET_SREGS2, "KVM_SET_SREGS2", sregs)
 
     def get_fpu(self) -> uapi.kvm_fpu:
         fpu = uapi.kvm_fpu()
@@ -373,7 +375,7 @@ class Vcpu(_FdObject):
         return fpu
 
     def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
-        self._ioctl(K.KVM_SET_FPU, "KVM_SET_FPU", _copy(fpu))
+        self._ioctl(K.KVM_SET_FPU, "KVM_SET_FPU", fpu)
 
     def get_xsave(self, size: int = ctypes.sizeof(uapi.kvm_xsave)) -> bytes:
         """The XSAVE area: KVM_GET_XSAVE2 when ``size`` exceeds 4 KiB (its size comes from
@@ -397,7 +399,7 @@ class Vcpu(_FdObject):
         return xcrs
 
     def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
-        self._ioctl(K.KVM_SET_XCRS, "KVM_SET_XCRS", _copy(xcrs))
+        self._ioctl(K.KVM_SET_XCRS, "KVM_SET_XCRS", xcrs)
 
     def get_debugregs(self) -> uapi.kvm_debugregs:
         dbg = uapi.kvm_debugregs()
@@ -405,7 +407,7 @@ class Vcpu(_FdObject):
         return dbg
 
     def set_debugregs(self, dbg: uapi.kvm_debugregs) -> None:
-        self._ioctl(K.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", _copy(dbg))
+        self._ioctl(K.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", dbg)
 
     def get_lapic(self) -> uapi.kvm_lapic_state:
         lapic = uapi.kvm_lapic_state()
@@ -413,7 +415,7 @@ class Vcpu(_FdObject):
         return lapic
 
     def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
-        self._ioctl(K.KVM_SET_LAPIC, "KVM_SET_LAPIC", _copy(lapic))
+        self._ioctl(K.KVM_SET_LAPIC, "KVM_SET_LAPIC", lapic)
 
     def get_mp_state(self) -> int:
         state = uapi.kvm_mp_state()
@@ -429,7 +431,7 @@ class Vcpu(_FdObject):
         return events
 
     def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
-        self._ioctl(K.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", _copy(events))
+        self._ioctl(K.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", events)
 
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         """Read MSRs; the result holds the ones KVM read (it stops at the first failure)."""
@@ -440,8 +442,19 @@ class Vcpu(_FdObject):
         n = self._ioctl(K.KVM_GET_MSRS, "KVM_GET_MSRS", buf)
         return {e.index: e.data for e in buf.entries[:n]}
 
-    def set_msrs(self, msrs: Iterable[tuple[int, int]]) -> int:
+    def read_msrs(self, buf: ctypes.Structure) -> MsrEntries:
+        """KVM_GET_MSRS into ``buf`` (from :func:`msr_buffer`); the entries KVM read (it
+        stops at the first failure), raw."""
+        n = self._ioctl(K.KVM_GET_MSRS, "KVM_GET_MSRS", buf)
+        header = ctypes.sizeof(uapi.kvm_msrs)
+        return MsrEntries(bytes(buf)[header : header + n * MsrEntries.ENTRY.size])
+
+    def set_msrs(self, msrs: Iterable[tuple[int, int]] | MsrEntries) -> int:
         """Write MSRs; returns how many KVM wrote (it stops at the first failure)."""
+        if isinstance(msrs, MsrEntries):
+            raw = bytearray(_MSRS_HEADER.pack(len(msrs), 0))
+            raw += msrs.raw
+            return self._ioctl(K.KVM_SET_MSRS, "KVM_SET_MSRS", raw)
         items = list(msrs)
         buf = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(items))()
         buf.hdr.nmsrs = len(items)
@@ -503,6 +516,35 @@ class Vcpu(_FdObject):
         )
 
 
-def _copy(struct: Any) -> Any:
-    """A private, writable copy of a ctypes struct to hand to the kernel."""
-    return type(struct).from_buffer_copy(bytes(struct))
+class MsrEntries:
+    """A ``kvm_msr_entry`` array as raw bytes (index u32, reserved u32, data u64 each), as
+    KVM_GET_MSRS fills it and KVM_SET_MSRS reads it: passed through without a Python object
+    per MSR. Iterates as ``(index, data)`` pairs."""
+
+    __slots__ = ("raw",)
+    ENTRY = struct.Struct("<IIQ")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) % self.ENTRY.size:
+            raise ValueError(f"{len(raw)} bytes are not a kvm_msr_entry array")
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw) // self.ENTRY.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, data) for index, _reserved, data in self.ENTRY.iter_unpack(self.raw))
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        index, _reserved, data = self.ENTRY.unpack_from(self.raw, i * self.ENTRY.size)
+        return index, data
+
+
+def msr_buffer(indices: Sequence[int]) -> ctypes.Structure:
+    """A ``kvm_msrs`` for :meth:`Vcpu.read_msrs`, sized and indexed once, reused for every
+    read (KVM_GET_MSRS writes only the data fields)."""
+    buf = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(indices))()
+    buf.hdr.nmsrs = len(indices)
+    for entry, index in zip(buf.entries, indices, strict=True):
+        entry.index = index
+    return buf

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from intrahost.kvm import Cap, Kvm, KvmError, MpState, Vcpu, Vm, uapi
+from intrahost.kvm.objects import msr_buffer
 
 needs_kvm = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm (read/write)"
@@ -46,6 +47,7 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "set_vcpu_events": (uapi.kvm_vcpu_events(),),
     "get_msrs": ([0x10],),
     "set_msrs": ([(0x10, 0)],),
+    "read_msrs": (msr_buffer([0x10]),),
     "set_cpuid2": ([uapi.kvm_cpuid_entry2()],),
     "set_tsc_khz": (1000000,),
     "get_device_attr_u64": (0, 0),

@@ -206,3 +206,43 @@ def test_the_import_sets_the_tsc_offset_then_msrs_in_dependency_order(
     assert written.index(deadline) > max(
         written.index(i) for i in written if i not in (deadline, pf_en)
     )
+
+
+def test_the_vcpu_meta_is_formatted_as_its_record_would_encode_it() -> None:
+    from intrahost.kvm.objects import MsrEntries
+    from intrahost.vmm.kvm_state import VcpuMeta, VcpuState, vcpu_meta_json
+
+    for offset, sregs2 in ((None, False), (-(1 << 63), True), ((1 << 64) - 1, False)):
+        state = VcpuState(
+            index=0, cpuid=b"", mp_state=3, regs=None, sregs=None, sregs2=sregs2, xsave=None,
+            xcrs=None, debugregs=None, lapic=b"", msrs=MsrEntries(b""), events=b"",
+            tsc_khz=2_100_000, tsc_offset=offset, saved_at_ns=123456789,
+        )  # fmt: skip
+        record = VcpuMeta(
+            saved_at_ns=123456789, mp_state=3, tsc_khz=2_100_000, sregs2=sregs2, tsc_offset=offset
+        )
+        assert vcpu_meta_json(state) == record.to_json()
+
+
+@needs_kvm
+def test_msrs_saved_in_this_hosts_order_are_written_back_raw_without_the_tsc() -> None:
+    from intrahost.kvm.objects import MsrEntries
+    from intrahost.vmm.kvm_state import MSR_IA32_TSC
+
+    machine = Machine(MachineConfig(memory=16 * MiB, serial="none"), GuestMemory.create(16 * MiB))
+    try:
+        component: Any = machine.components()["vcpu/0"]
+        state = component.save()
+        assert [i for i, _ in state.msrs] == list(component.msr_order)
+        fast = component._msrs_to_write(state, copy_offset=True)
+        assert isinstance(fast, MsrEntries)
+        assert MSR_IA32_TSC not in [i for i, _ in fast]
+        # Another order (an older VMM, another host) takes the general path, same result.
+        raw = state.msrs.raw
+        entries = [raw[i : i + 16] for i in range(0, len(raw), 16)]
+        state.msrs = MsrEntries(b"".join(reversed(entries)))
+        slow = component._msrs_to_write(state, copy_offset=True)
+        assert isinstance(slow, list)
+        assert sorted(slow) == sorted(fast)
+    finally:
+        machine.close()

@@ -98,9 +98,10 @@ class _FdObject:
         try:
             if isinstance(arg, int):
                 return fcntl.ioctl(self._fd, request, arg)
-            return fcntl.ioctl(self._fd, request, arg, True)
+            result: int = fcntl.ioctl(self._fd, request, arg, True)
         except OSError as e:
-            raise KvmError(e.errno, name, repr(self)) from None
+            raise KvmError(e.errno or errno.EIO, name, repr(self)) from None
+        return result
 
     def detach(self) -> int:
         """Give up the fd without closing it and return it (its new owner closes it); this
@@ -543,7 +544,7 @@ class MsrEntries:
 def msr_buffer(indices: Sequence[int]) -> ctypes.Structure:
     """A ``kvm_msrs`` for :meth:`Vcpu.read_msrs`, sized and indexed once, reused for every
     read (KVM_GET_MSRS writes only the data fields)."""
-    buf = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(indices))()
+    buf: ctypes.Structure = uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(indices))()
     buf.hdr.nmsrs = len(indices)
     for entry, index in zip(buf.entries, indices, strict=True):
         entry.index = index

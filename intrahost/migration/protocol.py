@@ -71,6 +71,14 @@ class Command(enum.IntEnum):
     MEMORY_DATA = 8
     #: SEV guests: the source's VM (its fd, for KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM).
     SEV_CONTEXT = 9
+    #: STATE and COMMIT in one message (both sides offered :data:`COMMIT_WITH_STATE`).
+    STATE_COMMIT = 10
+
+
+#: A feature named in START's ``features`` and in its reply: the destination commits as soon
+#: as the state is imported, on STATE_COMMIT, saving COMMIT's round trip in the blackout. A
+#: peer that does not name it (intrahost 0.1) gets STATE, then COMMIT.
+COMMIT_WITH_STATE = "commit-with-state"
 
 
 class Status(enum.IntEnum):

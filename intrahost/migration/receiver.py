@@ -8,10 +8,18 @@ States and the one message each accepts (ABANDON is accepted in every state)::
     CONFIGURED --SEV_CONTEXT(+VM fd)--> CONFIGURED   (SEV guests: the source's VM)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
+    READY --STATE_COMMIT--> COMMITTED       (the source paused; the state imported here,
+                                             then as on COMMIT below; only when both sides
+                                             named COMMIT_WITH_STATE in START and its reply)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
     READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
     IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED; for SEV the context
                                              moved in (MOVE); then the vCPUs released)
+
+READY builds everything before the pause. With STATE_COMMIT, the source also sends its vCPUs'
+CPUID with READY: when it is this VMM's own table, each vCPU thread runs its vCPU once on a
+stub outside guest memory before parking (:class:`intrahost.vmm.vcpu.RunStub`), so that the
+first KVM_RUN after the import — slow on a never-run vCPU — is not in the blackout.
 
 SEV guests: MOVE is the point of no return for the context (the source VM is dead after it).
 It runs after the baton swap, when everything that can fail was validated: the state is
@@ -20,9 +28,11 @@ EINVAL, ...), nothing moved: this side hands the guest back (baton COMMITTED -> 
 the source resumes. After a successful MOVE this side only releases its vCPUs and answers;
 nothing there can fail short of this process dying (docs/migration.md).
 
-If the source goes silent (EOF, timeout) *after* the state was imported, the destination
-tries to commit on its own (see :meth:`Receiver._take_over`): the baton decides between it and
-a source that gives up, so a source killed at that point loses no guest.
+On STATE_COMMIT the commit needs nothing more from the source: import, swap, resume, answer.
+In the two-step sequence, if the source goes silent (EOF, timeout) *after* the state was
+imported, the destination tries to commit on its own (see :meth:`Receiver._take_over`): the
+baton decides between it and a source that gives up, so a source killed at that point loses
+no guest.
 
 Anything else — another message, a timeout, EOF, a malformed payload, a state that does not
 import — ends the hand-off here: the destination discards its VM (memory fds are closed,
@@ -65,6 +75,7 @@ from intrahost.migration.state import (
 )
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
+from intrahost.vmm.vcpu import RunStub
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +145,8 @@ class Receiver:
         self._copy_target: GuestMemory | None = None
         #: SEV: the source VM's fd, named in MOVE.
         self.sev_source_fd = -1
+        #: Both sides named COMMIT_WITH_STATE: STATE_COMMIT is accepted (and STATE is not).
+        self.one_step = False
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -173,9 +186,12 @@ class Receiver:
         ReceiveState.STARTED: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.MEMORY: {Command.MEMORY_FD, Command.CONFIG},
         ReceiveState.CONFIGURED: {Command.READY, Command.SEV_CONTEXT},
-        ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
+        ReceiveState.READY: {Command.STATE, Command.STATE_COMMIT, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
+
+    #: Fault points named otherwise than after their command.
+    _POINTS = {Command.MEMORY_FD: "recv-memory", Command.STATE_COMMIT: "recv-state"}
 
     def _dispatch(self, msg: Message) -> None:
         try:
@@ -200,7 +216,7 @@ class Receiver:
             self._refuse(f"{command.name} must carry {fds_expected} fd(s), got {len(msg.fds)}")
         handler = getattr(self, f"_on_{command.name.lower()}")
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
-        point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{command.name.lower()}"
+        point = self._POINTS.get(command, f"recv-{command.name.lower()}")
         self.faults.hit("destination", point, self.channel.close)
         try:
             handler(msg)
@@ -225,8 +241,14 @@ class Receiver:
                 f"{sorted(ACCEPTED_VERSIONS)}"
             )
         self.copy_memory = bool(body.get("copy_memory", False))
+        features = body.get("features")
+        offered = isinstance(features, list) and protocol.COMMIT_WITH_STATE in features
+        self.one_step = offered and not self.faults.two_step_commit()
         self.state = ReceiveState.STARTED
-        self.channel.ok({"version": protocol.PROTOCOL_VERSION})
+        reply: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION}
+        if self.one_step:
+            reply["features"] = [protocol.COMMIT_WITH_STATE]
+        self.channel.ok(reply)
 
     def _on_memory_fd(self, msg: Message) -> None:
         body = msg.json()
@@ -293,6 +315,7 @@ class Receiver:
         assert self.config is not None
         if self.config.sev and self.sev_source_fd < 0:
             self._refuse("an SEV guest needs SEV_CONTEXT (the source VM) before READY")
+        cpuid = msg.json().get("cpuid") if self.one_step else None
         t0 = time.monotonic_ns()
         try:
             if self.copy_memory:
@@ -313,11 +336,23 @@ class Receiver:
             populated = memory.populate(memory.resident_ranges())
             self.timings["prefault_us"] = (time.monotonic_ns() - t_fault) // 1000
             log.info("prefaulted %d MiB in %d µs", populated >> 20, self.timings["prefault_us"])
-        self.machine.start(paused=True)
+        self._start_parked(self.machine, cpuid)
         warm_up_import(self.machine)
         self.timings["build_us"] = (time.monotonic_ns() - t0) // 1000
         self.state = ReceiveState.READY
         self.channel.ok(self.timings)
+
+    def _start_parked(self, machine: Machine, cpuid: object) -> None:
+        """Start the vCPU threads parked; each first runs its vCPU once on a stub when the
+        source's CPUID is this VMM's own (KVM accepts no other table after a vCPU ran; SEV
+        guests, whose KVM_RUN the platform wraps, are not pre-run)."""
+        if cpuid != machine.cpuid.hex() or machine.confidential is not None:
+            machine.start(paused=True)
+            return
+        t0 = time.monotonic_ns()
+        with RunStub(machine.vm) as stub:
+            machine.start(paused=True, first_run=stub.run)
+        self.timings["prerun_us"] = (time.monotonic_ns() - t0) // 1000
 
     def _on_memory_data(self, msg: Message) -> None:
         if self._copy_target is None:
@@ -333,6 +368,24 @@ class Receiver:
         self.channel.ok()
 
     def _on_state(self, msg: Message) -> None:
+        if self.one_step:
+            self._refuse("STATE after both sides agreed on STATE_COMMIT")
+        received, imported = self._import(msg)
+        self.faults.hit("destination", "after-import", self.channel.close)
+        self.state = ReceiveState.IMPORTED
+        self.channel.ok({"received_ns": received, "imported_ns": imported})
+
+    def _on_state_commit(self, msg: Message) -> None:
+        """Import, then commit at once: the source sent everything it had to."""
+        if not self.one_step:
+            self._refuse("STATE_COMMIT without COMMIT_WITH_STATE agreed in START")
+        received, imported = self._import(msg)
+        self.faults.hit("destination", "after-import", self.channel.close)
+        self.state = ReceiveState.IMPORTED
+        self._commit({"received_ns": received, "imported_ns": imported})
+
+    def _import(self, msg: Message) -> tuple[int, int]:
+        """Decode, validate and import the state; its arrival and the end of the import."""
         received = time.monotonic_ns()
         assert self.machine is not None
         try:
@@ -347,14 +400,16 @@ class Receiver:
             self._refuse(f"cannot import the state: {e}")
         if run_state is not None:
             self.running_after_commit = bool(run_state.get("running"))
-        imported = time.monotonic_ns()
-        self.faults.hit("destination", "after-import", self.channel.close)
-        self.state = ReceiveState.IMPORTED
-        self.channel.ok({"received_ns": received, "imported_ns": imported})
+        return received, time.monotonic_ns()
 
     def _on_commit(self, msg: Message) -> None:
-        assert self.machine is not None and self.baton is not None
         self.running_after_commit = bool(msg.json().get("running", True))
+        self._commit({})
+
+    def _commit(self, reply: dict[str, Any]) -> None:
+        """The commit point, then SEV's MOVE, then the vCPUs released; answers with
+        ``reply`` and the time of the release."""
+        assert self.machine is not None and self.baton is not None
         # The commit point: from this swap on, the guest belongs to this VMM.
         found = self.baton.swap(Baton.PENDING, Baton.COMMITTED)
         if found != Baton.PENDING:
@@ -367,7 +422,7 @@ class Receiver:
             self.machine.resume()
         resumed = time.monotonic_ns()
         try:
-            self.channel.ok({"resumed_ns": resumed})
+            self.channel.ok(reply | {"resumed_ns": resumed})
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
         self.faults.hit("destination", "after-commit", self.channel.close)

@@ -3,12 +3,17 @@
 Phases, in order::
 
     connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> READY      guest still runs
-    pause -> export -> STATE -> COMMIT                                    the blackout
+    pause -> export -> STATE_COMMIT                                       the blackout
     release the VM (the destination runs the guest)
 
+With a destination that does not offer :data:`~intrahost.migration.protocol.COMMIT_WITH_STATE`
+in its START reply (intrahost 0.1), STATE_COMMIT is two requests: STATE, then COMMIT.
+
 The **commit point** is the destination's swap of the baton from PENDING to COMMITTED
-(see :mod:`intrahost.migration.protocol`); the destination makes it on COMMIT, or on its own
-if this side goes silent after the destination imported the state. Before it, any failure —
+(see :mod:`intrahost.migration.protocol`); the destination makes it as soon as it imported
+the state of a STATE_COMMIT — it needs nothing more from this side, which may even be dead
+by then — or, in the two-step sequence, on COMMIT, or on its own if this side goes silent
+after the destination imported the state. Before it, any failure —
 the destination dies, EOF, a timeout, a refusal, a state it can't import — makes this side
 swap the baton to ABANDONED and resume the guest (if it was running; a pause that times out
 has undone itself, so there is nothing to resume). If that swap finds
@@ -17,8 +22,9 @@ side must not resume, and reports it. Never both; never neither unless the VMM t
 guest at that moment dies.
 
 This side never touches guest memory (only the copy-based baseline reads it, to send it), and
-it returns as soon as the destination acknowledges COMMIT: how the guest itself saw the pause
-is for tools that know the guest (:mod:`intrahost.vmm.guests.probe`) to measure.
+it returns as soon as the destination acknowledges the commit: how the guest itself saw the
+pause is for tools that know the guest (:mod:`intrahost.vmm.guests.probe`) to measure, with
+the breakdown's absolute ``paused_at_ns`` and ``resumed_at_ns`` (CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -59,6 +65,11 @@ class Breakdown:
     total_us: int
     state_bytes: int
     prepare_us: int
+    #: CLOCK_MONOTONIC (ns) when the pause began on this side and when the destination
+    #: released its vCPUs: the guest's own stall across the hand-off spans the second and
+    #: starts at or after the first.
+    paused_at_ns: int = 0
+    resumed_at_ns: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,8 +130,16 @@ class Sender:
             t_prepare = time.monotonic_ns()
             channel = self._connect()
             self._checkpoint("start", channel)
-            start = {"version": protocol.PROTOCOL_VERSION, "copy_memory": self.options.copy_memory}
-            channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            start: dict[str, Any] = {
+                "version": protocol.PROTOCOL_VERSION,
+                "copy_memory": self.options.copy_memory,
+            }
+            if not self.faults.two_step_commit():
+                start["features"] = [protocol.COMMIT_WITH_STATE]
+            started = channel.request(Command.START, protocol.to_json(start), [baton.fd])
+            features = started.get("features")
+            one_step = isinstance(features, list) and protocol.COMMIT_WITH_STATE in features
+            one_step = one_step and "features" in start
             self._checkpoint("memory", channel)
             if not self.options.copy_memory:
                 channel.request(
@@ -134,7 +153,12 @@ class Sender:
                 # The VM itself travels: the destination names it in MOVE.
                 channel.request(Command.SEV_CONTEXT, fds=[machine.confidential.vm.fd])
             self._checkpoint("ready", channel)
-            channel.request(Command.READY, timeout=self.options.ready_timeout)
+            # What can't change during the pause crosses before it: the vCPUs' CPUID lets
+            # the destination run its vCPUs once before the pause (their first KVM_RUN is slow).
+            ready = {"cpuid": machine.cpuid.hex()} if one_step else {}
+            channel.request(
+                Command.READY, protocol.to_json(ready), timeout=self.options.ready_timeout
+            )
             warm_up_export(machine)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
 
@@ -155,10 +179,16 @@ class Sender:
             t2 = time.monotonic_ns()
             self._checkpoint("state", channel)
             data = self.faults.state(data)
-            imported = channel.request(Command.STATE, data)
-            self._checkpoint("after-state", channel)
-            self._checkpoint("commit", channel)
-            resumed = channel.request(Command.COMMIT, protocol.to_json({"running": was_running}))
+            if one_step:
+                # The destination commits and resumes as soon as it imported the state.
+                imported = resumed = channel.request(Command.STATE_COMMIT, data)
+            else:
+                imported = channel.request(Command.STATE, data)
+                self._checkpoint("after-state", channel)
+                self._checkpoint("commit", channel)
+                resumed = channel.request(
+                    Command.COMMIT, protocol.to_json({"running": was_running})
+                )
             self.committed = True
             self._checkpoint("after-commit", channel)
             self.phase = "committed"
@@ -199,6 +229,8 @@ class Sender:
             total_us=max(0, resumed_ns - t0) // 1000,
             state_bytes=len(data),
             prepare_us=prepare_us,
+            paused_at_ns=t0,
+            resumed_at_ns=resumed_ns,
         )
 
     def _connect(self) -> Channel:

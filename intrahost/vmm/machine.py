@@ -206,12 +206,15 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def start(self, paused: bool = False) -> None:
+    def start(
+        self, paused: bool = False, first_run: Callable[[int, Vcpu], None] | None = None
+    ) -> None:
+        """Start the vCPU threads (see ``VcpuGroup.start``, also for ``first_run``)."""
         if paused:
             self.uart.pause()
         self.uart.start()
         self.started_at = time.monotonic()
-        self.group.start(paused=paused)
+        self.group.start(paused=paused, first_run=first_run)
 
     def pause(self, timeout: float = 5.0) -> None:
         """Park every vCPU outside KVM_RUN, then stop the UART's output drain. If the vCPUs

@@ -27,7 +27,9 @@ main thread at start-up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
 import signal
 import threading
 import time
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from intrahost.errors import IntrahostError
-from intrahost.kvm import Interrupted, KvmError, Vcpu, VcpuExit
+from intrahost.kvm import Interrupted, KvmError, MpState, PortOut, Vcpu, VcpuExit, Vm
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,70 @@ class RunState(Enum):
 ExitHandler = Callable[[Vcpu, VcpuExit], bool]
 
 
+class RunStub:
+    """A page outside guest memory on which a never-run vCPU runs once, so that its first
+    KVM_RUN — slow: KVM sets up the vCPU's MMU and loads it on a CPU for the first time,
+    0.05-0.2 ms here — is not paid after a hand-off's import, in the blackout.
+
+    The page is a memory slot of its own at the reset vector (a vCPU that never ran starts
+    in real mode at 0xFFFFFFF0), holding ``out %al, $0x80``: the vCPU exits to userspace
+    once and is entered again with ``immediate_exit``, which completes the OUT, and is then
+    as any parked vCPU. Nothing of the stub remains: the import sets every register, and
+    the slot is deleted (:meth:`close`) before the guest can run. The guest's memory is
+    never written.
+
+    Ordering: the CPUID must be set before (KVM accepts only an identical table after a
+    vCPU ran). Each vCPU must be run by the thread that will run it afterwards: KVM_RUN from
+    a new thread waits for an RCU grace period (milliseconds) — :meth:`VcpuGroup.start`'s
+    ``first_run`` does that.
+    """
+
+    SLOT = 31
+    ADDRESS = 0xFFFF_F000
+    PORT = 0x80
+    _CODE = bytes([0xE6, PORT, 0xF4])  # out %al, $0x80; hlt (never reached)
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._page = mmap.mmap(-1, mmap.PAGESIZE)
+        self._page[0xFF0 : 0xFF0 + len(self._CODE)] = self._CODE
+        view = ctypes.c_char.from_buffer(self._page)
+        self._address = ctypes.addressof(view)
+        del view  # (an exported buffer would keep the page from closing)
+        try:
+            vm.set_user_memory_region(self.SLOT, self.ADDRESS, mmap.PAGESIZE, self._address)
+        except BaseException:
+            self._page.close()
+            raise
+
+    def run(self, index: int, vcpu: Vcpu) -> None:
+        """Run ``vcpu`` once on the stub (from the thread that will run it)."""
+        # An application processor waits for INIT/SIPI in KVM_RUN: make it runnable (the
+        # import sets the real MP state).
+        vcpu.set_mp_state(MpState.RUNNABLE)
+        run = vcpu.kvm_run
+        exit_ = vcpu.run()
+        run.immediate_exit = 1
+        try:
+            vcpu.run()  # completes the OUT, returns at once
+        finally:
+            run.immediate_exit = 0
+        if not (isinstance(exit_, PortOut) and exit_.port == self.PORT):
+            log.warning("vCPU %d: unexpected exit on the run stub: %r", index, exit_)
+
+    def close(self) -> None:
+        if not self._page.closed:
+            with contextlib.suppress(KvmError):  # the VM may be gone
+                self.vm.set_user_memory_region(self.SLOT, self.ADDRESS, 0, self._address)
+            self._page.close()
+
+    def __enter__(self) -> RunStub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class VcpuGroup:
     """The vCPU threads of one VM, paused and resumed together."""
 
@@ -110,6 +176,7 @@ class VcpuGroup:
         self._stop_requested = False
         self._states = [RunState.PARKED] * len(vcpus)
         self._threads: list[threading.Thread] = []
+        self._first_run: Callable[[int, Vcpu], None] | None = None
         self.exits = [0] * len(vcpus)
         self.errors: list[BaseException] = []
         #: Called once (from a vCPU thread) when any vCPU stops on its own.
@@ -117,17 +184,23 @@ class VcpuGroup:
 
     # --- control (any thread) ------------------------------------------------------------------
 
-    def start(self, paused: bool = False) -> None:
+    def start(
+        self, paused: bool = False, first_run: Callable[[int, Vcpu], None] | None = None
+    ) -> None:
         """Start one thread per vCPU; with ``paused`` they park before their first KVM_RUN.
+        ``first_run(index, vcpu)`` (with ``paused``): what each thread does with its vCPU
+        before it parks (:meth:`RunStub.run`); returns when every thread has done it. A
+        failure there is logged: the vCPU parks all the same.
 
         Installs the kick handler first when on the main thread; elsewhere it must have been
         installed (:func:`install_kick_handler`), or this raises :class:`KickHandlerMissing`.
         """
         install_kick_handler()
+        self._first_run = first_run if paused else None
         with self._cond:
             self._pause_requested = paused
             for v in self.vcpus:
-                v.kvm_run.immediate_exit = 1 if paused else 0
+                v.kvm_run.immediate_exit = 0 if paused and first_run else int(paused)
             # Running from now on, not from when each thread gets going: a pause() right
             # after start() must wait for every thread to park.
             self._states = [RunState.PARKED if paused else RunState.RUNNING] * len(self.vcpus)
@@ -247,7 +320,13 @@ class VcpuGroup:
         stopped_by_guest = False
         try:
             # Started paused (a destination waiting for its state): park before the first
-            # KVM_RUN, so that nothing runs the vCPU before the import.
+            # KVM_RUN of the guest, so that nothing runs the vCPU before the import.
+            if self._first_run is not None:
+                try:
+                    self._first_run(i, vcpu)
+                except KvmError as e:
+                    log.warning("vCPU %d: the run before parking failed: %s", i, e)
+                vcpu.kvm_run.immediate_exit = 1
             if not self._park(i):
                 return
             while True:

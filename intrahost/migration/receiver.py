@@ -117,6 +117,16 @@ class _Memory:
     path: str | None
 
 
+def _hex_bytes(value: object) -> bytes | None:
+    """``value`` as the bytes of a hex string; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
 class Receiver:
     """Runs one incoming hand-off on an accepted connection. ``faults``: the fault tests'
     hooks (see :mod:`intrahost.migration.faults`); none by default."""
@@ -344,11 +354,17 @@ class Receiver:
 
     def _start_parked(self, machine: Machine, cpuid: object) -> None:
         """Start the vCPU threads parked; each first runs its vCPU once on a stub when the
-        source's CPUID is this VMM's own (KVM accepts no other table after a vCPU ran; SEV
-        guests, whose KVM_RUN the platform wraps, are not pre-run)."""
-        if cpuid != machine.cpuid.hex() or machine.confidential is not None:
+        source sent its CPUID (set first: KVM accepts no other table after a vCPU ran). SEV
+        guests, whose KVM_RUN the platform wraps, are not pre-run."""
+        table = _hex_bytes(cpuid)
+        if table is None or machine.confidential is not None:
             machine.start(paused=True)
             return
+        if table != machine.cpuid:
+            try:
+                machine.adopt_cpuid(table)
+            except StateImportError as e:
+                self._refuse(f"cannot take the source's CPUID: {e}")
         t0 = time.monotonic_ns()
         with RunStub(machine.vm) as stub:
             machine.start(paused=True, first_run=stub.run)

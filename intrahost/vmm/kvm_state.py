@@ -253,6 +253,17 @@ class VcpuComponent:
         self._msr_order_column = memoryview(array.array("I", self.msr_order))
         self._tsc_at = self.msr_order.index(MSR_IA32_TSC) if MSR_IA32_TSC in self.msr_order else -1
 
+    def adopt_cpuid(self, table: bytes) -> None:
+        """Set ``table`` on the vCPU (before it first ran) and keep it as this vCPU's."""
+        entry = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+        if not table or len(table) % entry or len(table) > MAX_CPUID_ENTRIES * entry:
+            raise StateImportError(f"a CPUID table of {len(table)} bytes is malformed")
+        try:
+            self.vcpu.set_cpuid2(cpuid_entries(table))
+        except KvmError as e:
+            raise StateImportError(f"vCPU {self.index}: {e}") from e
+        self.cpuid = table
+
     def save(self) -> VcpuState:
         """Export the parked vCPU. Every vCPU of the VM must be parked outside KVM_RUN:
         reading VCPU_EVENTS while another vCPU runs could miss an event in flight."""

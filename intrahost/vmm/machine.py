@@ -177,6 +177,15 @@ class Machine:
                 vcpu, i, self.features, self.cpuid, self._registers_protected
             )
 
+    def adopt_cpuid(self, table: bytes) -> None:
+        """Give every vCPU the CPUID ``table`` (raw kvm_cpuid_entry2 bytes: a hand-off's
+        source's), before any of them ran: KVM accepts only an identical table afterwards.
+        (The host's table differs with the host CPU that answered: its APIC ID.)"""
+        for component in self._kernel_state.values():
+            if isinstance(component, VcpuComponent):
+                component.adopt_cpuid(table)
+        self.cpuid = table
+
     def _registers_protected(self) -> bool:
         return self.confidential is not None and self.confidential.registers_protected
 

@@ -127,11 +127,12 @@ SLOT_GAPS = 40  # u64: large gaps recorded so far (entries written to the vCPU's
 STATUS_END = SLOTS_ADDR + MAX_VCPUS * SLOT_SIZE
 #: Per vCPU, a ring of its latest large gaps: GAP_ENTRIES x (u64 gap ticks, u64 the RDTSC that
 #: ended it), entry ``n % GAP_ENTRIES`` for the n-th gap. A gap is large when it exceeds
-#: GAP_MIN_TICKS (about 30 µs at 2 GHz; the loop itself takes a few ns per iteration).
+#: GAP_MIN_TICKS (about 60 µs at 2 GHz; the loop itself takes a few ns per iteration, a busy
+#: host takes the vCPU away for longer ones often: the ring holds the last 128).
 GAPS_ADDR = STATUS_ADDR + 0x2000
-GAPS_STRIDE = 0x200
-GAP_ENTRIES = 32
-GAP_MIN_TICKS = 0x10000
+GAPS_STRIDE = 0x800
+GAP_ENTRIES = 128
+GAP_MIN_TICKS = 0x20000
 GAPS_END = GAPS_ADDR + MAX_VCPUS * GAPS_STRIDE
 
 REGION_ADDR = 0x400000

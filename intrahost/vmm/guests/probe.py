@@ -81,6 +81,16 @@ class TscClock:
         return (tsc - self.tsc_at_zero) * 1_000_000 // self.khz
 
 
+@dataclass(frozen=True)
+class HandoffGap:
+    """The guest's gap across a hand-off: ``us`` long, from its last RDTSC on the source
+    (``start_ns``) to its first on the destination (``end_ns``), CLOCK_MONOTONIC."""
+
+    us: float
+    start_ns: int
+    end_ns: int
+
+
 class CounterProbe:
     """The counter guest in ``memory``. ``tsc_khz``: the guest's TSC frequency, to turn gaps
     into microseconds (default: KVM's, asked of a new VM when first needed)."""
@@ -197,6 +207,13 @@ class CounterProbe:
         ``parked_at_ns``, when every source vCPU was parked, and ended after
         ``resumed_at_ns``, when the destination released them), in µs. Waits until every
         vCPU ran again; :class:`GapNotFound` if a vCPU's ring holds no such gap."""
+        return self.handoff_gap(parked_at_ns, resumed_at_ns, timeout).us
+
+    def handoff_gap(
+        self, parked_at_ns: int, resumed_at_ns: int, timeout: float = 10.0
+    ) -> HandoffGap:
+        """:meth:`handoff_gap_us` with where the longest gap lies on CLOCK_MONOTONIC (to
+        split it: before the pause began, the VMMs' steps, after the release)."""
         clock = self.clock
         if clock is None:
             raise GapNotFound("calibrate() the probe while the guest runs, before the hand-off")
@@ -207,18 +224,24 @@ class CounterProbe:
         slack = clock.khz // 10
         parked, resumed = clock.tsc(parked_at_ns), clock.tsc(resumed_at_ns)
         self._wait_past(resumed + slack, timeout)
-        longest = 0
+        longest: layout.Gap | None = None
         for vcpu in range(self._vcpus()):
-            gaps = layout.read_gaps(self.memory, vcpu)
-            overlap = [(min(g.end, resumed) - max(g.start, parked), g.ticks) for g in gaps]
-            best = max(overlap, default=None)
+            gaps = _unwrapped(layout.read_gaps(self.memory, vcpu), parked, vcpu)
+            overlap = [(min(g.end, resumed) - max(g.start, parked), g) for g in gaps]
+            best = max(overlap, default=None, key=lambda pair: pair[0])
             if best is None or best[0] < -slack:
                 raise GapNotFound(
                     f"vCPU {vcpu}: no recorded gap spans the hand-off (parked at "
                     f"{parked_at_ns} ns, resumed at {resumed_at_ns} ns; {len(gaps)} gaps)"
                 )
-            longest = max(longest, best[1])
-        return round(longest * 1000 / clock.khz, 1)
+            if longest is None or best[1].ticks > longest.ticks:
+                longest = best[1]
+        assert longest is not None
+        return HandoffGap(
+            round(longest.ticks * 1000 / clock.khz, 1),
+            clock.monotonic_ns(longest.start),
+            clock.monotonic_ns(longest.end),
+        )
 
     def largest_gap_us(self, from_ns: int, to_ns: int, timeout: float = 10.0) -> float:
         """The longest gap of any vCPU that overlaps [``from_ns``, ``to_ns``] (for a VMM
@@ -231,7 +254,7 @@ class CounterProbe:
         self._wait_past(end, timeout)
         longest = 0
         for vcpu in range(self._vcpus()):
-            for g in layout.read_gaps(self.memory, vcpu):
+            for g in _unwrapped(layout.read_gaps(self.memory, vcpu), start, vcpu):
                 if g.end >= start and g.start <= end:
                     longest = max(longest, g.ticks)
         return round(longest * 1000 / clock.khz, 1)
@@ -254,6 +277,17 @@ class CounterProbe:
                     f"the counter guest's vCPUs did not all run again within {timeout} s"
                 )
             time.sleep(0.001)
+
+
+def _unwrapped(gaps: list[layout.Gap], since: int, vcpu: int) -> list[layout.Gap]:
+    """``gaps`` if the ring still reaches back to the TSC ``since``; GapNotFound if it was
+    overwritten past it (read sooner)."""
+    if len(gaps) == layout.GAP_ENTRIES and gaps[0].start > since:
+        raise GapNotFound(
+            f"vCPU {vcpu}: its gap ring was overwritten since the hand-off (a busy host stops "
+            f"the guest often: read the gap sooner after the hand-off)"
+        )
+    return gaps
 
 
 def host_tsc_khz() -> int:

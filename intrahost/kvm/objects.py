@@ -45,6 +45,7 @@ _libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc_ioctl.restype = ctypes.c_int
 _INT_MAX = 0x7FFF_FFFF
 _MSRS_HEADER = struct.Struct("<II")  # struct kvm_msrs: nmsrs, pad
+_CPUID_HEADER = struct.Struct("<II")  # struct kvm_cpuid2: nent, padding
 
 
 class KvmError(IntrahostError):
@@ -469,6 +470,16 @@ class Vcpu(_FdObject):
         for i, entry in enumerate(entries):
             buf.entries[i] = entry
         self._ioctl(K.KVM_SET_CPUID2, "KVM_SET_CPUID2", buf)
+
+    def set_cpuid_table(self, table: bytes) -> None:
+        """KVM_SET_CPUID2 with ``table``, raw kvm_cpuid_entry2 entries (one buffer, no
+        Python object per entry)."""
+        size = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+        if len(table) % size:
+            raise ValueError(f"{len(table)} bytes are not a kvm_cpuid_entry2 array")
+        raw = bytearray(_CPUID_HEADER.pack(len(table) // size, 0))
+        raw += table
+        self._ioctl(K.KVM_SET_CPUID2, "KVM_SET_CPUID2", raw)
 
     def get_cpuid2(self) -> list[uapi.kvm_cpuid_entry2]:
         n = K.MAX_CPUID_ENTRIES

@@ -24,8 +24,11 @@ module. ``config`` is read before the destination machine exists (it says how to
 
 from __future__ import annotations
 
+import functools
+
 from intrahost.migration import envelope
-from intrahost.migration.envelope import Component, State
+from intrahost.migration.envelope import State
+from intrahost.vmm.kvm_state import VCPU_RAW_PARTS
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.persist import (
     Parts,
@@ -43,16 +46,27 @@ UNDERSTOOD = ("config", "vm/", "vcpu/", "device/", "vmm/", "sev/")
 def save_machine(machine: Machine, running: bool = True) -> bytes:
     """Export a paused machine (every vCPU parked, the UART's drain paused), its components
     in the machine's order. ``running``: whether the guest ran before the hand-off paused it
-    (it runs again after)."""
-    components = [Component("config", machine.config.to_json())]
+    (it runs again after). What can't change during the pause — the configuration's JSON,
+    the component names — is built once (:func:`warm_up_export` builds it before)."""
+    entries = [(b"config", _config_json(machine.config), envelope.REQUIRED)]
     for name, component in machine.components().items():
-        prefix = name + "/"
         for part, payload in component.save_parts():
-            components.append(Component(prefix + part if part else name, payload))
-    components.append(
-        Component("vmm/run-state", json_payload({"running": running}), required=False)
-    )
-    return envelope.encode(components)
+            entries.append((_entry_name(name, part), payload, envelope.REQUIRED))
+    entries.append((b"vmm/run-state", _RUN_STATE[running], 0))
+    return envelope.encode_entries(entries)
+
+
+_RUN_STATE = {flag: json_payload({"running": flag}) for flag in (False, True)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _entry_name(component: str, part: str) -> bytes:
+    return envelope.entry_name(part_name(component, part))
+
+
+@functools.lru_cache(maxsize=16)
+def _config_json(config: MachineConfig) -> bytes:
+    return config.to_json()
 
 
 def restore_machine(machine: Machine, state: State) -> None:
@@ -98,10 +112,14 @@ def warm_up_export(machine: Machine) -> None:
     prepare_records()
     uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(machine.features.msr_indices))
     vm_parts = machine.components()["vm"].save_parts()
-    envelope.encode(
-        [Component("config", machine.config.to_json())]
-        + [Component(part_name("vm", part), payload) for part, payload in vm_parts]
+    envelope.encode_entries(
+        [(b"config", _config_json(machine.config), envelope.REQUIRED)]
+        + [(_entry_name("vm", part), payload, envelope.REQUIRED) for part, payload in vm_parts]
     )
+    for name in machine.components():
+        if name.startswith("vcpu/"):  # (their parts are not read before the pause)
+            for part in ("meta", "msrs", *VCPU_RAW_PARTS):
+                _entry_name(name, part)
 
 
 def warm_up_import(machine: Machine) -> None:

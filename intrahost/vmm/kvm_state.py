@@ -74,7 +74,7 @@ DEFERRED_MSRS = (MSR_IA32_TSC_DEADLINE, MSR_KVM_ASYNC_PF_EN)
 
 _U32 = (1 << 32) - 1
 _MSR_ENTRY = struct.Struct("<IIQ")  # struct kvm_msr_entry
-_VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
+VCPU_RAW_PARTS = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
 _VM_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "clock": uapi.kvm_clock_data,
     "pic_master": uapi.kvm_irqchip,
@@ -156,11 +156,6 @@ def vcpu_meta_json(s: VcpuState) -> bytes:
     offset = "null" if s.tsc_offset is None else str(int(s.tsc_offset))
     sregs2 = "true" if s.sregs2 else "false"
     return (_META_JSON % (s.mp_state, s.saved_at_ns, sregs2, s.tsc_khz, offset)).encode()
-
-
-def cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
-    size = ctypes.sizeof(uapi.kvm_cpuid_entry2)
-    return [uapi.kvm_cpuid_entry2.from_bytes(data[i : i + size]) for i in range(0, len(data), size)]
 
 
 def decode_vcpu(parts: Parts, index: int) -> VcpuState:
@@ -259,7 +254,7 @@ class VcpuComponent:
         if not table or len(table) % entry or len(table) > MAX_CPUID_ENTRIES * entry:
             raise StateImportError(f"a CPUID table of {len(table)} bytes is malformed")
         try:
-            self.vcpu.set_cpuid2(cpuid_entries(table))
+            self.vcpu.set_cpuid_table(table)
         except KvmError as e:
             raise StateImportError(f"vCPU {self.index}: {e}") from e
         self.cpuid = table
@@ -319,7 +314,7 @@ class VcpuComponent:
         # CPUID first: it defines which features (XSAVE components, MSRs) the rest may use.
         # The vCPU got this VMM's table when it was built; only a different one is set again.
         if state.cpuid != self.cpuid:
-            vcpu.set_cpuid2(cpuid_entries(state.cpuid))
+            vcpu.set_cpuid_table(state.cpuid)
         # MP_STATE before the registers: setting it can reset parts of the vCPU (INIT).
         vcpu.set_mp_state(state.mp_state)
         if state.regs is not None:
@@ -409,7 +404,7 @@ class VcpuComponent:
     def save_parts(self) -> list[tuple[str, bytes]]:
         s = self.save()
         out = [("meta", vcpu_meta_json(s)), ("msrs", s.msrs.raw)]
-        for name in _VCPU_RAW:
+        for name in VCPU_RAW_PARTS:
             value = getattr(s, name)
             if value is not None:
                 out.append((name, value))

@@ -15,6 +15,7 @@ from support import needs_kvm
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
+from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.sender import Sender
 from intrahost.migration.state import config_of, decode_state, restore_machine, save_machine
 from intrahost.service.runner import listen, receive
@@ -246,3 +247,59 @@ def test_msrs_saved_in_this_hosts_order_are_written_back_raw_without_the_tsc() -
         assert sorted(slow) == sorted(fast)
     finally:
         machine.close()
+
+
+class _TwoStep(Faults):
+    """A side that does not offer commit-with-state (as intrahost 0.1)."""
+
+    def two_step_commit(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("old_side", [None, "source", "destination"])
+def test_commit_with_state_only_when_both_sides_offer_it(
+    old_side: str | None, source: Machine, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intrahost.migration.protocol import Channel, Command
+    from intrahost.migration.receiver import ReceiveOptions
+
+    sent: list[int] = []
+    original = Channel.send
+
+    def send(self: Channel, kind: int, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "source":
+            sent.append(kind)
+        original(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Channel, "send", send)
+    url = f"unix:{sockdir / 'mig.sock'}"
+    listener = listen(url)
+    box: dict[str, Any] = {}
+    override = {"serial": f"file:{sockdir / 'serial-1.log'}"}
+    dst_faults = _TwoStep() if old_side == "destination" else NO_FAULTS
+    thread = threading.Thread(
+        target=lambda: box.setdefault(
+            "m",
+            receive(url, ReceiveOptions(overrides=override), listener=listener, faults=dst_faults),
+        )
+    )
+    thread.start()
+    src_faults = _TwoStep() if old_side == "source" else NO_FAULTS
+    result: dict[str, Any] = {}
+    sender = threading.Thread(
+        target=lambda: result.setdefault("b", Sender(source, url, faults=src_faults).run()),
+        name="source",
+    )
+    sender.start()
+    sender.join(30)
+    thread.join(10)
+    box["m"].close()
+    if old_side is None:
+        assert Command.STATE_COMMIT in sent and Command.COMMIT not in sent
+        assert Command.STATE not in sent
+    else:
+        assert Command.STATE in sent and Command.COMMIT in sent
+        assert Command.STATE_COMMIT not in sent
+    breakdown = result["b"]
+    assert breakdown.paused_at_ns > 0
+    assert breakdown.resumed_at_ns >= breakdown.paused_at_ns + breakdown.import_us * 1000

@@ -302,3 +302,90 @@ def test_commit_with_state_only_when_both_sides_offer_it(
     breakdown = result["b"]
     assert breakdown.paused_at_ns > 0
     assert breakdown.resumed_at_ns >= breakdown.paused_at_ns + breakdown.import_us * 1000
+
+
+@pytest.mark.parametrize("old_side", [None, "source"])
+def test_the_destination_assigns_irqfds_after_the_import_and_the_commit_point(
+    old_side: str | None, sockdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a disk, on both commit paths (STATE_COMMIT, and STATE then COMMIT): the
+    destination restores the state (the interrupt controllers), swaps the baton, only then
+    assigns its irqfds and resumes; the disk guest keeps completing writes there."""
+    from intrahost.migration import receiver as receiver_module
+    from intrahost.migration.protocol import Baton
+    from intrahost.migration.receiver import ReceiveOptions
+    from intrahost.vmm.config import parse_disks
+    from intrahost.vmm.guests.probe import DiskProbe
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    config = MachineConfig(
+        memory=16 * MiB,
+        guest="disk",
+        guest_args="progress=1000000000",
+        serial="none",
+        disks=parse_disks([f"path={image}"]),
+    )
+    source = Machine.create(config)
+    source.start()
+    events: list[str] = []
+
+    def on_destination(name: str) -> None:
+        if threading.current_thread().name == "destination":
+            events.append(name)
+
+    restore, swap = receiver_module.restore_machine, Baton.swap
+    attach, resume = Machine.attach_interrupts, Machine.resume
+
+    def restoring(machine: Machine, state: Any) -> None:
+        restore(machine, state)
+        on_destination("restored")
+
+    def swapping(self: Baton, expected: int, new: int, timeout: float = 10.0) -> int:
+        found = swap(self, expected, new, timeout)
+        on_destination(f"swap {expected}->{new}: found {found}")
+        return found
+
+    def attaching(self: Machine) -> None:
+        on_destination("irqfds assigned")
+        attach(self)
+
+    def resuming(self: Machine) -> None:
+        on_destination("resumed")
+        resume(self)
+
+    monkeypatch.setattr(receiver_module, "restore_machine", restoring)
+    monkeypatch.setattr(Baton, "swap", swapping)
+    monkeypatch.setattr(Machine, "attach_interrupts", attaching)
+    monkeypatch.setattr(Machine, "resume", resuming)
+    url = f"unix:{sockdir / 'mig.sock'}"
+    listener = listen(url)
+    box: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: box.setdefault("m", receive(url, ReceiveOptions(), listener=listener)),
+        name="destination",
+    )
+    try:
+        probe = DiskProbe(source.memory.buffer)
+        wait_until(
+            lambda: (s := probe.status()) is not None and s.writes_completed > 10,
+            "the disk guest to write",
+        )
+        thread.start()
+        faults = _TwoStep() if old_side == "source" else NO_FAULTS
+        Sender(source, url, faults=faults).run()
+        thread.join(PATIENCE)
+        committed = f"swap {Baton.PENDING}->{Baton.COMMITTED}: found {Baton.PENDING}"
+        assert events == ["restored", committed, "irqfds assigned", "resumed"], events
+        destination: Machine = box["m"]
+        status = DiskProbe(destination.memory.buffer).status()
+        assert status is not None
+        done = status.writes_completed
+        wait_until(
+            lambda: (s := probe.status()) is not None and s.writes_completed > done + 10,
+            "the disk guest to complete writes on the destination",
+        )
+    finally:
+        source.close()
+        if "m" in box:
+            box["m"].close()

@@ -356,6 +356,15 @@ def longest_stall(stalls: Sequence[Stall], t0: int, t1: int) -> float:
 # --- 1. fd hand-offs along a chain of VMMs ------------------------------------------------------
 
 
+def _sized(path: Path, size: int) -> bool:
+    """Whether the VMM created the memory file ``path`` and gave it its size (it creates the
+    file, then sizes it: a map of the status page fails in between)."""
+    try:
+        return path.stat().st_size >= size
+    except FileNotFoundError:
+        return False
+
+
 def run_chain(
     ws: Workspace,
     point: Point,
@@ -376,7 +385,7 @@ def run_chain(
     observer: Observer | None = None
     records: list[dict[str, Any]] = []
     try:
-        wait_until(shm.exists, 30, "the memory file", src.proc)
+        wait_until(lambda: _sized(shm, point.memory), 30, "the memory file", src.proc)
         counters = GuestCounters(shm, point.vcpus)
         probe = CounterProbe.open(shm, host_tsc_khz())
         wait_counting(counters, src.proc, point.label)
@@ -775,7 +784,7 @@ def run_brownout(
     opened: list[GuestCounters | CounterProbe] = []
     records: list[dict[str, Any]] = []
     try:
-        wait_until(shm.exists, 30, "the memory file", src.proc)
+        wait_until(lambda: _sized(shm, point.memory), 30, "the memory file", src.proc)
         counters = GuestCounters(shm, 1)
         opened.append(counters)
         probe = CounterProbe.open(shm, host_tsc_khz())

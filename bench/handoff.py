@@ -1543,6 +1543,8 @@ def report(result: dict[str, Any], out: Path) -> None:
                 f"{m['import'] / 1000:.3f}, resume {m['resume'] / 1000:.3f}); n={f['n']}"
             )
         for r in result["floor_ratios"]:
+            if r["ratio"] is None and r["ratio_prerun"] is None:
+                continue  # (the floor runs at 1 and 4 vCPUs only)
             print(
                 f"  {r['label']}: guest-observed pause {fmt_ms(r['guest_pause_us'])} ms = "
                 f"{r['ratio']}x the floor, {r['ratio_prerun']}x the pre-run floor"

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,55 @@ def run_floor(
         "running_at_pause": sum(1 for h in handoffs if h["running_at_pause"]),
         "handoffs": handoffs,
     }
+
+
+#: The vCPU counts floor.c runs (one busy vCPU, the others halted).
+FLOOR_VCPUS = (1, 4)
+
+
+def run_floors(
+    vcpus: Sequence[int], count: int, log: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
+    """The floor beside another bench's run: for each vCPU count floor.c runs (1, 4) among
+    ``vcpus``, ``count`` hand-offs with never-run destination vCPUs and ``count`` with
+    pre-run ones; compact results (no per-hand-off lists), in that order. A floor that fails
+    is logged and left out."""
+    out: list[dict[str, Any]] = []
+    if count <= 0:
+        return out
+    with tempfile.TemporaryDirectory(prefix="intrahost-floor-") as tmp:
+        try:
+            exe = build_floor(Path(tmp))
+        except FloorError as e:
+            log(f"C floor: not measured: {e}")
+            return out
+        for v in sorted(set(vcpus) & set(FLOOR_VCPUS)):
+            for prerun in (False, True):
+                log(f"C floor: {count} hand-offs, {v} vCPU(s), prerun={prerun}")
+                try:
+                    result = run_floor(count, v, prerun, exe=exe)
+                except FloorError as e:
+                    log(f"C floor: {v} vCPU(s), prerun={prerun} failed: {e}")
+                    continue
+                out.append(
+                    {
+                        "vcpus": v,
+                        "prerun": prerun,
+                        "n": len(result["handoffs"]),
+                        **{k: result[k] for k in ("config", "median_us", "p90_us")},
+                        "loadavg": [result["loadavg_before"][0], result["loadavg_after"][0]],
+                    }
+                )
+    return out
+
+
+def floor_blackout_us(floors: Sequence[dict[str, Any]], vcpus: int, prerun: bool) -> float | None:
+    """The median blackout of the floor run at ``vcpus`` and ``prerun``, if measured."""
+    for f in floors:
+        if f["vcpus"] == vcpus and f["prerun"] == prerun:
+            value = f["median_us"]["blackout"]
+            return float(value)
+    return None
 
 
 def describe(result: dict[str, Any]) -> str:

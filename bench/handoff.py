@@ -6,9 +6,9 @@
    Each hand-off is measured three ways:
 
    - the VMM's own breakdown (pause, export, transfer, import, resume; ``query-migrate``);
-   - the guest-observed pause: the counter guest's largest gap between two RDTSC reads, read
-     with its probe (``intrahost.vmm.guests.probe``): the gap record is reset right before
-     ``migrate`` and read once every vCPU counted again on the destination;
+   - the guest-observed pause, the exact stopwatch: the counter guest's own gap between two
+     RDTSC reads across the hand-off, picked with its probe (``intrahost.vmm.guests.probe``)
+     from the breakdown's pause and resume times (``paused_at_ns``, ``resumed_at_ns``);
    - the **progress blackout**: bench/observer.py, a separate process, samples the guest's
      counters through the memory file. The hand-off shows as an interval in which no vCPU's
      counter moved; the progress blackout is the longest stall of any vCPU overlapping it.
@@ -61,11 +61,12 @@ from common import (
     percentile,
     wait_until,
 )
+from floor import floor_blackout_us, run_floors
 from observer import Observer, Stall
 
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.guests import layout
-from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting, host_tsc_khz
+from intrahost.vmm.guests.probe import CounterProbe, GapNotFound, GuestNotCounting, host_tsc_khz
 
 HERE = Path(__file__).resolve().parent
 INTRAHOST = [sys.executable, "-m", "intrahost"]
@@ -190,13 +191,11 @@ def hand_off(
 ) -> tuple[dict[str, Any], int, int]:
     """``migrate`` on ``src``; returns its blackout breakdown and CLOCK_MONOTONIC ns of the
     command and of its MIGRATION completed event. With ``probe``, the breakdown also gets the
-    guest-observed pause (``guest_pause_us``): the guest's gap record is reset right before
-    the command and read, after it, once every vCPU counted again."""
+    guest-observed pause (``guest_pause_us``): the guest's own RDTSC gap across the hand-off
+    (see :func:`guest_pause_us`)."""
     with QmpClient(src.api, timeout=timeout) as qmp:
-        gaps_from = None
         if probe is not None:
-            probe.reset_gaps()
-            gaps_from = probe.status()
+            probe.calibrate()
         t_cmd = time.monotonic_ns()
         qmp.execute("migrate", uri=f"unix:{mig}")
         while True:
@@ -210,18 +209,31 @@ def hand_off(
         raise BenchError(f"hand-off from {src.name} failed: {result.get('error-desc', result)}")
     blackout: dict[str, Any] = dict(result["blackout"])
     if probe is not None:
-        blackout["guest_pause_us"] = guest_pause_us(probe, gaps_from, src.name)
+        blackout["guest_pause_us"] = guest_pause_us(probe, blackout, src.name, t_cmd, t_done)
     return blackout, t_cmd, t_done
 
 
-def guest_pause_us(probe: CounterProbe, before: layout.CounterStatus | None, src: str) -> float:
-    """The largest gap the guest recorded since its status was ``before`` (its gap record
-    reset just then), once every vCPU counted again: the pause as the guest saw it."""
-    if before is None:
-        raise BenchError(f"the guest of {src} wrote no status page")
+def guest_pause_us(
+    probe: CounterProbe, blackout: dict[str, Any], src: str, t_cmd: int, t_done: int
+) -> float:
+    """The pause as the guest saw it, with the exact stopwatch: its RDTSC gap that spans the
+    hand-off, from the breakdown's pause and resume times (``probe`` calibrated before the
+    command); a VMM without them: the largest gap in the command's window."""
     try:
-        return probe.observed_pause_us(before)
-    except GuestNotCounting as e:
+        if "paused_at_ns" in blackout and blackout.get("resumed_at_ns"):
+            parked = blackout["paused_at_ns"] + int(blackout["pause_us"]) * 1000
+            gap = probe.handoff_gap(parked, blackout["resumed_at_ns"])
+            # Split: how long before the pause began the guest last ran (negative: it ran
+            # on into the pause), and from the destination's release to its first RDTSC.
+            blackout["guest_stopped_before_pause_us"] = (
+                blackout["paused_at_ns"] - gap.start_ns
+            ) // 1000
+            blackout["guest_first_run_after_resume_us"] = (
+                gap.end_ns - blackout["resumed_at_ns"]
+            ) // 1000
+            return gap.us
+        return probe.largest_gap_us(t_cmd, t_done)
+    except (GuestNotCounting, GapNotFound) as e:
         raise BenchError(f"after the hand-off from {src}: {e}") from None
 
 
@@ -344,6 +356,15 @@ def longest_stall(stalls: Sequence[Stall], t0: int, t1: int) -> float:
 # --- 1. fd hand-offs along a chain of VMMs ------------------------------------------------------
 
 
+def _sized(path: Path, size: int) -> bool:
+    """Whether the VMM created the memory file ``path`` and gave it its size (it creates the
+    file, then sizes it: a map of the status page fails in between)."""
+    try:
+        return path.stat().st_size >= size
+    except FileNotFoundError:
+        return False
+
+
 def run_chain(
     ws: Workspace,
     point: Point,
@@ -364,7 +385,7 @@ def run_chain(
     observer: Observer | None = None
     records: list[dict[str, Any]] = []
     try:
-        wait_until(shm.exists, 30, "the memory file", src.proc)
+        wait_until(lambda: _sized(shm, point.memory), 30, "the memory file", src.proc)
         counters = GuestCounters(shm, point.vcpus)
         probe = CounterProbe.open(shm, host_tsc_khz())
         wait_counting(counters, src.proc, point.label)
@@ -394,6 +415,8 @@ def run_chain(
                 **{k: blackout.get(k) for k in (*BREAKDOWN, "total_us", "prepare_us")},
                 "state_bytes": blackout.get("state_bytes"),
                 "guest_pause_us": blackout.get("guest_pause_us"),
+                "guest_stopped_before_pause_us": blackout.get("guest_stopped_before_pause_us"),
+                "guest_first_run_after_resume_us": blackout.get("guest_first_run_after_resume_us"),
                 "progress_blackout_us": pick.blackout_us if pick else None,
                 "all_still_us": pick.all_still_us if pick else None,
                 "noise_us": noise,
@@ -761,7 +784,7 @@ def run_brownout(
     opened: list[GuestCounters | CounterProbe] = []
     records: list[dict[str, Any]] = []
     try:
-        wait_until(shm.exists, 30, "the memory file", src.proc)
+        wait_until(lambda: _sized(shm, point.memory), 30, "the memory file", src.proc)
         counters = GuestCounters(shm, 1)
         opened.append(counters)
         probe = CounterProbe.open(shm, host_tsc_khz())
@@ -776,11 +799,8 @@ def run_brownout(
             sampler.start()
             try:
                 time.sleep(PRE_WINDOW_S + 0.05)
-                probe.reset_gaps()
-                gaps_from = probe.status()
-                blackout, t0, t1 = hand_off(src, mig)
+                blackout, t0, t1 = hand_off(src, mig, probe)
                 old_gone = ExitClock(src.proc)
-                blackout["guest_pause_us"] = guest_pause_us(probe, gaps_from, name)
                 # Two passes after the resume (the slow one, then one at full speed), then
                 # 0.3 s more of the rate after the recovery.
                 wait_sweeps(counters, sweep_mib, 2, dst.proc)
@@ -980,6 +1000,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | 
     keys = (
         *("progress_blackout_us", "all_still_us", "guest_pause_us", "total_us", "noise_us"),
         *(*BREAKDOWN, "prepare_us", "window_ms", "spawn_ms", "old_exit_ms"),
+        *("guest_stopped_before_pause_us", "guest_first_run_after_resume_us"),
     )
     return {k: stats(records, k) for k in keys if any(r.get(k) is not None for r in records)}
 
@@ -1285,6 +1306,12 @@ def main() -> int:
         default=0,
         help="run the bench, its VMMs and the observer at this niceness (e.g. -10 on a busy host)",
     )
+    parser.add_argument(
+        "--floor-count",
+        type=int,
+        help="hand-offs of the C floor (bench/floor.c) per vCPU count and mode, in the same run "
+        "(default 100; --quick 30; 0 = none)",
+    )
     parser.add_argument("--out", default=str(HERE / "out"), help="output directory")
     parser.add_argument("--copy-source", help=argparse.SUPPRESS)
     parser.add_argument("--profile-child", help=argparse.SUPPRESS)
@@ -1354,6 +1381,7 @@ def main() -> int:
         "blackout": [],
         "brownout": [],
         "profile": [],
+        "floor": [],
         "errors": [],
     }
 
@@ -1376,6 +1404,10 @@ def main() -> int:
                     continue
                 rows.append(row_of(point, "fd", 0, records))
             result["loadavg"]["after_blackout"] = os.getloadavg()
+            floor_count = (
+                args.floor_count if args.floor_count is not None else (30 if quick else 100)
+            )
+            result["floor"] = run_floors([p.vcpus for p in points], floor_count, log=say)
             for memory in copy_sizes:
                 sweep = memory // MiB - 16
                 say(f"copy baseline at {size_label(memory)}, guest wrote {sweep} MiB: {copy_runs}")
@@ -1435,8 +1467,34 @@ def main() -> int:
     result["failure"] = failure
     result["host"]["commit_at_end"] = host_info()["commit"]
     result["targets"] = check_targets(rows)
+    result["floor_ratios"] = floor_ratios(rows, result["floor"])
     report(result, out)
     return 1 if failure or result["errors"] else 0
+
+
+def floor_ratios(
+    rows: Sequence[dict[str, Any]], floors: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each fd hand-off point beside the C floor at its vCPU count: the guest-observed pause
+    (the exact stopwatch) median over the floor's median blackout, plain and pre-run."""
+    out = []
+    for row in rows:
+        if row["mode"] != "fd" or row["sweep_mib"]:
+            continue
+        guest = row["summary"].get("guest_pause_us", {}).get("median")
+        plain = floor_blackout_us(floors, row["vcpus"], False)
+        prerun = floor_blackout_us(floors, row["vcpus"], True)
+        out.append(
+            {
+                "label": row["label"],
+                "guest_pause_us": guest,
+                "floor_us": plain,
+                "floor_prerun_us": prerun,
+                "ratio": None if not guest or not plain else round(guest / plain, 2),
+                "ratio_prerun": None if not guest or not prerun else round(guest / prerun, 2),
+            }
+        )
+    return out
 
 
 def row_of(
@@ -1474,6 +1532,23 @@ def report(result: dict[str, Any], out: Path) -> None:
     if brown:
         print("\nBrownout: time from the resume until the rate is back to 95%")
         print(brownout_table(brown))
+    if result["floor"]:
+        print("\nThe C floor (bench/floor.c), same run, medians in ms:")
+        for f in result["floor"]:
+            m = f["median_us"]
+            print(
+                f"  {f['vcpus']} vCPU(s), prerun={f['prerun']!s:5}: blackout "
+                f"{m['blackout'] / 1000:.3f} (pause {m['pause'] / 1000:.3f}, export "
+                f"{m['export'] / 1000:.3f}, transfer {m['transfer'] / 1000:.3f}, import "
+                f"{m['import'] / 1000:.3f}, resume {m['resume'] / 1000:.3f}); n={f['n']}"
+            )
+        for r in result["floor_ratios"]:
+            if r["ratio"] is None and r["ratio_prerun"] is None:
+                continue  # (the floor runs at 1 and 4 vCPUs only)
+            print(
+                f"  {r['label']}: guest-observed pause {fmt_ms(r['guest_pause_us'])} ms = "
+                f"{r['ratio']}x the floor, {r['ratio_prerun']}x the pre-run floor"
+            )
     if result["profile"]:
         print("\nWhere pause, export and import go (in-process, no observer, 64 MiB guest):")
         print(profile_table(result["profile"]))

@@ -55,14 +55,14 @@ from pathlib import Path
 from typing import Any
 
 import plot
+from floor import floor_blackout_us, run_floors
 from observer import Observer, Stall
 from prose import findings, ratio
 
 from intrahost.service.qmp_client import QmpClient, QmpConnectionError
 from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.build import build_guest
-from intrahost.vmm.guests.layout import CounterStatus
-from intrahost.vmm.guests.probe import CounterProbe, GuestNotCounting
+from intrahost.vmm.guests.probe import CounterProbe, GapNotFound, GuestNotCounting
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -401,6 +401,11 @@ class Handoff:
     vmm_figures: dict[str, Any] = field(default_factory=dict)
     stall: StallPick | None = None
     noise: StallPick | None = None
+    #: The guest's own RDTSC gap across the hand-off (the exact stopwatch), µs, and how it
+    #: was picked: "exact" (from the VMM's pause and resume times) or "window" (the largest
+    #: gap between the earliest pause and `completed`: QEMU gives no such times).
+    guest_gap_us: float | None = None
+    guest_gap_method: str | None = None
 
     @property
     def window_ms(self) -> float:
@@ -436,6 +441,8 @@ class Handoff:
             "landed_on_progress_line": self.stall.with_line if self.stall else None,
             "observer_gap_us": self.stall.observer_gap_us if self.stall else None,
             "noise_floor_us": self.noise_us,
+            "guest_gap_us": self.guest_gap_us,
+            "guest_gap_method": self.guest_gap_method,
             "window_ms": round(self.window_ms, 3),
             "end_to_end_ms": round(self.e2e_ms, 3),
             "spawn_to_command_ms": round((self.t_cmd - self.t_spawn) / 1e6, 3),
@@ -500,8 +507,6 @@ class IntrahostGuest:
         self.api = self.dir / "api-0.sock"
         #: The VMM that runs the guest now: our child, or a pid that `upgrade` started.
         self.current: subprocess.Popen[bytes] | int | None = None
-        #: The guest's own view of each hand-off's pause, through the memory file.
-        self.probe: CounterProbe | None = None
 
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "intrahost", *args]
@@ -536,23 +541,6 @@ class IntrahostGuest:
     def handoff(self, k: int) -> Handoff:
         return self._migrate() if k % 2 == 0 else self._upgrade()
 
-    def _forget_gaps(self) -> CounterStatus | None:
-        """Reset the guest's gap record right before the command: the largest gap it records
-        from here on is the hand-off's pause (or a longer scheduling stall of its vCPU)."""
-        if self.probe is None:
-            self.probe = CounterProbe.open(self.shm)
-        self.probe.reset_gaps()
-        return self.probe.status()
-
-    def _guest_pause_us(self, before: CounterStatus | None) -> float | None:
-        """The largest gap since :meth:`_forget_gaps`, once every vCPU counted again."""
-        if self.probe is None or before is None:
-            return None
-        try:
-            return self.probe.observed_pause_us(before)
-        except GuestNotCounting as e:
-            raise BenchError(f"intrahost: {e}") from None
-
     def _migrate(self) -> Handoff:
         """The two-process form: a destination waiting with --incoming, then `migrate`."""
         self._generation += 1
@@ -570,7 +558,6 @@ class IntrahostGuest:
         except BenchError:
             raise BenchError(f"intrahost --incoming did not listen\n{tail(output)}") from None
         with QmpClient(self.api, timeout=30.0) as qmp:
-            gaps_from = self._forget_gaps()
             h.t_cmd = time.monotonic_ns()
             qmp.execute("migrate", uri=f"unix:{mig}")
             result = poll_migration(qmp)
@@ -580,8 +567,7 @@ class IntrahostGuest:
         h.t_end = time.monotonic_ns()
         if isinstance(old, subprocess.Popen):
             old.wait(5)
-        guest_pause_us = self._guest_pause_us(gaps_from)  # after the clocks: not timed
-        h.vmm_figures = dict(result.get("blackout", {})) | {"guest_pause_us": guest_pause_us}
+        h.vmm_figures = dict(result.get("blackout", {}))
         self.current, self.api = new, api
         return h
 
@@ -589,16 +575,22 @@ class IntrahostGuest:
         """`intrahost upgrade`: starts the new VMM itself; its wall time is the end-to-end."""
         h = Handoff("intrahost", "upgrade")
         old = self.current
-        gaps_from = self._forget_gaps()
-        h.t_spawn = h.t_cmd = time.monotonic_ns()
-        done = subprocess.run(
-            self._cli("upgrade", "--api-socket", str(self.api)),
-            capture_output=True,
-            text=True,
-            timeout=180,
-            start_new_session=True,
-        )
-        h.t_done = h.t_end = time.monotonic_ns()
+        # The old VMM's MIGRATION event carries the whole breakdown (with the pause and
+        # resume times the stopwatch needs); the command prints only the durations.
+        events = QmpClient(self.api, timeout=30.0)
+        try:
+            h.t_spawn = h.t_cmd = time.monotonic_ns()
+            done = subprocess.run(
+                self._cli("upgrade", "--api-socket", str(self.api)),
+                capture_output=True,
+                text=True,
+                timeout=180,
+                start_new_session=True,
+            )
+            h.t_done = h.t_end = time.monotonic_ns()
+            breakdown = _completed_breakdown(events)
+        finally:
+            events.close()
         out = done.stdout + done.stderr
         if (m := re.search(r"new VMM pid (\d+) serves", out)) is not None:
             self.res.adopt_pid(int(m.group(1)))
@@ -609,7 +601,7 @@ class IntrahostGuest:
             raise BenchError("intrahost upgrade returned while the old VMM still runs")
         if isinstance(old, subprocess.Popen):
             old.wait(5)
-        h.vmm_figures = parse_breakdown(out) | {"guest_pause_us": self._guest_pause_us(gaps_from)}
+        h.vmm_figures = parse_breakdown(out) | breakdown
         self.current = int(m.group(1))
         return h
 
@@ -623,9 +615,19 @@ class IntrahostGuest:
             wait_until("intrahost to quit", lambda: not self._alive(vmm), 10)
         if isinstance(vmm, subprocess.Popen):
             vmm.wait(5)
-        if self.probe is not None:
-            self.probe.close()
-            self.probe = None
+
+
+def _completed_breakdown(qmp: QmpClient) -> dict[str, Any]:
+    """The breakdown in the MIGRATION completed event ``qmp`` received ({} if none)."""
+    with contextlib.suppress(QmpConnectionError):
+        while True:
+            event = qmp.wait_event("MIGRATION", timeout=5.0)
+            data = event.get("data", {})
+            if data.get("status") == "completed":
+                return dict(data.get("blackout", {}))
+            if data.get("status") == "failed":
+                return {}
+    return {}
 
 
 def parse_breakdown(text: str) -> dict[str, Any]:
@@ -783,8 +785,10 @@ def measure(
     wait_until("the memory file", lambda: guest.shm.exists(), 30)
     counters = Counters(guest.shm, point.vcpus)
     observer: Observer | None = None
+    probe: CounterProbe | None = None
     try:
         counters.wait_counting(120, guest.alive)
+        probe = CounterProbe.open(guest.shm)
         observer = Observer(str(guest.shm), point.vcpus, interval_us=OBSERVER_INTERVAL_US)
         observer.start()
         time.sleep(0.5)  # the observer settles; the guest runs undisturbed for a while
@@ -792,8 +796,10 @@ def measure(
         handoffs = []
         for k in range(count):
             before = counters.read()
+            probe.calibrate()
             h = guest.handoff(k)
             counters.check_continued(before)
+            guest_stopwatch(probe, h)
             # The noise floor: a window as long as the migrate command's, without a hand-off.
             start = time.monotonic_ns() + 50_000_000
             h.control = (start, start + (h.t_done - h.t_cmd))
@@ -816,8 +822,27 @@ def measure(
     finally:
         if observer is not None:
             observer.stop()
+        if probe is not None:
+            probe.close()
         counters.close()
         guest.stop()
+
+
+def guest_stopwatch(probe: CounterProbe, h: Handoff) -> None:
+    """The guest's own gap across the hand-off (the exact stopwatch of the issue): picked
+    from intrahost's pause and resume times; for QEMU, which gives none, the largest gap
+    from the earliest moment it can have paused the guest to `completed`."""
+    figures = h.vmm_figures
+    try:
+        if figures.get("paused_at_ns") and figures.get("resumed_at_ns"):
+            parked = int(figures["paused_at_ns"]) + int(figures["pause_us"]) * 1000
+            h.guest_gap_us = probe.handoff_gap_us(parked, int(figures["resumed_at_ns"]))
+            h.guest_gap_method = "exact"
+        else:
+            h.guest_gap_us = probe.largest_gap_us(earliest_pause(h), h.t_done)
+            h.guest_gap_method = "window"
+    except (GapNotFound, GuestNotCounting) as e:
+        log(f"    the guest's stopwatch: {e}")
 
 
 def summarize(handoffs: Sequence[Handoff], vmm: str) -> dict[str, Any]:
@@ -843,6 +868,7 @@ def summarize(handoffs: Sequence[Handoff], vmm: str) -> dict[str, Any]:
                 ms([h.stall.all_stopped_us if h.stall else None for h in hs])
             ),
             "noise_floor_ms": stats(ms([h.noise_us for h in hs])),
+            "guest_gap_ms": stats(ms([h.guest_gap_us for h in hs])),
             "window_ms": stats([h.window_ms for h in hs]),
             "end_to_end_ms": stats([h.e2e_ms for h in hs]),
             "spawn_to_command_ms": stats([(h.t_cmd - h.t_spawn) / 1e6 for h in hs]),
@@ -859,7 +885,7 @@ def summarize(handoffs: Sequence[Handoff], vmm: str) -> dict[str, Any]:
     forms = {form: [h for h in handoffs if h.form == form] for form in ("migrate", "upgrade")}
     out = {form: blackout(hs) for form, hs in forms.items()}
     phases = {}
-    for phase in (*INTRAHOST_PHASES, "total", "prepare", "guest_pause"):
+    for phase in (*INTRAHOST_PHASES, "total", "prepare"):
         phases[f"{phase}_ms"] = stats(ms([h.vmm_figures.get(f"{phase}_us") for h in handoffs]))
     out["breakdown"] = phases
     return out
@@ -895,9 +921,65 @@ def _pair(stats: dict[str, Any], digits: int = 2) -> str:
     return f"{_fmt(stats.get('median'), digits)} / {_fmt(stats.get('p99'), digits)}"
 
 
-def tables(points: Sequence[dict[str, Any]]) -> str:
+def _exact_ratio(ours: float | None, theirs: float | None) -> float | None:
+    """``ours / theirs`` unrounded (the floor's figures are shown with 3 decimals)."""
+    return None if ours is None or theirs is None or theirs == 0 else ours / theirs
+
+
+def stopwatch_table(
+    points: Sequence[dict[str, Any]], floors: Sequence[dict[str, Any]]
+) -> list[str]:
+    """The goals' table: the guest's own gap across each hand-off, both VMMs and the C floor
+    measured in the same run, with the ratios the issue sets goals on."""
+    lines = [
+        "**The guest's own stopwatch** (the counter guest's RDTSC gap across the hand-off; ms, "
+        "median / p99). intrahost: the gap that spans its pause and resume times (exact); "
+        "QEMU: the largest gap from its earliest possible pause to `completed`. The C floor "
+        "(bench/floor.c, same run): the same blackout done by a minimal C program, destination "
+        "vCPUs never run / run once on a stub before the pause. Ratios of the intrahost "
+        "`migrate` median to QEMU's and to the floor's.",
+        "",
+        "| point | intrahost migrate | intrahost upgrade | QEMU | C floor / pre-run "
+        "| ÷ QEMU | ÷ floor | ÷ pre-run floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        ih, q = p.get("intrahost"), p.get("qemu") or {}
+        mig = ih["migrate"].get("guest_gap_ms", {}) if ih else {}
+        upg = ih["upgrade"].get("guest_gap_ms", {}) if ih else {}
+        qg = q.get("guest_gap_ms", {})
+        plain = floor_blackout_us(floors, p["vcpus"], False)
+        prerun = floor_blackout_us(floors, p["vcpus"], True)
+        ours = mig.get("median")
+        floor_ms = [None if v is None else v / 1000 for v in (plain, prerun)]
+        lines.append(
+            f"| {p['label']} | {_pair(mig)} | {_pair(upg)} | {_pair(qg)} "
+            f"| {_fmt(floor_ms[0], 3)} / {_fmt(floor_ms[1], 3)} "
+            f"| {_fmt(ratio(ours, qg.get('median')))} "
+            f"| {_fmt(_exact_ratio(ours, floor_ms[0]))} "
+            f"| {_fmt(_exact_ratio(ours, floor_ms[1]))} |"
+        )
+    if floors:
+        lines += [
+            "",
+            "The C floor step by step (ms, median): "
+            + "; ".join(
+                f"{f['vcpus']} vCPU(s){' pre-run' if f['prerun'] else ''}: "
+                + ", ".join(
+                    f"{step} {f['median_us'][step] / 1000:.3f}"
+                    for step in ("pause", "export", "transfer", "import", "resume", "blackout")
+                )
+                for f in floors
+            )
+            + ".",
+        ]
+    return [*lines, ""]
+
+
+def tables(points: Sequence[dict[str, Any]], floors: Sequence[dict[str, Any]] = ()) -> str:
     """The results as markdown tables (also what the bench prints)."""
     lines = [
+        *stopwatch_table(points, floors),
         "**Progress blackout** (observer; ms, median / p99): intrahost two-process `migrate`, "
         "intrahost `upgrade`, QEMU; ratio = intrahost `migrate` median / QEMU median. "
         "Window: where the stall is looked for, from the earliest moment the VMM can have paused "
@@ -978,7 +1060,12 @@ def tables(points: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def draw(points: Sequence[dict[str, Any]], out: Path, title_suffix: str) -> list[Path]:
+def draw(
+    points: Sequence[dict[str, Any]],
+    out: Path,
+    title_suffix: str,
+    floors: Sequence[dict[str, Any]] = (),
+) -> list[Path]:
     rows = []
     for p in points:
         for vmm, key in (("intrahost", "migrate"), ("qemu", None)):
@@ -1008,13 +1095,25 @@ def draw(points: Sequence[dict[str, Any]], out: Path, title_suffix: str) -> list
                 ph: p["intrahost"]["breakdown"][f"{ph}_ms"]["median"] for ph in INTRAHOST_PHASES
             },
             "progress_ms": p["intrahost"]["migrate"]["progress_blackout_ms"]["median"],
+            "guest_ms": p["intrahost"]["migrate"].get("guest_gap_ms", {}).get("median"),
         }
         for p in points
         if p.get("intrahost")
     ]
+    bars += [
+        {
+            "label": f"C floor {f['vcpus']}v{' pre-run' if f['prerun'] else ''}",
+            "phases": {ph: f["median_us"][ph] / 1000 for ph in INTRAHOST_PHASES},
+            "progress_ms": None,
+            "guest_ms": f["median_us"]["blackout"] / 1000,
+        }
+        for f in floors
+    ]
     if bars:
         path = out / "peers-breakdown.png"
-        plot.breakdown_bars(bars, path, f"intrahost's blackout, phase by phase{title_suffix}")
+        plot.breakdown_bars(
+            bars, path, f"The blackout phase by phase: intrahost and the C floor{title_suffix}"
+        )
         paths.append(path)
     e2e = [
         {
@@ -1073,7 +1172,7 @@ def update_docs(report: dict[str, Any], pngs: Sequence[Path]) -> Path:
             report["command"],
             "```",
             "",
-            tables(report["points"]),
+            tables(report["points"], report.get("floor", [])),
             "",
             findings(report["points"]),
             "",
@@ -1181,6 +1280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output directory")
     parser.add_argument("--docs", action="store_true", help="update docs/results.md and PNGs")
     parser.add_argument(
+        "--floor-count",
+        type=int,
+        help="hand-offs of the C floor per vCPU count and mode, in the same run (default 100, "
+        "--quick 30; 0 = none)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -1216,6 +1321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _resources() as res:
             for point in points:
                 results.append(run_point(res, point, args, qemu, elf, raw))
+        floor_count = args.floor_count
+        if floor_count is None:
+            floor_count = 30 if args.quick else 100
+        floors = run_floors(vcpus, floor_count, log=log)
     except KeyboardInterrupt:
         log("interrupted: every VMM and memory file of this run has been removed")
         return 130
@@ -1237,13 +1346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "duration_s": round(time.monotonic() - t_start, 1),
         "points": results,
+        "floor": floors,
     }
     json_path = args.out / "peers.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "peers-stalls.json").write_text(json.dumps(raw) + "\n")
     suffix = f" ({report['host']['cpus']} host CPUs, n={args.repeat})"
-    pngs = draw(results, args.out, suffix)
-    print(tables(results))
+    pngs = draw(results, args.out, suffix, floors)
+    print(tables(results, floors))
     print()
     print(f"wrote {json_path} and {', '.join(str(p) for p in pngs)}")
     print(

@@ -109,10 +109,12 @@ def blackout_vs_memory(rows: Sequence[dict[str, Any]], path: Path, title: str) -
 
 
 def breakdown_bars(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Per point, two bars: intrahost's own blackout breakdown, stacked (medians of each
-    phase), and beside it in grey the observer's median progress blackout.
+    """Per point, two bars: the VMM's own blackout breakdown, stacked (medians of each
+    phase), and beside it in grey the guest's own median gap across the hand-off (the
+    stopwatch; the observer's progress blackout where a row has no ``guest_ms``).
 
-    ``rows``: dicts with ``label``, ``phases`` ({phase: median ms}) and ``progress_ms``.
+    ``rows``: dicts with ``label``, ``phases`` ({phase: median ms}), ``progress_ms`` and
+    optionally ``guest_ms`` (the C floor's rows: its steps and its blackout).
     """
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(rows) + 2.5), 5.2), dpi=120)
     width = 0.36
@@ -124,8 +126,9 @@ def breakdown_bars(rows: Sequence[dict[str, Any]], path: Path, title: str) -> No
         ax.bar(left, heights, width, bottom=bottoms, color=colour, label=phase, edgecolor="white")
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     for x, total in zip(left, bottoms, strict=True):
-        ax.annotate(f"{total:.1f}", (x, total), ha="center", va="bottom", fontsize=8)
-    progress = [(x, r["progress_ms"]) for x, r in zip(right, rows, strict=True) if r["progress_ms"]]
+        ax.annotate(f"{total:.2f}", (x, total), ha="center", va="bottom", fontsize=8)
+    observed = [r.get("guest_ms") or r.get("progress_ms") for r in rows]
+    progress = [(x, y) for x, y in zip(right, observed, strict=True) if y]
     ax.bar(
         [x for x, _ in progress],
         [y for _, y in progress],
@@ -133,10 +136,10 @@ def breakdown_bars(rows: Sequence[dict[str, Any]], path: Path, title: str) -> No
         color="#bbbbbb",
         hatch="//",
         edgecolor="#777777",
-        label="progress blackout (observer)",
+        label="the guest's own gap (stopwatch)",
     )
     for x, y in progress:
-        ax.annotate(f"{y:.1f}", (x, y), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels([r["label"] for r in rows], fontsize=9)
     ax.set_xlabel("point: guest memory / vCPUs")

@@ -262,24 +262,24 @@ def mutated_components(draw: st.DrawFn, state: bytes) -> list[Component]:
             del components[i]
         elif op == "bytes":
             c = components[i]
-            components[i] = replace(c, payload=draw(st.binary(max_size=2 * len(c.payload) + 8)))
+            components[i] = c._replace(payload=draw(st.binary(max_size=2 * len(c.payload) + 8)))
         elif op == "resize":
             c = components[i]
             n = draw(
                 st.sampled_from([0, 1, len(c.payload) - 1, len(c.payload) + 1, 2 * len(c.payload)])
             )
-            components[i] = replace(c, payload=(c.payload * 3)[: max(0, n)])
+            components[i] = c._replace(payload=(c.payload * 3)[: max(0, n)])
         elif op == "json":
             c = components[i]
-            components[i] = replace(c, payload=draw(mutated_json_payload(c.payload)))
+            components[i] = c._replace(payload=draw(mutated_json_payload(c.payload)))
         elif op == "add":
             name = draw(COMPONENT_NAMES)
             payload = draw(st.one_of(st.binary(max_size=64), JSON.map(to_json)))
             components.append(Component(name, payload, draw(st.booleans())))
         elif op == "flag":
-            components[i] = replace(components[i], required=not components[i].required)
+            components[i] = components[i]._replace(required=not components[i].required)
         elif op == "rename":
-            components[i] = replace(components[i], name=draw(COMPONENT_NAMES))
+            components[i] = components[i]._replace(name=draw(COMPONENT_NAMES))
     unique: dict[str, Component] = {}
     for c in components:
         unique.setdefault(c.name, c)

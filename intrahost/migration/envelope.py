@@ -23,8 +23,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from intrahost.vmm.persist import StateFormatError, json_object, json_payload
 
@@ -40,22 +39,36 @@ MAX_COMPONENTS = 8192
 MAX_NAME_BYTES = 128
 
 
-@dataclass(frozen=True)
-class Component:
+class Component(NamedTuple):
+    """One named part of a state (a tuple: built and read in the hand-off's pause)."""
+
     name: str
     payload: bytes
     required: bool = True
 
 
 def encode(components: Iterable[Component], minor: int = MINOR) -> bytes:
+    return encode_entries(
+        ((entry_name(c.name), c.payload, REQUIRED if c.required else 0) for c in components),
+        minor,
+    )
+
+
+def entry_name(name: str) -> bytes:
+    """A component name as the envelope stores it; StateFormatError if it can't be."""
+    raw = name.encode()
+    if not 0 < len(raw) <= MAX_NAME_BYTES:
+        raise StateFormatError(f"component name {name!r} is empty or too long")
+    return raw
+
+
+def encode_entries(entries: Iterable[tuple[bytes, bytes, int]], minor: int = MINOR) -> bytes:
+    """The envelope of ``(name from entry_name(), payload, flags)`` entries, in order."""
     parts: list[bytes] = []
+    pack = ENTRY.pack
     count = 0
-    for c in components:
-        name = c.name.encode()
-        if not 0 < len(name) <= MAX_NAME_BYTES:
-            raise StateFormatError(f"component name {c.name!r} is empty or too long")
-        parts += [ENTRY.pack(len(name), REQUIRED if c.required else 0, len(c.payload))]
-        parts += [name, c.payload]
+    for name, payload, flags in entries:
+        parts += (pack(len(name), flags, len(payload)), name, payload)
         count += 1
     body = b"".join(parts)
     if len(body) + HEADER.size > MAX_STATE_BYTES or count > MAX_COMPONENTS:
@@ -151,5 +164,7 @@ __all__ = [
     "StateFormatError",
     "decode",
     "encode",
+    "encode_entries",
+    "entry_name",
     "json_payload",
 ]

@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 ENV = "INTRAHOST_TEST_FAULT"
 FAULTS = ("kill", "close", "stall", "truncate", "corrupt", "badstate", "fail")
 
-#: Where the source can fail: before each request it sends, and around the pause.
+#: Where the source can fail: before each request it sends, and around the pause. With a
+#: destination that commits with the state (STATE_COMMIT), "after-state" and "commit" do not
+#: exist (nothing happens between the state and the commit); a fault planned there makes the
+#: faulty VMM speak the two-step sequence (STATE, then COMMIT) so that it is reached, as with
+#: an intrahost 0.1 peer. Likewise "recv-commit" on the destination.
 SOURCE_POINTS = (
     "start",
     "memory",
@@ -62,6 +66,8 @@ DESTINATION_POINTS = (
     "at-commit",
     "after-commit",
 )
+#: The points only the two-step sequence has (see SOURCE_POINTS).
+TWO_STEP_POINTS = {"source": ("after-state", "commit"), "destination": ("recv-commit",)}
 #: SEV guests only, on the destination: around KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM.
 SEV_DESTINATION_POINTS = ("before-move", "after-move")
 #: Guests with virtio devices only: before the source sends the devices' fds, and on their
@@ -103,6 +109,11 @@ class Faults:
         """Called by the sender on the saved state before it sends it."""
         return data
 
+    def two_step_commit(self) -> bool:
+        """Whether this side must not offer to commit with the state (the planned fault is
+        at a point only the two-step sequence has)."""
+        return False
+
 
 NO_FAULTS = Faults()
 
@@ -142,6 +153,9 @@ class FaultPlan(Faults):
 
     def frame_fault(self) -> str | None:
         return self._take(("truncate", "corrupt"))
+
+    def two_step_commit(self) -> bool:
+        return self.fault.point in TWO_STEP_POINTS[self.fault.side]
 
     def state(self, data: bytes) -> bytes:
         return _without_a_lapic(data) if self._take(("badstate",)) else data

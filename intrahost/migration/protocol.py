@@ -23,8 +23,9 @@ peer that does not negotiate (v0.1.0) sends or reads only ``"version"``.
 Ownership of the guest is decided by a *baton*: a tiny shared file (a memfd) that the source
 creates and sends with START. It holds one word: PENDING, COMMITTED or ABANDONED, changed only
 by compare-and-swap under an open-file-description lock (see :class:`Baton`; dropped when
-the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest — on
-COMMIT, or on its own when the source went silent after the whole state was imported: that
+the holder dies). The destination swaps PENDING -> COMMITTED before it runs the guest — once
+it imported the state of a STATE_COMMIT, on COMMIT, or on its own when the source went silent
+after the whole state was imported (in the two-step sequence, STATE then COMMIT): that
 swap is the **commit point**. A source that loses contact swaps PENDING -> ABANDONED before
 it resumes the guest. Exactly one of the two swaps succeeds, so the guest never runs on two
 VMMs, and a source that cannot tell whether its COMMIT arrived learns it from the baton.
@@ -86,12 +87,19 @@ class Command(enum.IntEnum):
     #: named in the payload ``{"device": N, "names": [...]}`` in the order they travel; sent
     #: only to a destination whose START reply lists :data:`DEVICE_FDS_FEATURE`.
     DEVICE_FDS = 11
+    #: STATE and COMMIT in one message (both sides named :data:`COMMIT_WITH_STATE`).
+    STATE_COMMIT = 12
 
 
 #: The START reply's ``features`` name what a destination accepts beyond its protocol
 #: version; a sender uses a feature only if it is listed (older destinations list none).
 CONSOLE_FD_FEATURE = "console-fd"
 DEVICE_FDS_FEATURE = "device-fds"
+#: A feature both sides must name: the source in START's own ``features``, the destination
+#: in its reply (only if the source named it). The destination then commits as soon as the
+#: state is imported, on STATE_COMMIT, saving COMMIT's round trip in the blackout. A peer
+#: that does not name it (intrahost 0.1) gets, or sends, STATE, then COMMIT.
+COMMIT_WITH_STATE = "commit-with-state"
 
 
 class Status(enum.IntEnum):

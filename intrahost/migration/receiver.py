@@ -14,6 +14,9 @@ States and the one message each accepts (ABANDON is accepted in every state)::
                                              eventfds)
     CONFIGURED --READY--> READY             (VM, slots, vCPUs, devices built; guest still runs
                                              on the source)
+    READY --STATE_COMMIT--> COMMITTED       (the source paused; the state imported here,
+                                             then as on COMMIT below; only when both sides
+                                             named COMMIT_WITH_STATE in START and its reply)
     READY --STATE--> IMPORTED               (the source paused; state imported here)
     READY --MEMORY_DATA--> READY            (copy mode only: guest memory through the socket)
     IMPORTED --COMMIT--> COMMITTED          (baton swapped to COMMITTED; for SEV the context
@@ -31,6 +34,11 @@ On resume each device looks at every queue once, even if its eventfd reads 0 (a 
 source consumed but did not act on). A failed hand-off closes this side's copies of the fds,
 which leaves the source's untouched.
 
+READY builds everything before the pause. With STATE_COMMIT, the source also sends its vCPUs'
+CPUID with READY: when it is this VMM's own table, each vCPU thread runs its vCPU once on a
+stub outside guest memory before parking (:class:`intrahost.vmm.vcpu.RunStub`), so that the
+first KVM_RUN after the import — slow on a never-run vCPU — is not in the blackout.
+
 SEV guests: MOVE is the point of no return for the context (the source VM is dead after it).
 It runs after the baton swap, when everything that can fail was validated: the state is
 imported, the VM and its vCPUs are built. If MOVE itself fails (the kernel refuses it: EBUSY,
@@ -38,9 +46,11 @@ EINVAL, ...), nothing moved: this side hands the guest back (baton COMMITTED -> 
 the source resumes. After a successful MOVE this side only releases its vCPUs and answers;
 nothing there can fail short of this process dying (docs/migration.md).
 
-If the source goes silent (EOF, timeout) *after* the state was imported, the destination
-tries to commit on its own (see :meth:`Receiver._take_over`): the baton decides between it and
-a source that gives up, so a source killed at that point loses no guest.
+On STATE_COMMIT the commit needs nothing more from the source: import, swap, resume, answer.
+In the two-step sequence, if the source goes silent (EOF, timeout) *after* the state was
+imported, the destination tries to commit on its own (see :meth:`Receiver._take_over`): the
+baton decides between it and a source that gives up, so a source killed at that point loses
+no guest.
 
 Anything else — another message, a timeout, EOF, a malformed payload, a state that does not
 import — ends the hand-off here: the destination discards its VM (memory fds are closed,
@@ -88,6 +98,7 @@ from intrahost.vmm.devices.console import PtyConsole
 from intrahost.vmm.devices.virtio.tap import tap_fd_problem
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError, device_fd_names
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError
+from intrahost.vmm.vcpu import RunStub
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +138,16 @@ class _Memory:
     fd: int
     size: int
     path: str | None
+
+
+def _hex_bytes(value: object) -> bytes | None:
+    """``value`` as the bytes of a hex string; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
 
 
 class Receiver:
@@ -171,6 +192,8 @@ class Receiver:
         self.protocol_version = 0
         #: Each virtio device's host fds by name, by device index (DEVICE_FDS).
         self.device_fds: dict[int, dict[str, int]] = {}
+        #: Both sides named COMMIT_WITH_STATE: STATE_COMMIT is accepted (and STATE is not).
+        self.one_step = False
 
     # --- driver --------------------------------------------------------------------------------
 
@@ -228,9 +251,12 @@ class Receiver:
             Command.CONSOLE_FD,
             Command.DEVICE_FDS,
         },
-        ReceiveState.READY: {Command.STATE, Command.MEMORY_DATA},
+        ReceiveState.READY: {Command.STATE, Command.STATE_COMMIT, Command.MEMORY_DATA},
         ReceiveState.IMPORTED: {Command.COMMIT},
     }
+
+    #: Fault points named otherwise than after their command.
+    _POINTS = {Command.MEMORY_FD: "recv-memory", Command.STATE_COMMIT: "recv-state"}
 
     def _dispatch(self, msg: Message) -> None:
         try:
@@ -261,7 +287,7 @@ class Receiver:
         handler = getattr(self, f"_on_{command.name.lower()}")
         log.debug("hand-off: %s in state %s", command.name, self.state.value)
         name = command.name.lower().replace("_", "-")
-        point = "recv-memory" if command is Command.MEMORY_FD else f"recv-{name}"
+        point = self._POINTS.get(command, f"recv-{name}")
         self.faults.hit("destination", point, self.channel.close)
         try:
             handler(msg)
@@ -287,8 +313,14 @@ class Receiver:
         self.copy_memory = bool(body.get("copy_memory", False))
         release = body.get("release")
         self.peer_release = release if isinstance(release, str) else None
+        features = body.get("features")
+        offered = isinstance(features, list) and protocol.COMMIT_WITH_STATE in features
+        self.one_step = offered and not self.faults.two_step_commit()
         log.info(
-            "hand-off: protocol version %d (the source speaks %s)", self.protocol_version, offer
+            "hand-off: protocol version %d (the source speaks %s)%s",
+            self.protocol_version,
+            offer,
+            ", committing with the state" if self.one_step else "",
         )
         log.info(
             "hand-off from %s to intrahost %s",
@@ -296,11 +328,14 @@ class Receiver:
             this_version(),
         )
         self.state = ReceiveState.STARTED
+        reply_features = [protocol.CONSOLE_FD_FEATURE, protocol.DEVICE_FDS_FEATURE]
+        if self.one_step:
+            reply_features.append(protocol.COMMIT_WITH_STATE)
         self.channel.ok(
             {
                 "version": self.protocol_version,
                 "release": this_version(),
-                "features": [protocol.CONSOLE_FD_FEATURE, protocol.DEVICE_FDS_FEATURE],
+                "features": reply_features,
             }
         )
 
@@ -427,6 +462,7 @@ class Receiver:
                 "guest's disks and taps over only as the source's open fds, never by their paths "
                 "or names"
             )
+        cpuid = msg.json().get("cpuid") if self.one_step else None
         t0 = time.monotonic_ns()
         try:
             if self.copy_memory:
@@ -460,11 +496,29 @@ class Receiver:
             populated = memory.populate(memory.resident_ranges())
             self.timings["prefault_us"] = (time.monotonic_ns() - t_fault) // 1000
             log.info("prefaulted %d MiB in %d µs", populated >> 20, self.timings["prefault_us"])
-        self.machine.start(paused=True)
+        self._start_parked(self.machine, cpuid)
         warm_up_import(self.machine)
         self.timings["build_us"] = (time.monotonic_ns() - t0) // 1000
         self.state = ReceiveState.READY
         self.channel.ok(self.timings)
+
+    def _start_parked(self, machine: Machine, cpuid: object) -> None:
+        """Start the vCPU threads parked; each first runs its vCPU once on a stub when the
+        source sent its CPUID (set first: KVM accepts no other table after a vCPU ran). SEV
+        guests, whose KVM_RUN the platform wraps, are not pre-run."""
+        table = _hex_bytes(cpuid)
+        if table is None or machine.confidential is not None:
+            machine.start(paused=True)
+            return
+        if table != machine.cpuid:
+            try:
+                machine.adopt_cpuid(table)
+            except StateImportError as e:
+                self._refuse(f"cannot take the source's CPUID: {e}")
+        t0 = time.monotonic_ns()
+        with RunStub(machine.vm) as stub:
+            machine.start(paused=True, first_run=stub.run)
+        self.timings["prerun_us"] = (time.monotonic_ns() - t0) // 1000
 
     def _on_memory_data(self, msg: Message) -> None:
         if self._copy_target is None:
@@ -480,6 +534,24 @@ class Receiver:
         self.channel.ok()
 
     def _on_state(self, msg: Message) -> None:
+        if self.one_step:
+            self._refuse("STATE after both sides agreed on STATE_COMMIT")
+        received, imported = self._import(msg)
+        self.faults.hit("destination", "after-import", self.channel.close)
+        self.state = ReceiveState.IMPORTED
+        self.channel.ok({"received_ns": received, "imported_ns": imported})
+
+    def _on_state_commit(self, msg: Message) -> None:
+        """Import, then commit at once: the source sent everything it had to."""
+        if not self.one_step:
+            self._refuse("STATE_COMMIT without COMMIT_WITH_STATE agreed in START")
+        received, imported = self._import(msg)
+        self.faults.hit("destination", "after-import", self.channel.close)
+        self.state = ReceiveState.IMPORTED
+        self._commit({"received_ns": received, "imported_ns": imported})
+
+    def _import(self, msg: Message) -> tuple[int, int]:
+        """Decode, validate and import the state; its arrival and the end of the import."""
         received = time.monotonic_ns()
         assert self.machine is not None
         try:
@@ -501,13 +573,19 @@ class Receiver:
         self.timings["import_us"] = (imported - received) // 1000
         self.state_bytes = len(msg.payload)
         self._imported_ns = imported
-        self.faults.hit("destination", "after-import", self.channel.close)
-        self.state = ReceiveState.IMPORTED
-        self.channel.ok({"received_ns": received, "imported_ns": imported})
+        return received, imported
 
     def _on_commit(self, msg: Message) -> None:
-        assert self.machine is not None and self.baton is not None
         self.running_after_commit = bool(msg.json().get("running", True))
+        self._commit({})
+
+    def _commit(self, reply: dict[str, Any]) -> None:
+        """The commit point, then SEV's MOVE, then the devices' irqfds assigned (after the
+        import restored the interrupt controllers, and after the swap: the source let go of
+        them), then the vCPUs released (each device looks at every queue once); answers
+        with ``reply`` and the time of the release. A receiver told to stop refuses before
+        the swap, so the source keeps the guest."""
+        assert self.machine is not None and self.baton is not None
         if self._aborted:
             self._refuse("the destination VMM is stopping")
         # The commit point: from this swap on, the guest belongs to this VMM.
@@ -524,7 +602,7 @@ class Receiver:
         resumed = time.monotonic_ns()
         self.timings["resume_us"] = (resumed - self._imported_ns) // 1000
         try:
-            self.channel.ok({"resumed_ns": resumed})
+            self.channel.ok(reply | {"resumed_ns": resumed})
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
         self.faults.hit("destination", "after-commit", self.channel.close)

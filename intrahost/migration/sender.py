@@ -4,11 +4,14 @@ Phases, in order::
 
     connect -> START(+baton) -> MEMORY_FD(+memfd) -> CONFIG -> [SEV_CONTEXT(+VM)]
             -> [CONSOLE_FD(+pty master)] -> DEVICE_FDS(+fds) per virtio device
-            -> READY                                                      guest still runs
+            -> READY(+CPUID)                                              guest still runs
                  (the protocol version agreed at START; the state is written in it)
     pause (vCPUs, then the devices drained) -> irqfds deassigned
-            -> export -> STATE -> COMMIT                                  the blackout
+            -> export -> STATE_COMMIT                                     the blackout
     release the VM (the destination runs the guest)
+
+With a destination that does not name :data:`~intrahost.migration.protocol.COMMIT_WITH_STATE`
+in its START reply (intrahost 0.1), STATE_COMMIT is two requests: STATE, then COMMIT.
 
 Devices. Each virtio device's host fds (a disk's open image, its irqfd and ioeventfd
 eventfds) go to the destination before the pause; it registers its ioeventfds on the same
@@ -22,8 +25,10 @@ commit point. On a failure this side assigns them again before the guest resumes
 gave up the image fd, the eventfds or the ioeventfd registrations.
 
 The **commit point** is the destination's swap of the baton from PENDING to COMMITTED
-(see :mod:`intrahost.migration.protocol`); the destination makes it on COMMIT, or on its own
-if this side goes silent after the destination imported the state. Before it, any failure —
+(see :mod:`intrahost.migration.protocol`); the destination makes it as soon as it imported
+the state of a STATE_COMMIT — it needs nothing more from this side, which may even be dead
+by then — or, in the two-step sequence, on COMMIT, or on its own if this side goes silent
+after the destination imported the state. Before it, any failure —
 the destination dies, EOF, a timeout, a refusal, a state it can't import — makes this side
 swap the baton to ABANDONED and resume the guest (if it was running; a pause that times out
 has undone itself, so there is nothing to resume). If that swap finds
@@ -32,8 +37,9 @@ side must not resume, and reports it. Never both; never neither unless the VMM t
 guest at that moment dies.
 
 This side never touches guest memory (only the copy-based baseline reads it, to send it), and
-it returns as soon as the destination acknowledges COMMIT: how the guest itself saw the pause
-is for tools that know the guest (:mod:`intrahost.vmm.guests.probe`) to measure.
+it returns as soon as the destination acknowledges the commit: how the guest itself saw the
+pause is for tools that know the guest (:mod:`intrahost.vmm.guests.probe`) to measure, with
+the breakdown's absolute ``paused_at_ns`` and ``resumed_at_ns`` (CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -78,6 +84,11 @@ class Breakdown:
     prepare_us: int
     #: The part of ``pause_us`` spent draining the virtio devices and deassigning their irqfds.
     drain_us: int = 0
+    #: CLOCK_MONOTONIC (ns) when the pause began on this side and when the destination
+    #: released its vCPUs: the guest's own stall across the hand-off spans the second and
+    #: starts at or after the first.
+    paused_at_ns: int = 0
+    resumed_at_ns: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +157,8 @@ class Sender:
                 # Informational (logged by both sides); a receiver ignores keys it does not know.
                 "release": version(),
             }
+            if not self.faults.two_step_commit():
+                start["features"] = [protocol.COMMIT_WITH_STATE]
             reply = channel.request(Command.START, protocol.to_json(start), [baton.fd])
             self.protocol_version = protocol.agreed(reply, protocol.spoken())
             log.info(
@@ -157,6 +170,8 @@ class Sender:
             )
             features = reply.get("features")
             features = features if isinstance(features, list) else []
+            # Only if this side named it too (a destination lists it only then).
+            one_step = protocol.COMMIT_WITH_STATE in features and "features" in start
             self._checkpoint("memory", channel)
             if not self.options.copy_memory:
                 channel.request(
@@ -187,7 +202,12 @@ class Sender:
                 self._checkpoint("devices", channel)
                 send_device_fds(channel, machine)
             self._checkpoint("ready", channel)
-            channel.request(Command.READY, timeout=self.options.ready_timeout)
+            # What can't change during the pause crosses before it: the vCPUs' CPUID lets
+            # the destination run its vCPUs once before the pause (their first KVM_RUN is slow).
+            ready = {"cpuid": machine.cpuid.hex()} if one_step else {}
+            channel.request(
+                Command.READY, protocol.to_json(ready), timeout=self.options.ready_timeout
+            )
             warm_up_export(machine)
             prepare_us = (time.monotonic_ns() - t_prepare) // 1000
 
@@ -211,10 +231,16 @@ class Sender:
             t2 = time.monotonic_ns()
             self._checkpoint("state", channel)
             data = self.faults.state(data)
-            imported = channel.request(Command.STATE, data)
-            self._checkpoint("after-state", channel)
-            self._checkpoint("commit", channel)
-            resumed = channel.request(Command.COMMIT, protocol.to_json({"running": was_running}))
+            if one_step:
+                # The destination commits and resumes as soon as it imported the state.
+                imported = resumed = channel.request(Command.STATE_COMMIT, data)
+            else:
+                imported = channel.request(Command.STATE, data)
+                self._checkpoint("after-state", channel)
+                self._checkpoint("commit", channel)
+                resumed = channel.request(
+                    Command.COMMIT, protocol.to_json({"running": was_running})
+                )
             self.committed = True
             self._checkpoint("after-commit", channel)
             self.phase = "committed"
@@ -258,6 +284,8 @@ class Sender:
             state_bytes=len(data),
             prepare_us=prepare_us,
             drain_us=drain_us,
+            paused_at_ns=t0,
+            resumed_at_ns=resumed_ns,
         )
 
     def _connect(self) -> Channel:

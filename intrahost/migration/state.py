@@ -25,8 +25,11 @@ module. ``config`` is read before the destination machine exists (it says how to
 
 from __future__ import annotations
 
+import functools
+
 from intrahost.migration import envelope
-from intrahost.migration.envelope import Component, State
+from intrahost.migration.envelope import State
+from intrahost.vmm.kvm_state import VCPU_RAW_PARTS
 from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.persist import (
     Parts,
@@ -57,30 +60,48 @@ def save_machine(
     """Export a paused machine (every vCPU parked, the UART's drain paused), its components
     in the machine's order. ``running``: whether the guest ran before the hand-off paused it
     (it runs again after). ``protocol_version``: the version agreed with the peer, whose
-    format the state is written in (None: this VMM's newest)."""
+    format the state is written in (None: this VMM's newest). What can't change during the
+    pause — the configuration's JSON, the component names, the run state — is built once
+    (:func:`warm_up_export` builds it before)."""
     version = max(STATE_MINOR) if protocol_version is None else protocol_version
     if version not in STATE_MINOR:
         raise StateFormatError(f"no state format for protocol version {version}")
-    components = [Component("config", machine.config.to_json())]
+    entries = [(b"config", _config_json(machine.config), envelope.REQUIRED)]
     for name, component in machine.components().items():
-        prefix = name + "/"
         for part, payload in component.save_parts():
-            components.append(Component(prefix + part if part else name, payload))
-    run_state: dict[str, object] = {"running": running}
-    if machine.booted_at is not None:
-        run_state["booted_at"] = machine.booted_at
-    components.append(Component("vmm/run-state", json_payload(run_state), required=False))
+            entries.append((_entry_name(name, part), payload, envelope.REQUIRED))
+    entries.append((b"vmm/run-state", _run_state(running, machine.booted_at), 0))
     if ADDED_IN:
-        components = [_for_version(c, version) for c in components]
-    return envelope.encode(components, minor=STATE_MINOR[version])
+        entries = [_for_version(e, version) for e in entries]
+    return envelope.encode_entries(entries, minor=STATE_MINOR[version])
 
 
-def _for_version(component: Component, version: int) -> Component:
-    """``component`` as a peer of protocol ``version`` gets it: optional if added later."""
+def _for_version(entry: tuple[bytes, bytes, int], version: int) -> tuple[bytes, bytes, int]:
+    """``entry`` as a peer of protocol ``version`` gets it: optional if added later."""
+    name, payload, flags = entry
     newer = any(
-        component.name.startswith(prefix) and added > version for prefix, added in ADDED_IN.items()
+        name.startswith(prefix.encode()) and added > version for prefix, added in ADDED_IN.items()
     )
-    return Component(component.name, component.payload, False) if newer else component
+    return (name, payload, flags & ~envelope.REQUIRED) if newer else entry
+
+
+@functools.lru_cache(maxsize=16)
+def _run_state(running: bool, booted_at: float | None) -> bytes:
+    """``vmm/run-state``'s payload: whether the guest ran, and when it first started."""
+    run_state: dict[str, object] = {"running": running}
+    if booted_at is not None:
+        run_state["booted_at"] = booted_at
+    return json_payload(run_state)
+
+
+@functools.lru_cache(maxsize=1024)
+def _entry_name(component: str, part: str) -> bytes:
+    return envelope.entry_name(part_name(component, part))
+
+
+@functools.lru_cache(maxsize=16)
+def _config_json(config: MachineConfig) -> bytes:
+    return config.to_json()
 
 
 def restore_machine(machine: Machine, state: State) -> None:
@@ -126,10 +147,16 @@ def warm_up_export(machine: Machine) -> None:
     prepare_records()
     uapi.flex(uapi.kvm_msrs, uapi.kvm_msr_entry, len(machine.features.msr_indices))
     vm_parts = machine.components()["vm"].save_parts()
-    envelope.encode(
-        [Component("config", machine.config.to_json())]
-        + [Component(part_name("vm", part), payload) for part, payload in vm_parts]
+    envelope.encode_entries(
+        [(b"config", _config_json(machine.config), envelope.REQUIRED)]
+        + [(_entry_name("vm", part), payload, envelope.REQUIRED) for part, payload in vm_parts]
     )
+    for name in machine.components():
+        if name.startswith("vcpu/"):  # (their parts are not read before the pause)
+            for part in ("meta", "msrs", *VCPU_RAW_PARTS):
+                _entry_name(name, part)
+    for running in (False, True):
+        _run_state(running, machine.booted_at)
 
 
 def warm_up_import(machine: Machine) -> None:

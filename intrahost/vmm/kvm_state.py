@@ -30,12 +30,12 @@ snapshot restore) and not a jump:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from intrahost.kvm import KvmError, Vcpu, Vm, uapi
 from intrahost.kvm.constants import (
@@ -45,6 +45,7 @@ from intrahost.kvm.constants import (
     MAX_CPUID_ENTRIES,
 )
 from intrahost.kvm.features import VcpuFeatures
+from intrahost.kvm.objects import MsrEntries, msr_buffer
 from intrahost.vmm.persist import (
     Apply,
     JsonRecord,
@@ -73,7 +74,7 @@ DEFERRED_MSRS = (MSR_IA32_TSC_DEADLINE, MSR_KVM_ASYNC_PF_EN)
 
 _U32 = (1 << 32) - 1
 _MSR_ENTRY = struct.Struct("<IIQ")  # struct kvm_msr_entry
-_VCPU_RAW = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
+VCPU_RAW_PARTS = ("cpuid", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
 _VM_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "clock": uapi.kvm_clock_data,
     "pic_master": uapi.kvm_irqchip,
@@ -107,8 +108,9 @@ class VcpuState:
     xcrs: bytes | None
     debugregs: bytes | None
     lapic: bytes
-    #: (index, value) in the order they were saved (the write order of the saving VMM).
-    msrs: tuple[tuple[int, int], ...]
+    #: The MSRs as a kvm_msr_entry array, in the order they were saved (the write order of
+    #: the saving VMM).
+    msrs: MsrEntries
     events: bytes
     tsc_khz: int
     tsc_offset: int | None
@@ -145,9 +147,15 @@ class VmMeta(JsonRecord, label="VM state"):
     clock_saved_at_ns: int
 
 
-def cpuid_entries(data: bytes) -> list[uapi.kvm_cpuid_entry2]:
-    size = ctypes.sizeof(uapi.kvm_cpuid_entry2)
-    return [uapi.kvm_cpuid_entry2.from_bytes(data[i : i + size]) for i in range(0, len(data), size)]
+_META_JSON = '{"mp_state":%d,"saved_at_ns":%d,"sregs2":%s,"tsc_khz":%d,"tsc_offset":%s}'
+
+
+def vcpu_meta_json(s: VcpuState) -> bytes:
+    """``VcpuMeta(...).to_json()`` of ``s``, byte for byte, formatted directly: it is built
+    in the pause, and the record's generic encoder costs ten times as much."""
+    offset = "null" if s.tsc_offset is None else str(int(s.tsc_offset))
+    sregs2 = "true" if s.sregs2 else "false"
+    return (_META_JSON % (s.mp_state, s.saved_at_ns, sregs2, s.tsc_khz, offset)).encode()
 
 
 def decode_vcpu(parts: Parts, index: int) -> VcpuState:
@@ -155,11 +163,11 @@ def decode_vcpu(parts: Parts, index: int) -> VcpuState:
     data = parts.json("meta")
     meta = VcpuMeta.from_dict(data, where=f"component {parts.name('meta')!r}")
     packed = parts.get("msrs")
-    msrs: Any
+    msrs: MsrEntries
     if packed is not None:  # kvm_msr_entry array (format 1.2 on)
         if len(packed) % _MSR_ENTRY.size:
             raise StateFormatError(f"component {parts.name('msrs')!r} is not a kvm_msr_entry array")
-        msrs = tuple((i, v) for i, _reserved, v in _MSR_ENTRY.iter_unpack(packed))
+        msrs = MsrEntries(packed)
     else:  # format 1.1: a JSON list of [index, value] in the meta
         listed = data.get("msrs")
         if not isinstance(listed, list) or not all(
@@ -169,7 +177,12 @@ def decode_vcpu(parts: Parts, index: int) -> VcpuState:
             raise StateFormatError(
                 f"component {parts.name('meta')!r}: 'msrs' must be a list of [index, value]"
             )
-        msrs = tuple((m[0], m[1]) for m in listed)
+        try:
+            msrs = MsrEntries(b"".join(_MSR_ENTRY.pack(m[0], 0, m[1]) for m in listed))
+        except struct.error:
+            raise StateFormatError(
+                f"component {parts.name('meta')!r}: an MSR index or value is out of range"
+            ) from None
     cpuid = parts.need("cpuid")
     entry = ctypes.sizeof(uapi.kvm_cpuid_entry2)
     if len(cpuid) % entry or len(cpuid) > MAX_CPUID_ENTRIES * entry:
@@ -228,6 +241,23 @@ class VcpuComponent:
         self.known_msrs = frozenset(features.msr_indices)
         #: The vCPU's TSC frequency as last set (KVM keeps it): saves reading it back.
         self.tsc_khz = features.tsc_khz
+        #: Built once: the KVM_GET_MSRS buffer, and this host's write order as the index
+        #: column of a kvm_msr_entry array (a state saved in that order, the usual case on
+        #: one host, is written back as it came, without a Python object per MSR).
+        self._msr_buffer = msr_buffer(self.msr_order)
+        self._msr_order_column = memoryview(array.array("I", self.msr_order))
+        self._tsc_at = self.msr_order.index(MSR_IA32_TSC) if MSR_IA32_TSC in self.msr_order else -1
+
+    def adopt_cpuid(self, table: bytes) -> None:
+        """Set ``table`` on the vCPU (before it first ran) and keep it as this vCPU's."""
+        entry = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+        if not table or len(table) % entry or len(table) > MAX_CPUID_ENTRIES * entry:
+            raise StateImportError(f"a CPUID table of {len(table)} bytes is malformed")
+        try:
+            self.vcpu.set_cpuid_table(table)
+        except KvmError as e:
+            raise StateImportError(f"vCPU {self.index}: {e}") from e
+        self.cpuid = table
 
     def save(self) -> VcpuState:
         """Export the parked vCPU. Every vCPU of the VM must be parked outside KVM_RUN:
@@ -248,7 +278,7 @@ class VcpuComponent:
         xcrs = None if protected else bytes(vcpu.get_xcrs())
         debugregs = None if protected else bytes(vcpu.get_debugregs())
         lapic = bytes(vcpu.get_lapic())
-        msrs = vcpu.get_msrs(self.msr_order)
+        msrs = vcpu.read_msrs(self._msr_buffer)
         tsc_offset = vcpu.get_tsc_offset() if features.tsc_offset else None
         saved_at = time.monotonic_ns()
         # VCPU_EVENTS last: the getters above must not leave an exception or interrupt
@@ -265,9 +295,9 @@ class VcpuComponent:
             xcrs=xcrs,
             debugregs=debugregs,
             lapic=lapic,
-            msrs=tuple(msrs.items()),
+            msrs=msrs,
             events=events,
-            tsc_khz=vcpu.get_tsc_khz(),
+            tsc_khz=self.tsc_khz,
             tsc_offset=tsc_offset,
             saved_at_ns=saved_at,
         )
@@ -284,7 +314,7 @@ class VcpuComponent:
         # CPUID first: it defines which features (XSAVE components, MSRs) the rest may use.
         # The vCPU got this VMM's table when it was built; only a different one is set again.
         if state.cpuid != self.cpuid:
-            vcpu.set_cpuid2(cpuid_entries(state.cpuid))
+            vcpu.set_cpuid_table(state.cpuid)
         # MP_STATE before the registers: setting it can reset parts of the vCPU (INIT).
         vcpu.set_mp_state(state.mp_state)
         if state.regs is not None:
@@ -335,10 +365,21 @@ class VcpuComponent:
         # above (SET_REGS and SET_SREGS can clear them).
         vcpu.set_vcpu_events(uapi.kvm_vcpu_events.from_bytes(state.events))
 
-    def _msrs_to_write(self, state: VcpuState, copy_offset: bool) -> list[tuple[int, int]]:
+    def _msrs_to_write(
+        self, state: VcpuState, copy_offset: bool
+    ) -> MsrEntries | list[tuple[int, int]]:
         """The saved MSRs this host's KVM knows, in write order (:data:`DEFERRED_MSRS` last,
         whatever order the saving VMM used). IA32_TSC: left out when the offset is copied,
-        else carried forward by the host ticks since the save."""
+        else carried forward by the host ticks since the save.
+
+        A state saved in this host's own write order (a VMM of this version on this host)
+        is passed through as the raw array, only IA32_TSC's entry cut out."""
+        raw = state.msrs.raw
+        if copy_offset and memoryview(raw).cast("I")[::4] == self._msr_order_column:
+            if self._tsc_at < 0:
+                return state.msrs
+            cut = self._tsc_at * _MSR_ENTRY.size
+            return MsrEntries(raw[:cut] + raw[cut + _MSR_ENTRY.size :])
         known = self.known_msrs
         ticks = 0
         if not copy_offset:
@@ -362,18 +403,8 @@ class VcpuComponent:
 
     def save_parts(self) -> list[tuple[str, bytes]]:
         s = self.save()
-        meta = VcpuMeta(
-            saved_at_ns=s.saved_at_ns,
-            mp_state=s.mp_state,
-            tsc_khz=s.tsc_khz,
-            sregs2=s.sregs2,
-            tsc_offset=s.tsc_offset,
-        )
-        out = [
-            ("meta", meta.to_json()),
-            ("msrs", b"".join([_MSR_ENTRY.pack(i, 0, v) for i, v in s.msrs])),
-        ]
-        for name in _VCPU_RAW:
+        out = [("meta", vcpu_meta_json(s)), ("msrs", s.msrs.raw)]
+        for name in VCPU_RAW_PARTS:
             value = getattr(s, name)
             if value is not None:
                 out.append((name, value))

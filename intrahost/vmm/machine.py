@@ -337,6 +337,15 @@ class Machine:
                 vcpu, i, self.features, self.cpuid, self._registers_protected
             )
 
+    def adopt_cpuid(self, table: bytes) -> None:
+        """Give every vCPU the CPUID ``table`` (raw kvm_cpuid_entry2 bytes: a hand-off's
+        source's), before any of them ran: KVM accepts only an identical table afterwards.
+        (The host's table differs with the host CPU that answered: its APIC ID.)"""
+        for component in self._kernel_state.values():
+            if isinstance(component, VcpuComponent):
+                component.adopt_cpuid(table)
+        self.cpuid = table
+
     def _registers_protected(self) -> bool:
         return self.confidential is not None and self.confidential.registers_protected
 
@@ -366,11 +375,14 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def start(self, paused: bool = False) -> None:
+    def start(
+        self, paused: bool = False, first_run: Callable[[int, Vcpu], None] | None = None
+    ) -> None:
         """Start the vCPU, UART and device threads; ``paused``: parked until :meth:`resume`.
         A paused device's I/O thread is drained before it starts, so it reads no eventfd
         at all: on a hand-off's destination the source still serves the guest's kicks on
-        the same eventfds."""
+        the same eventfds. ``first_run``: see ``VcpuGroup.start`` (a hand-off's
+        destination runs each vCPU once on a stub outside guest memory; no device sees it)."""
         if paused:
             self.uart.pause()
         self.uart.start()
@@ -381,7 +393,7 @@ class Machine:
         self.started_at = time.monotonic()
         if self.booted_at is None:
             self.booted_at = time.clock_gettime(time.CLOCK_BOOTTIME)
-        self.group.start(paused=paused)
+        self.group.start(paused=paused, first_run=first_run)
 
     def pause(self, timeout: float = 5.0) -> None:
         """Park every vCPU outside KVM_RUN, stop the UART's output drain, then drain the

@@ -27,7 +27,9 @@ main thread at start-up.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
 import signal
 import threading
 import time
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from intrahost.errors import IntrahostError
-from intrahost.kvm import Interrupted, KvmError, Vcpu, VcpuExit
+from intrahost.kvm import Interrupted, KvmError, MpState, PortOut, Vcpu, VcpuExit, Vm
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,132 @@ class RunState(Enum):
 ExitHandler = Callable[[Vcpu, VcpuExit], bool]
 
 
+class RunStub:
+    """Pages outside guest memory on which a never-run vCPU runs once, so that its first
+    KVM_RUN — slow: KVM sets up the vCPU's MMU and loads it on a CPU for the first time,
+    0.05-0.2 ms here — is not paid after a hand-off's import, in the blackout.
+
+    The pages are a memory slot of their own, below the TSS pages under 4 GiB, where the
+    guest has no RAM: code (``out %al, $0x80``), a GDT, a TSS whose I/O bitmap allows the
+    port, and page tables mapping the slot. The vCPU runs the code in 64-bit mode at CPL3 —
+    natively: real mode and CPL0 would be emulated on a host without unrestricted guests —,
+    exits to userspace once, and is entered again with ``immediate_exit``, which completes the
+    OUT; it is then as any parked vCPU. Nothing of the stub remains: the import sets every
+    register, and the slot is deleted (:meth:`close`) before the guest can run. Guest memory
+    is never written.
+
+    Ordering: the CPUID must be set before (KVM accepts only an identical table after a
+    vCPU ran). Each vCPU must be run by the thread that will run it afterwards: KVM_RUN from
+    a new thread waits for an RCU grace period (milliseconds) — :meth:`VcpuGroup.start`'s
+    ``first_run`` does that.
+    """
+
+    SLOT = 31
+    BASE = 0xFFC0_0000
+    SIZE = 0x8000
+    PORT = 0x80
+    _CODE = bytes([0xE6, PORT, 0xF4])  # out %al, $0x80; hlt (never reached)
+    _GDT, _TSS, _PML4 = 0x1000, 0x2000, 0x3000  # then PDPT, PD, PT
+    _TSS_LIMIT = 104 + 0x400 // 8  # the TSS, then an I/O bitmap for ports 0-0x3FF
+    _UCODE, _UDATA, _TR = 0x20 | 3, 0x18 | 3, 0x28
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._page = mmap.mmap(-1, self.SIZE)
+        self._build(self._page)
+        view = ctypes.c_char.from_buffer(self._page)
+        self._address = ctypes.addressof(view)
+        del view  # (an exported buffer would keep the mapping from closing)
+        try:
+            vm.set_user_memory_region(self.SLOT, self.BASE, self.SIZE, self._address)
+        except BaseException:
+            self._page.close()
+            raise
+
+    @classmethod
+    def _build(cls, page: mmap.mmap) -> None:
+        base = cls.BASE
+        page[0 : len(cls._CODE)] = cls._CODE
+        gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF]
+        tss = base + cls._TSS
+        gdt += [
+            (cls._TSS_LIMIT & 0xFFFF)
+            | (tss & 0xFFFFFF) << 16
+            | 0x8B << 40
+            | (tss >> 24 & 0xFF) << 56,
+            tss >> 32,
+        ]
+        for i, word in enumerate(gdt):
+            page[cls._GDT + 8 * i : cls._GDT + 8 * i + 8] = word.to_bytes(8, "little")
+        page[cls._TSS + 102 : cls._TSS + 104] = (104).to_bytes(2, "little")  # bitmap offset
+        page[cls._TSS + cls._TSS_LIMIT] = 0xFF
+        # 4 KiB pages, identity-mapped, user-accessible: PML4 -> PDPT -> PD -> PT.
+        tables = [base + cls._PML4 + 0x1000 * i for i in range(4)]
+        indices = [base >> 39 & 511, base >> 30 & 511, base >> 21 & 511]
+        for level in range(3):
+            at = cls._PML4 + 0x1000 * level + 8 * indices[level]
+            page[at : at + 8] = (tables[level + 1] | 7).to_bytes(8, "little")
+        for i in range(cls.SIZE // 0x1000):
+            at = cls._PML4 + 0x3000 + 8 * ((base >> 12 & 511) + i)
+            page[at : at + 8] = (base + 0x1000 * i | 7).to_bytes(8, "little")
+
+    def _enter_user_mode(self, vcpu: Vcpu) -> None:
+        sregs = vcpu.get_sregs()
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            seg = getattr(sregs, name)
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, self._UDATA, 3
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.unusable = 1, 3, 1, 1, 0, 1, 0
+        cs = sregs.cs
+        cs.base, cs.limit, cs.selector, cs.type = 0, 0xFFFFFFFF, self._UCODE, 11
+        cs.present, cs.dpl, cs.db, cs.s, cs.l, cs.g, cs.unusable = 1, 3, 0, 1, 1, 1, 0
+        tr = sregs.tr
+        tr.base, tr.limit, tr.selector, tr.type = (
+            self.BASE + self._TSS,
+            self._TSS_LIMIT,
+            self._TR,
+            11,
+        )
+        tr.present, tr.dpl, tr.db, tr.s, tr.l, tr.g, tr.unusable = 1, 0, 0, 0, 0, 0, 0
+        sregs.gdt.base, sregs.gdt.limit = self.BASE + self._GDT, 7 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = 0, 0
+        sregs.cr0 = 0x8001_0033  # PG WP NE ET MP PE
+        sregs.cr3 = self.BASE + self._PML4
+        sregs.cr4 = 0x20  # PAE
+        sregs.efer = 0x500  # LMA LME
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags, regs.rsp = self.BASE, 0x3002, 0  # IOPL 3, IF 0
+        vcpu.set_regs(regs)
+        # An application processor waits for INIT/SIPI in KVM_RUN: make it runnable (the
+        # import sets the real MP state).
+        vcpu.set_mp_state(MpState.RUNNABLE)
+
+    def run(self, index: int, vcpu: Vcpu) -> None:
+        """Run ``vcpu`` once on the stub (from the thread that will run it)."""
+        self._enter_user_mode(vcpu)
+        run = vcpu.kvm_run
+        exit_ = vcpu.run()
+        run.immediate_exit = 1
+        try:
+            vcpu.run()  # completes the OUT, returns at once
+        finally:
+            run.immediate_exit = 0
+        if not (isinstance(exit_, PortOut) and exit_.port == self.PORT):
+            log.warning("vCPU %d: unexpected exit on the run stub: %r", index, exit_)
+
+    def close(self) -> None:
+        if not self._page.closed:
+            with contextlib.suppress(KvmError):  # the VM may be gone
+                self.vm.set_user_memory_region(self.SLOT, self.BASE, 0, self._address)
+            self._page.close()
+
+    def __enter__(self) -> RunStub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class VcpuGroup:
     """The vCPU threads of one VM, paused and resumed together."""
 
@@ -103,6 +231,7 @@ class VcpuGroup:
         self._stop_requested = False
         self._states = [RunState.PARKED] * len(vcpus)
         self._threads: list[threading.Thread] = []
+        self._first_run: Callable[[int, Vcpu], None] | None = None
         self.exits = [0] * len(vcpus)
         self.errors: list[BaseException] = []
         #: Called once (from a vCPU thread) when any vCPU stops on its own.
@@ -110,20 +239,28 @@ class VcpuGroup:
 
     # --- control (any thread) ------------------------------------------------------------------
 
-    def start(self, paused: bool = False) -> None:
+    def start(
+        self, paused: bool = False, first_run: Callable[[int, Vcpu], None] | None = None
+    ) -> None:
         """Start one thread per vCPU; with ``paused`` they park before their first KVM_RUN.
+        ``first_run(index, vcpu)`` (with ``paused``): what each thread does with its vCPU
+        before it parks (:meth:`RunStub.run`); returns when every thread has done it. A
+        failure there is logged: the vCPU parks all the same.
 
         Installs the kick handler first when on the main thread; elsewhere it must have been
         installed (:func:`install_kick_handler`), or this raises :class:`KickHandlerMissing`.
         """
         install_kick_handler()
+        self._first_run = first_run if paused else None
         with self._cond:
             self._pause_requested = paused
             for v in self.vcpus:
-                v.kvm_run.immediate_exit = 1 if paused else 0
+                v.kvm_run.immediate_exit = 0 if paused and first_run else int(paused)
             # Running from now on, not from when each thread gets going: a pause() right
-            # after start() must wait for every thread to park.
-            self._states = [RunState.PARKED if paused else RunState.RUNNING] * len(self.vcpus)
+            # after start() must wait for every thread to park — and so must this start()
+            # while the threads do their first run (its stub goes away when this returns).
+            running = not paused or first_run is not None
+            self._states = [RunState.RUNNING if running else RunState.PARKED] * len(self.vcpus)
         for i, _ in enumerate(self.vcpus):
             t = threading.Thread(target=self._loop, args=(i,), name=f"vcpu{i}", daemon=True)
             self._threads.append(t)
@@ -240,7 +377,13 @@ class VcpuGroup:
         stopped_by_guest = False
         try:
             # Started paused (a destination waiting for its state): park before the first
-            # KVM_RUN, so that nothing runs the vCPU before the import.
+            # KVM_RUN of the guest, so that nothing runs the vCPU before the import.
+            if self._first_run is not None:
+                try:
+                    self._first_run(i, vcpu)
+                except KvmError as e:
+                    log.warning("vCPU %d: the run before parking failed: %s", i, e)
+                vcpu.kvm_run.immediate_exit = 1
             if not self._park(i):
                 return
             while True:

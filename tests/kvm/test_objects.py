@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from intrahost.kvm import Cap, Kvm, KvmError, MpState, Vcpu, Vm, uapi
+from intrahost.kvm.objects import msr_buffer
 
 needs_kvm = pytest.mark.skipif(
     not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm (read/write)"
@@ -48,6 +49,8 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "set_vcpu_events": (uapi.kvm_vcpu_events(),),
     "get_msrs": ([0x10],),
     "set_msrs": ([(0x10, 0)],),
+    "read_msrs": (msr_buffer([0x10]),),
+    "set_cpuid_table": (bytes(40),),
     "set_cpuid2": ([uapi.kvm_cpuid_entry2()],),
     "set_tsc_khz": (1000000,),
     "get_device_attr_u64": (0, 0),
@@ -232,3 +235,14 @@ def test_sev_is_refused_by_this_kernel() -> None:
         with pytest.raises(KvmError) as info:
             dst.memory_encrypt_op(None)
         assert info.value.errno == errno.ENOTTY
+
+
+@needs_kvm
+def test_a_raw_cpuid_table_is_set_as_given() -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as a, vm.create_vcpu(1) as b:
+        entries = kvm.get_supported_cpuid()
+        a.set_cpuid2(entries)
+        b.set_cpuid_table(b"".join(bytes(e) for e in entries))
+        assert [bytes(e) for e in b.get_cpuid2()] == [bytes(e) for e in a.get_cpuid2()]
+        with pytest.raises(ValueError, match="kvm_cpuid_entry2"):
+            b.set_cpuid_table(bytes(39))

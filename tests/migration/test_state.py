@@ -15,6 +15,7 @@ from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.migration import envelope
 from intrahost.migration.envelope import Component
+from intrahost.migration.faults import NO_FAULTS, Faults
 from intrahost.migration.sender import Sender
 from intrahost.migration.state import config_of, decode_state, restore_machine, save_machine
 from intrahost.service.runner import listen, receive
@@ -205,3 +206,186 @@ def test_the_import_sets_the_tsc_offset_then_msrs_in_dependency_order(
     assert written.index(deadline) > max(
         written.index(i) for i in written if i not in (deadline, pf_en)
     )
+
+
+def test_the_vcpu_meta_is_formatted_as_its_record_would_encode_it() -> None:
+    from intrahost.kvm.objects import MsrEntries
+    from intrahost.vmm.kvm_state import VcpuMeta, VcpuState, vcpu_meta_json
+
+    for offset, sregs2 in ((None, False), (-(1 << 63), True), ((1 << 64) - 1, False)):
+        state = VcpuState(
+            index=0, cpuid=b"", mp_state=3, regs=None, sregs=None, sregs2=sregs2, xsave=None,
+            xcrs=None, debugregs=None, lapic=b"", msrs=MsrEntries(b""), events=b"",
+            tsc_khz=2_100_000, tsc_offset=offset, saved_at_ns=123456789,
+        )  # fmt: skip
+        record = VcpuMeta(
+            saved_at_ns=123456789, mp_state=3, tsc_khz=2_100_000, sregs2=sregs2, tsc_offset=offset
+        )
+        assert vcpu_meta_json(state) == record.to_json()
+
+
+@needs_kvm
+def test_msrs_saved_in_this_hosts_order_are_written_back_raw_without_the_tsc() -> None:
+    from intrahost.kvm.objects import MsrEntries
+    from intrahost.vmm.kvm_state import MSR_IA32_TSC
+
+    machine = Machine(MachineConfig(memory=16 * MiB, serial="none"), GuestMemory.create(16 * MiB))
+    try:
+        component: Any = machine.components()["vcpu/0"]
+        state = component.save()
+        assert [i for i, _ in state.msrs] == list(component.msr_order)
+        fast = component._msrs_to_write(state, copy_offset=True)
+        assert isinstance(fast, MsrEntries)
+        assert MSR_IA32_TSC not in [i for i, _ in fast]
+        # Another order (an older VMM, another host) takes the general path, same result.
+        raw = state.msrs.raw
+        entries = [raw[i : i + 16] for i in range(0, len(raw), 16)]
+        state.msrs = MsrEntries(b"".join(reversed(entries)))
+        slow = component._msrs_to_write(state, copy_offset=True)
+        assert isinstance(slow, list)
+        assert sorted(slow) == sorted(fast)
+    finally:
+        machine.close()
+
+
+class _TwoStep(Faults):
+    """A side that does not offer commit-with-state (as intrahost 0.1)."""
+
+    def two_step_commit(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("old_side", [None, "source", "destination"])
+def test_commit_with_state_only_when_both_sides_offer_it(
+    old_side: str | None, source: Machine, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intrahost.migration.protocol import Channel, Command
+    from intrahost.migration.receiver import ReceiveOptions
+
+    sent: list[int] = []
+    original = Channel.send
+
+    def send(self: Channel, kind: int, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread().name == "source":
+            sent.append(kind)
+        original(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(Channel, "send", send)
+    url = f"unix:{sockdir / 'mig.sock'}"
+    listener = listen(url)
+    box: dict[str, Any] = {}
+    override = {"serial": f"file:{sockdir / 'serial-1.log'}"}
+    dst_faults = _TwoStep() if old_side == "destination" else NO_FAULTS
+    thread = threading.Thread(
+        target=lambda: box.setdefault(
+            "m",
+            receive(url, ReceiveOptions(overrides=override), listener=listener, faults=dst_faults),
+        )
+    )
+    thread.start()
+    src_faults = _TwoStep() if old_side == "source" else NO_FAULTS
+    result: dict[str, Any] = {}
+    sender = threading.Thread(
+        target=lambda: result.setdefault("b", Sender(source, url, faults=src_faults).run()),
+        name="source",
+    )
+    sender.start()
+    sender.join(30)
+    thread.join(10)
+    box["m"].close()
+    if old_side is None:
+        assert Command.STATE_COMMIT in sent and Command.COMMIT not in sent
+        assert Command.STATE not in sent
+    else:
+        assert Command.STATE in sent and Command.COMMIT in sent
+        assert Command.STATE_COMMIT not in sent
+    breakdown = result["b"]
+    assert breakdown.paused_at_ns > 0
+    assert breakdown.resumed_at_ns >= breakdown.paused_at_ns + breakdown.import_us * 1000
+
+
+@pytest.mark.parametrize("old_side", [None, "source"])
+def test_the_destination_assigns_irqfds_after_the_import_and_the_commit_point(
+    old_side: str | None, sockdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a disk, on both commit paths (STATE_COMMIT, and STATE then COMMIT): the
+    destination restores the state (the interrupt controllers), swaps the baton, only then
+    assigns its irqfds and resumes; the disk guest keeps completing writes there."""
+    from intrahost.migration import receiver as receiver_module
+    from intrahost.migration.protocol import Baton
+    from intrahost.migration.receiver import ReceiveOptions
+    from intrahost.vmm.config import parse_disks
+    from intrahost.vmm.guests.probe import DiskProbe
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    config = MachineConfig(
+        memory=16 * MiB,
+        guest="disk",
+        guest_args="progress=1000000000",
+        serial="none",
+        disks=parse_disks([f"path={image}"]),
+    )
+    source = Machine.create(config)
+    source.start()
+    events: list[str] = []
+
+    def on_destination(name: str) -> None:
+        if threading.current_thread().name == "destination":
+            events.append(name)
+
+    restore, swap = receiver_module.restore_machine, Baton.swap
+    attach, resume = Machine.attach_interrupts, Machine.resume
+
+    def restoring(machine: Machine, state: Any) -> None:
+        restore(machine, state)
+        on_destination("restored")
+
+    def swapping(self: Baton, expected: int, new: int, timeout: float = 10.0) -> int:
+        found = swap(self, expected, new, timeout)
+        on_destination(f"swap {expected}->{new}: found {found}")
+        return found
+
+    def attaching(self: Machine) -> None:
+        on_destination("irqfds assigned")
+        attach(self)
+
+    def resuming(self: Machine) -> None:
+        on_destination("resumed")
+        resume(self)
+
+    monkeypatch.setattr(receiver_module, "restore_machine", restoring)
+    monkeypatch.setattr(Baton, "swap", swapping)
+    monkeypatch.setattr(Machine, "attach_interrupts", attaching)
+    monkeypatch.setattr(Machine, "resume", resuming)
+    url = f"unix:{sockdir / 'mig.sock'}"
+    listener = listen(url)
+    box: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: box.setdefault("m", receive(url, ReceiveOptions(), listener=listener)),
+        name="destination",
+    )
+    try:
+        probe = DiskProbe(source.memory.buffer)
+        wait_until(
+            lambda: (s := probe.status()) is not None and s.writes_completed > 10,
+            "the disk guest to write",
+        )
+        thread.start()
+        faults = _TwoStep() if old_side == "source" else NO_FAULTS
+        Sender(source, url, faults=faults).run()
+        thread.join(PATIENCE)
+        committed = f"swap {Baton.PENDING}->{Baton.COMMITTED}: found {Baton.PENDING}"
+        assert events == ["restored", committed, "irqfds assigned", "resumed"], events
+        destination: Machine = box["m"]
+        status = DiskProbe(destination.memory.buffer).status()
+        assert status is not None
+        done = status.writes_completed
+        wait_until(
+            lambda: (s := probe.status()) is not None and s.writes_completed > done + 10,
+            "the disk guest to complete writes on the destination",
+        )
+    finally:
+        source.close()
+        if "m" in box:
+            box["m"].close()

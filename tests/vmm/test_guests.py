@@ -424,7 +424,12 @@ def test_common_inc_matches_layout() -> None:
         "SLOT_LAST_TSC": layout.SLOT_LAST_TSC,
         "SLOT_CHECKSUM": layout.SLOT_CHECKSUM,
         "SLOT_LINES": layout.SLOT_LINES,
+        "SLOT_GAPS": layout.SLOT_GAPS,
         "STATUS_END": layout.STATUS_END,
+        "GAPS_BASE": layout.GAPS_ADDR,
+        "GAP_ENTRIES": layout.GAP_ENTRIES,
+        "GAP_MIN_TICKS": layout.GAP_MIN_TICKS,
+        "GAPS_END": layout.GAPS_END,
         "REGION_BASE": layout.REGION_ADDR,
         "REGION_WORDS": layout.REGION_WORDS,
         "SWEEP_BASE": layout.SWEEP_ADDR,
@@ -437,6 +442,7 @@ def test_common_inc_matches_layout() -> None:
     }
     assert {name: inc[name] for name in pairs} == pairs
     assert 1 << inc["SLOT_SHIFT"] == layout.SLOT_SIZE
+    assert 1 << inc["GAPS_SHIFT"] == layout.GAPS_STRIDE == 16 * layout.GAP_ENTRIES
     assert 1 << inc["REGION_SHIFT"] == layout.REGION_STRIDE
     for tag in ReportTag:
         assert inc[f"TAG_{tag.name}"] == tag.value

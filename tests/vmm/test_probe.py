@@ -126,3 +126,61 @@ def test_the_disk_guest_without_a_disk_says_so() -> None:
         assert (progress["state"], progress["exit-code"]) == ("failed", layout.ExitCode.NO_DEVICE)
     finally:
         machine.close()
+
+
+def _stall(machine: Machine, seconds: float) -> tuple[int, int]:
+    """Pause the guest for about ``seconds``; (all parked, released) on CLOCK_MONOTONIC."""
+    machine.pause()
+    parked = time.monotonic_ns()
+    time.sleep(seconds)
+    released = time.monotonic_ns()
+    machine.resume()
+    return parked, released
+
+
+def test_the_handoff_gap_is_the_one_across_the_pause_not_an_earlier_stall(
+    counter: Machine,
+) -> None:
+    """The exact stopwatch: a longer stall just before (a busy host, a command starting up)
+    is not taken for the pause, and nothing is written to guest memory."""
+    probe = CounterProbe(counter.memory.buffer)
+    clock = probe.calibrate()
+    assert clock.khz == probe.tsc_khz
+    before = bytes(counter.memory.buffer[layout.STATUS_ADDR : layout.GAPS_END])
+    window_start = time.monotonic_ns()
+    _stall(counter, 0.3)  # the earlier, longer stall
+    _wait_counting(probe)
+    parked, released = _stall(counter, 0.01)
+    pause_us = probe.handoff_gap_us(parked, released)
+    # (the upper bound leaves room for a busy host's wake-up latency)
+    assert 10_000 <= pause_us < 250_000, pause_us
+    assert probe.largest_gap_us(window_start, released) >= 300_000
+    assert probe.largest_gap_us(parked, released) == pause_us
+    assert bytes(counter.memory.buffer[layout.STATUS_ADDR : layout.GAPS_END]) != before
+
+
+def _wait_counting(probe: CounterProbe) -> None:
+    """Until every vCPU counted again (ran after a resume)."""
+    status = probe.status()
+    assert status is not None
+    probe.observed_pause_us(status)
+
+
+def test_the_gap_ring_holds_the_latest_large_gaps_in_order(counter: Machine) -> None:
+    probe = CounterProbe(counter.memory.buffer)
+    for _ in range(3):
+        _stall(counter, 0.002)
+        _wait_counting(probe)
+    for vcpu in range(2):
+        gaps = layout.read_gaps(counter.memory.buffer, vcpu)
+        assert 3 <= len(gaps) <= layout.GAP_ENTRIES
+        assert all(g.ticks > layout.GAP_MIN_TICKS for g in gaps)
+        assert [g.end for g in gaps] == sorted(g.end for g in gaps)
+        assert layout.read_slot(counter.memory.buffer, vcpu).gaps_recorded >= len(gaps)
+
+
+def test_the_handoff_gap_needs_a_calibration(counter: Machine) -> None:
+    from intrahost.vmm.guests.probe import GapNotFound
+
+    with pytest.raises(GapNotFound, match="calibrate"):
+        CounterProbe(counter.memory.buffer).handoff_gap_us(0, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -12,11 +13,11 @@ from pathlib import Path
 import pytest
 from support import needs_kvm
 
-from intrahost.kvm import ExitReason, Vcpu
+from intrahost.kvm import ExitReason, PortOut, Vcpu
 from intrahost.vmm.guests import layout
 from intrahost.vmm.machine import Machine, MachineConfig
-from intrahost.vmm.memory import MiB
-from intrahost.vmm.vcpu import PauseTimeout, VcpuGroup
+from intrahost.vmm.memory import GuestMemory, MiB
+from intrahost.vmm.vcpu import PauseTimeout, RunStub, VcpuGroup
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
@@ -180,3 +181,49 @@ def test_a_pause_that_times_out_leaves_the_group_running(gated: tuple[Machine, G
     assert _counters(machine) == frozen
     machine.resume()
     _wait_progress(machine, [0, 1])
+
+
+def _prerun_once(memory: GuestMemory) -> None:
+    config = MachineConfig(memory=16 * MiB, vcpus=3, serial="none")
+    machine = Machine(config, GuestMemory(os.dup(memory.fd), memory.size), incoming=True)
+    runs: list[tuple[str, str, bool]] = []
+    done: list[int] = []
+    original = Vcpu.run
+    try:
+        stub = RunStub(machine.vm)
+
+        def run(vcpu: Vcpu) -> object:
+            exit_ = original(vcpu)
+            if vcpu.kvm_run.immediate_exit == 0:
+                stubbed = isinstance(exit_, PortOut) and exit_.port == stub.PORT
+                runs.append((threading.current_thread().name, type(exit_).__name__, stubbed))
+            return exit_
+
+        def first_run(index: int, vcpu: Vcpu) -> None:
+            stub.run(index, vcpu)
+            time.sleep(0.05)  # a slow first run: start() must wait for it
+            done.append(index)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Vcpu, "run", run)
+            with stub:
+                machine.start(paused=True, first_run=first_run)
+                assert sorted(done) == [0, 1, 2]
+        assert sorted(runs) == [(f"vcpu{i}", "PortOut", True) for i in range(3)]
+        assert machine.status == "paused"
+        assert not any(memory.buffer[: 16 * MiB : 4096])
+    finally:
+        machine.close()
+
+
+@needs_kvm
+def test_the_run_stub_runs_each_vcpu_once_on_its_own_thread_before_start_returns() -> None:
+    """The pre-run of a hand-off's destination: every vCPU thread runs its vCPU on the stub
+    (one OUT to the stub's port) and parks; start() returns only then (the stub's slot goes
+    away right after: a vCPU still on it would fault). Guest memory is not written."""
+    memory = GuestMemory.create(16 * MiB)
+    try:
+        for _ in range(5):
+            _prerun_once(memory)
+    finally:
+        memory.close()

@@ -133,7 +133,17 @@ SLOT_MAX_GAP = 8  # u64: largest gap between two consecutive loop RDTSCs (ticks)
 SLOT_LAST_TSC = 16  # u64: the latest loop RDTSC
 SLOT_CHECKSUM = 24  # u64: sum of the region's words, mod 2^64
 SLOT_LINES = 32  # u64: progress lines printed
+SLOT_GAPS = 40  # u64: large gaps recorded so far (entries written to the vCPU's gap ring)
 STATUS_END = SLOTS_ADDR + MAX_VCPUS * SLOT_SIZE
+#: Per vCPU, a ring of its latest large gaps: GAP_ENTRIES x (u64 gap ticks, u64 the RDTSC that
+#: ended it), entry ``n % GAP_ENTRIES`` for the n-th gap. A gap is large when it exceeds
+#: GAP_MIN_TICKS (about 60 µs at 2 GHz; the loop itself takes a few ns per iteration, a busy
+#: host takes the vCPU away for longer ones often: the ring holds the last 128).
+GAPS_ADDR = STATUS_ADDR + 0x2000
+GAPS_STRIDE = 0x800
+GAP_ENTRIES = 128
+GAP_MIN_TICKS = 0x20000
+GAPS_END = GAPS_ADDR + MAX_VCPUS * GAPS_STRIDE
 
 REGION_ADDR = 0x400000
 REGION_STRIDE = 0x10000
@@ -150,7 +160,8 @@ DEFAULT_PROGRESS = 1 << 26
 
 _U64_MASK = (1 << 64) - 1
 _HEADER = struct.Struct("<QIIQQ")
-_SLOT = struct.Struct("<QQQQQ")
+_SLOT = struct.Struct("<QQQQQQ")
+_GAP_RING = struct.Struct(f"<{2 * GAP_ENTRIES}Q")
 _REGION = struct.Struct(f"<{REGION_WORDS}Q")
 _U64 = struct.Struct("<Q")
 
@@ -176,6 +187,7 @@ class VcpuSlot:
     last_tsc: int
     checksum: int
     progress_lines: int
+    gaps_recorded: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,37 @@ def read_status(mem: ReadableBuffer) -> CounterStatus:
             f"{STATUS_MAGIC!r} (the guest has not started yet, or it is not the counter guest)"
         )
     return CounterStatus(cpus=cpus, running=running, progress=progress, limit=limit, slots=slots)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A large gap of one vCPU's loop: ``ticks`` long, ended by the RDTSC ``end``."""
+
+    ticks: int
+    end: int
+
+    @property
+    def start(self) -> int:
+        return self.end - self.ticks
+
+
+def read_gaps(mem: ReadableBuffer, vcpu: int) -> list[Gap]:
+    """``vcpu``'s latest large gaps, oldest first (at most :data:`GAP_ENTRIES`), read while
+    the guest may be writing: an entry overwritten during the read is left out."""
+    count_at = slot_addr(vcpu) + SLOT_GAPS
+    ring_at = GAPS_ADDR + GAPS_STRIDE * vcpu
+    with _byte_view(mem, GAPS_END) as view:
+        (before,) = _U64.unpack_from(view, count_at)
+        words = _GAP_RING.unpack_from(view, ring_at)
+        (after,) = _U64.unpack_from(view, count_at)
+    # Entries before..after-1 may have been rewritten during the read; valid ones are the
+    # n-th gaps for max(0, after - GAP_ENTRIES) <= n < before.
+    first = max(0, after - GAP_ENTRIES)
+    gaps = []
+    for n in range(first, before):
+        i = n % GAP_ENTRIES
+        gaps.append(Gap(words[2 * i], words[2 * i + 1]))
+    return gaps
 
 
 def reset_max_gap(mem: WriteableBuffer, vcpu: int) -> None:

@@ -8,8 +8,24 @@ machine reports), the tests and the benchmarks. Nothing on a hand-off's path use
 never reads or writes guest memory to hand a guest off.
 
 The counter guest keeps, per vCPU, the largest gap between two consecutive RDTSCs of its loop
-(``max_gap``, in TSC ticks). A pause of the guest — a hand-off's blackout — shows there as the
-guest itself saw it. To measure one pause, in this order::
+(``max_gap``, in TSC ticks), and a ring of its latest large gaps with the RDTSC that ended
+each. A pause of the guest — a hand-off's blackout — shows there as the guest itself saw it.
+
+The exact stopwatch picks, in each vCPU's ring, the gap that spans the hand-off: the one that
+began before the source had parked every vCPU and ended after the destination released them
+(the VMM's breakdown gives both on CLOCK_MONOTONIC: ``paused_at_ns`` + ``pause_us``, and
+``resumed_at_ns``). Guest TSC and CLOCK_MONOTONIC are related by a line calibrated from the
+guest's live ``last_tsc`` (:meth:`CounterProbe.calibrate`, while the guest runs) and the TSC
+frequency; nothing is written to guest memory, and stalls before or after the hand-off (a
+busy host, a command starting up) are not taken for it::
+
+    probe.calibrate()                                  # the guest runs
+    ...                                                # the hand-off; its breakdown
+    pause_us = probe.handoff_gap_us(parked_at_ns, resumed_at_ns)
+
+Where no such times exist (another VMM), :meth:`CounterProbe.largest_gap_us` takes the largest
+gap that overlaps a window (the command's start to its end). The older way, which counts every
+stall since a reset::
 
     probe.reset_gaps()                          # forget older gaps: a write to guest memory
     before = probe.status()
@@ -27,6 +43,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +71,37 @@ class GuestNotCounting(IntrahostError):
     handed to a VMM that does not run it)."""
 
 
+class GapNotFound(IntrahostError):
+    """No recorded gap of the guest spans the hand-off (the ring was overwritten: read it
+    sooner; or the times are not this hand-off's)."""
+
+
+@dataclass(frozen=True)
+class TscClock:
+    """Guest TSC = ``tsc_at_zero`` + CLOCK_MONOTONIC ns x ``khz`` / 10^6 (calibrated).
+    ``error_ticks``: the spread of the calibration samples' bounds."""
+
+    tsc_at_zero: int
+    khz: int
+    error_ticks: int
+
+    def tsc(self, monotonic_ns: int) -> int:
+        return self.tsc_at_zero + monotonic_ns * self.khz // 1_000_000
+
+    def monotonic_ns(self, tsc: int) -> int:
+        return (tsc - self.tsc_at_zero) * 1_000_000 // self.khz
+
+
+@dataclass(frozen=True)
+class HandoffGap:
+    """The guest's gap across a hand-off: ``us`` long, from its last RDTSC on the source
+    (``start_ns``) to its first on the destination (``end_ns``), CLOCK_MONOTONIC."""
+
+    us: float
+    start_ns: int
+    end_ns: int
+
+
 class CounterProbe:
     """The counter guest in ``memory``. ``tsc_khz``: the guest's TSC frequency, to turn gaps
     into microseconds (default: KVM's, asked of a new VM when first needed)."""
@@ -62,6 +110,7 @@ class CounterProbe:
         self.memory = memory
         self._tsc_khz = tsc_khz
         self._map: mmap.mmap | None = None
+        self.clock: TscClock | None = None
 
     @classmethod
     def open(cls, path: str | Path, tsc_khz: int | None = None) -> CounterProbe:
@@ -69,7 +118,7 @@ class CounterProbe:
         :meth:`reset_gaps`); :meth:`close` unmaps it."""
         fd = os.open(path, os.O_RDWR)
         try:
-            mapping = mmap.mmap(fd, layout.STATUS_END, mmap.MAP_SHARED)
+            mapping = mmap.mmap(fd, layout.GAPS_END, mmap.MAP_SHARED)
         finally:
             os.close(fd)
         probe = cls(mapping, tsc_khz)
@@ -141,6 +190,115 @@ class CounterProbe:
             time.sleep(0.001)
         gap = max(s.max_gap for s in layout.read_status(self.memory).slots)
         return round(gap * 1000 / self.tsc_khz, 1)
+
+    # --- the exact stopwatch -----------------------------------------------------------------
+
+    def calibrate(self, samples: int = 200, duration: float = 0.02) -> TscClock:
+        """Relate guest TSC and CLOCK_MONOTONIC while the guest runs: each sample bounds
+        the line from below (a ``last_tsc`` read before ``t`` was stamped at or before
+        ``t``); the freshest sample, the highest bound, is the line."""
+        khz = self.tsc_khz
+        vcpus = range(self._vcpus())
+        best: int | None = None
+        lowest: int | None = None
+        pause = duration / samples
+        for _ in range(samples):
+            for vcpu in vcpus:
+                stamp = layout.read_slot(self.memory, vcpu).last_tsc
+                bound = stamp - time.monotonic_ns() * khz // 1_000_000
+                best = bound if best is None else max(best, bound)
+                lowest = bound if lowest is None else min(lowest, bound)
+            time.sleep(pause)
+        assert best is not None and lowest is not None
+        self.clock = TscClock(best, khz, best - lowest)
+        return self.clock
+
+    def handoff_gap_us(self, parked_at_ns: int, resumed_at_ns: int, timeout: float = 10.0) -> float:
+        """The longest of the vCPUs' gaps that span the hand-off (they began before
+        ``parked_at_ns``, when every source vCPU was parked, and ended after
+        ``resumed_at_ns``, when the destination released them), in µs. Waits until every
+        vCPU ran again; :class:`GapNotFound` if a vCPU's ring holds no such gap."""
+        return self.handoff_gap(parked_at_ns, resumed_at_ns, timeout).us
+
+    def handoff_gap(
+        self, parked_at_ns: int, resumed_at_ns: int, timeout: float = 10.0
+    ) -> HandoffGap:
+        """:meth:`handoff_gap_us` with where the longest gap lies on CLOCK_MONOTONIC (to
+        split it: before the pause began, the VMMs' steps, after the release)."""
+        clock = self.clock
+        if clock is None:
+            raise GapNotFound("calibrate() the probe while the guest runs, before the hand-off")
+        # Each vCPU's stall across the hand-off is the gap that overlaps the interval from
+        # the park to the release the most (gaps of one vCPU never overlap each other). The
+        # calibrated line is within microseconds (its freshest sample); a gap still counts
+        # if it misses the interval by less than 100 µs.
+        slack = clock.khz // 10
+        parked, resumed = clock.tsc(parked_at_ns), clock.tsc(resumed_at_ns)
+        self._wait_past(resumed + slack, timeout)
+        longest: layout.Gap | None = None
+        for vcpu in range(self._vcpus()):
+            gaps = _unwrapped(layout.read_gaps(self.memory, vcpu), parked, vcpu)
+            overlap = [(min(g.end, resumed) - max(g.start, parked), g) for g in gaps]
+            best = max(overlap, default=None, key=lambda pair: pair[0])
+            if best is None or best[0] < -slack:
+                raise GapNotFound(
+                    f"vCPU {vcpu}: no recorded gap spans the hand-off (parked at "
+                    f"{parked_at_ns} ns, resumed at {resumed_at_ns} ns; {len(gaps)} gaps)"
+                )
+            if longest is None or best[1].ticks > longest.ticks:
+                longest = best[1]
+        assert longest is not None
+        return HandoffGap(
+            round(longest.ticks * 1000 / clock.khz, 1),
+            clock.monotonic_ns(longest.start),
+            clock.monotonic_ns(longest.end),
+        )
+
+    def largest_gap_us(self, from_ns: int, to_ns: int, timeout: float = 10.0) -> float:
+        """The longest gap of any vCPU that overlaps [``from_ns``, ``to_ns``] (for a VMM
+        that gives no pause times: the window of the command that paused the guest), in
+        µs; 0 if none of the large gaps does."""
+        clock = self.clock
+        if clock is None:
+            raise GapNotFound("calibrate() the probe while the guest runs, before the hand-off")
+        start, end = clock.tsc(from_ns), clock.tsc(to_ns)
+        self._wait_past(end, timeout)
+        longest = 0
+        for vcpu in range(self._vcpus()):
+            for g in _unwrapped(layout.read_gaps(self.memory, vcpu), start, vcpu):
+                if g.end >= start and g.start <= end:
+                    longest = max(longest, g.ticks)
+        return round(longest * 1000 / clock.khz, 1)
+
+    def _vcpus(self) -> int:
+        status = self.status()
+        if status is None:
+            raise GuestNotCounting("the counter guest has not written its status page yet")
+        return len(status.slots)
+
+    def _wait_past(self, tsc: int, timeout: float) -> None:
+        """Until every vCPU stamped a TSC past ``tsc`` (it ran after that moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stamps = [s.last_tsc for s in layout.read_status(self.memory).slots]
+            if all(stamp > tsc for stamp in stamps):
+                return
+            if time.monotonic() > deadline:
+                raise GuestNotCounting(
+                    f"the counter guest's vCPUs did not all run again within {timeout} s"
+                )
+            time.sleep(0.001)
+
+
+def _unwrapped(gaps: list[layout.Gap], since: int, vcpu: int) -> list[layout.Gap]:
+    """``gaps`` if the ring still reaches back to the TSC ``since``; GapNotFound if it was
+    overwritten past it (read sooner)."""
+    if len(gaps) == layout.GAP_ENTRIES and gaps[0].start > since:
+        raise GapNotFound(
+            f"vCPU {vcpu}: its gap ring was overwritten since the hand-off (a busy host stops "
+            f"the guest often: read the gap sooner after the hand-off)"
+        )
+    return gaps
 
 
 def host_tsc_khz() -> int:

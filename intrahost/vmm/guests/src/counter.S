@@ -384,10 +384,10 @@ check_memory:
     movl $EXIT_NO_MEMORY, %edi
     jmp fatal
 
-/* Zero the status page and slots, fill the header, and write the magic last. */
+/* Zero the status page, slots and gap rings, fill the header, and write the magic last. */
 init_status:
     movl $STATUS_BASE, %edi
-    movl $((STATUS_END - STATUS_BASE) / 8), %ecx
+    movl $((GAPS_END - STATUS_BASE) / 8), %ecx
     xorl %eax, %eax
     rep stosq
     movl cfg_cpus(%rip), %eax
@@ -521,6 +521,7 @@ user_main:
     movq %rax, SLOT_MAX_GAP(%rbx)
     movq %rax, SLOT_CHECKSUM(%rbx)
     movq %rax, SLOT_LINES(%rbx)
+    movq %rax, SLOT_GAPS(%rbx)
     call read_tsc
     movq %rax, SLOT_LAST_TSC(%rbx)
     lock incl STATUS_BASE + STATUS_RUNNING
@@ -550,6 +551,9 @@ user_main:
     movq %rax, %rcx
     subq SLOT_LAST_TSC(%rbx), %rcx      /* gap since the previous read */
     movq %rax, SLOT_LAST_TSC(%rbx)
+    cmpq $GAP_MIN_TICKS, %rcx
+    jg .Lrecord_gap
+.Lgap_recorded:
     cmpq SLOT_MAX_GAP(%rbx), %rcx       /* re-read: the host may reset it to 0 */
     jle 1f                              /* signed: a TSC that went back is not a gap */
     movq %rcx, SLOT_MAX_GAP(%rbx)
@@ -574,6 +578,22 @@ user_main:
     cmpq %r12, %rax
     jne .Lloop
     jmp .Lfinished
+
+    /* A large gap (%rcx ticks, ended by the RDTSC in %rax): into this vCPU's ring, entry
+     * before count, so a reader that sees the count sees the entry. */
+.Lrecord_gap:
+    movq SLOT_GAPS(%rbx), %rdx
+    movl %edx, %edi
+    andl $(GAP_ENTRIES - 1), %edi
+    shll $4, %edi                       /* 16 bytes per entry */
+    movl %ebp, %r8d
+    shll $GAPS_SHIFT, %r8d
+    addl %r8d, %edi
+    movq %rcx, GAPS_BASE(%rdi)          /* gap */
+    movq %rax, GAPS_BASE + 8(%rdi)      /* end stamp */
+    incq %rdx
+    movq %rdx, SLOT_GAPS(%rbx)
+    jmp .Lgap_recorded
 
     /* Touch one byte of the next 4 KiB page of the working set at 16 MiB. */
 .Lsweep:

@@ -406,8 +406,9 @@ def test_fault_with_a_disk(
 GUEST_IP = "192.0.2.2"
 #: The echo stream's rate, and the tap's queue length: while nobody reads the tap (the pause,
 #: a stall, a VMM waiting on the other's timeout) the frames wait in the tap's queue, whose
-#: kernel default (500 frames) one 5 s stall at 100 datagrams/s would overflow — a host
-#: setting that drops frames before any VMM sees them. 10000 frames hold 20 s of the stream.
+#: kernel default (1000 frames) a 5 s stall at this rate overflows — the kernel then drops
+#: frames before any VMM sees them (counted in ``tap-dropped``), a host setting, not the
+#: device's doing. 10000 frames hold 20 s of the stream.
 NET_RATE = 500.0
 TAP_QUEUE = 10_000
 
@@ -586,18 +587,19 @@ def _sent_after(stream: EchoStream, when_ns: int) -> int:
 
 
 def _ping(netns: NetNamespace, count: int = 5) -> int:
-    """Ping the guest until ``count`` replies came, none twice; return how many requests
-    were sent. (With ``-w``, ping waits for the replies until its deadline — by default it
-    gives up on one after twice the slowest round trip so far, which a busy host exceeds —
-    and goes on sending meanwhile, so it may send a request or two more, whose replies it
-    does not wait for: the guest's own count of echoes tells that it answered them.)"""
+    """Ping the guest until ``count`` replies came (or more), none twice; return how many
+    requests were sent. (With ``-w``, ping waits for the replies until its deadline — by
+    default it gives up on one after twice the slowest round trip so far, which a busy host
+    exceeds — and goes on sending meanwhile, so it may send a request or two more, whose
+    replies it does not wait for: the guest's own count of echoes tells that it answered
+    them.)"""
     result = netns.run(
         ["ping", "-q", "-n", "-c", str(count), "-i", "0.01", "-w", str(int(PATIENCE)), GUEST_IP],
         check=False,
         timeout=PATIENCE + 10,
     )
     pinged = parse_ping(result.stdout)
-    assert (pinged.received, pinged.duplicates) == (count, 0), pinged
+    assert pinged.received >= count and pinged.duplicates == 0, pinged
     return pinged.transmitted
 
 

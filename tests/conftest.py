@@ -109,7 +109,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     _fuzz_summary(terminalreporter)
     module = sys.modules.get("test_faults")
     matrix = getattr(module, "MATRIX", None)
-    if not matrix and not getattr(module, "DISK_MATRIX", None):
+    if not (matrix or getattr(module, "DISK_MATRIX", None) or getattr(module, "NET_MATRIX", None)):
         return
     points = module.faults
     kinds = ("kill", "close", "stall", "truncate", "corrupt", "badstate", "fail")
@@ -126,11 +126,22 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         for point in names if matrix else ():
             cells = [matrix.get((side, point, k), "-") for k in kinds]
             write(f"{side + ':' + point:<26}" + "".join(f"{c:<21}" for c in cells))
-    disk = getattr(module, "DISK_MATRIX", None)
-    if disk:
-        write("with the disk guest (the image checked against the guest after every cell):")
-        for side, point in dict.fromkeys((side, point) for side, point, _ in disk):
-            cells = [disk.get((side, point, k), "-") for k in kinds]
+    for name, title in (
+        (
+            "DISK_MATRIX",
+            "with the disk guest (the image checked against the guest after every cell):",
+        ),
+        (
+            "NET_MATRIX",
+            "with the net guest (an echo stream through every cell; ping afterwards):",
+        ),
+    ):
+        rows = getattr(module, name, None)
+        if not rows:
+            continue
+        write(title)
+        for side, point in dict.fromkeys((side, point) for side, point, _ in rows):
+            cells = [rows.get((side, point, k), "-") for k in kinds]
             write(f"{side + ':' + point:<25} " + "".join(f"{c:<21}" for c in cells))
 
 

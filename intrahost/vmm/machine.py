@@ -67,7 +67,7 @@ from intrahost.vmm.devices.virtio.tap import Tap, TapError
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
 from intrahost.vmm.memory import GuestMemory
 from intrahost.vmm.persist import Persist
-from intrahost.vmm.vcpu import VcpuGroup
+from intrahost.vmm.vcpu import PauseTimeout, VcpuGroup
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,11 @@ COM1_IRQ = 4
 
 class MachineError(IntrahostError):
     """The machine cannot do what was asked in its current state."""
+
+
+class DeviceDrainTimeout(PauseTimeout):
+    """A device did not stop its I/O in time; the pause was undone (the guest runs as
+    before)."""
 
 
 class Machine:
@@ -400,13 +405,20 @@ class Machine:
         virtio devices (each finishes the request it is on and starts no other): after
         this, no device state changes until :meth:`resume`. If the vCPUs do not park within
         ``timeout`` s, the group undoes its pause and raises PauseTimeout before anything
-        else is touched: the machine keeps running as before."""
+        else is touched; if a device does not drain within ``timeout`` s, everything is
+        resumed and DeviceDrainTimeout (a PauseTimeout) is raised: either way the machine
+        keeps running as before."""
         self.group.pause(timeout)
         self.uart.pause()
         t0 = time.monotonic_ns()
         for device in self.virtio:
-            if not device.drain():
-                log.error("%s did not stop its I/O in time", device.name)
+            if not device.drain(timeout):
+                # Its state could still change during an export: undo the whole pause.
+                self.resume()
+                raise DeviceDrainTimeout(
+                    f"{device.name} did not stop its I/O within {timeout:g} s (a request "
+                    "still in progress); the pause was undone and the guest runs as before"
+                )
         self.drain_us = (time.monotonic_ns() - t0) // 1000
 
     def detach_interrupts(self) -> None:

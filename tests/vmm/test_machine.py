@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 from support import PATIENCE, needs_kvm, wait_advanced
 
+from intrahost.vmm.config import parse_disk
 from intrahost.vmm.guests import layout
-from intrahost.vmm.machine import Machine, MachineConfig, MachineConfigError
+from intrahost.vmm.machine import DeviceDrainTimeout, Machine, MachineConfig, MachineConfigError
 from intrahost.vmm.memory import GuestMemory, MemoryConfigError, MiB, parse_size, slot_layout
+from intrahost.vmm.vcpu import PauseTimeout
 
 pytestmark = needs_kvm
 
@@ -154,3 +157,47 @@ def test_slot_layout_leaves_the_hole_below_4g() -> None:
         (0, 3 << 30, 0),
         (4 << 30, 2 << 30, 3 << 30),
     ]
+
+
+def test_a_device_that_does_not_drain_undoes_the_pause(sockdir: Path) -> None:
+    """A device whose I/O thread is stuck in a request when the machine pauses: its state
+    could still change during an export, so the pause fails (DeviceDrainTimeout, a
+    PauseTimeout) and is undone: the vCPUs run again and the other devices serve again."""
+    images = []
+    for name in ("a.img", "b.img"):
+        image = sockdir / name
+        image.write_bytes(bytes(1 << 20))
+        images.append(image)
+    config = MachineConfig(
+        memory=64 * MiB,
+        guest="counter",
+        guest_args="progress=33554432",
+        serial="none",
+        disks=tuple(parse_disk(f"path={p},id=d{i}", i) for i, p in enumerate(images)),
+    )
+    machine = Machine.create(config)
+    try:
+        machine.start()
+        _wait_counting(machine)
+        stuck, free = machine.virtio[1], machine.virtio[0]
+        release = threading.Event()
+        entered = threading.Event()
+
+        def wedge() -> None:
+            entered.set()
+            release.wait(PATIENCE)
+
+        stuck.io.call(wedge)
+        assert entered.wait(PATIENCE)
+        with pytest.raises(PauseTimeout, match=r"virtio-blk1 \(d1\) did not stop its I/O") as e:
+            machine.pause(timeout=0.5)
+        assert isinstance(e.value, DeviceDrainTimeout)
+        assert machine.status == "running"
+        assert not free.io.draining and not stuck.io.draining
+        wait_advanced(lambda: _counters(machine), _counters(machine), "the guest counts again")
+        release.set()
+        machine.pause()  # now it drains
+        assert machine.status == "paused"
+        machine.resume()
+    finally:
+        machine.close()

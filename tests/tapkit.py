@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from support import wait_until
 
+from intrahost.closing import Closeable
 from intrahost.vmm.devices.virtio.tap import Tap
 from intrahost.vmm.guests.netcheck import NetNamespace
 
@@ -145,7 +146,7 @@ _SOL_PACKET = 263
 _PACKET_STATISTICS = 6
 
 
-class FrameClock:
+class FrameClock(Closeable):
     """When the guest's frames reach the host: a packet socket on the namespace's tap, read
     by a thread, records the kernel's time stamp (SO_TIMESTAMPNS, CLOCK_REALTIME ns: when
     the VMM wrote the frame, however late the thread reads it) of every frame from ``mac``.
@@ -199,12 +200,6 @@ class FrameClock:
         self._stop.set()
         self._thread.join()
         self.sock.close()
-
-    def __enter__(self) -> FrameClock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def mac_bytes(text: str) -> bytes:

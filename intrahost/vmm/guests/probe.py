@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.layout import (
@@ -59,8 +60,6 @@ from intrahost.vmm.guests.layout import (
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from _typeshed import ReadableBuffer, WriteableBuffer
 
     from intrahost.vmm.guests.diskcheck import GuestView
@@ -102,7 +101,7 @@ class HandoffGap:
     end_ns: int
 
 
-class CounterProbe:
+class CounterProbe(Closeable):
     """The counter guest in ``memory``. ``tsc_khz``: the guest's TSC frequency, to turn gaps
     into microseconds (default: KVM's, asked of a new VM when first needed)."""
 
@@ -129,17 +128,6 @@ class CounterProbe:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    def __enter__(self) -> CounterProbe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def tsc_khz(self) -> int:
@@ -374,7 +362,7 @@ class DiskProbe:
         return GuestView.from_memory(self.memory)
 
 
-class NetProbe:
+class NetProbe(Closeable):
     """The net guest in ``memory`` (any view of guest RAM, see the module docstring; a
     read-only one is enough), for ``query-vm``'s ``net`` member and the tests. It never writes
     to guest memory."""
@@ -402,17 +390,6 @@ class NetProbe:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    def __enter__(self) -> NetProbe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def status(self) -> NetStatus | None:
         """The status page; None if memory holds none (not started yet, or another guest)."""

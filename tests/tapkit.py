@@ -20,9 +20,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import pytest
 from support import wait_until
 
 from intrahost.closing import Closeable
@@ -137,6 +138,18 @@ class NetNs(NetNamespace):
         tap's own counts a frame only when its reader takes it)."""
         out = json.loads(self.exec("tc", "-s", "-j", "qdisc", "show", "dev", self.tap))
         return sum(int(q.get("packets", 0)) for q in out)
+
+
+@pytest.fixture(name="netns")
+def tap_netns() -> Iterator[NetNs]:
+    """The ``netns`` of the network device's tests: a :class:`NetNs`, deleted at teardown. A
+    test module takes it with ``from tapkit import tap_netns as tap_netns`` (pytest finds
+    fixtures among a module's names), which replaces conftest's ``netns`` there."""
+    ns = NetNs()
+    try:
+        yield ns
+    finally:
+        ns.delete()
 
 
 _ETH_P_ALL = 0x0003

@@ -297,6 +297,18 @@ def host_tsc_khz() -> int:
         return vm.get_tsc_khz()
 
 
+def _device_guest_progress(
+    states: type[DiskState] | type[NetState], status: DiskStatus | NetStatus
+) -> dict[str, Any]:
+    """The members ``query-vm``'s entry for a C guest (disk, net) starts with: its state's
+    name (the number if it is none of ``states``), its exit code and its device's base."""
+    try:
+        state = states(status.state).name.lower()
+    except ValueError:
+        state = str(status.state)
+    return {"state": state, "exit-code": status.exit_code, "device-base": status.device_base}
+
+
 class DiskProbe:
     """The disk guest in ``memory`` (any view of guest RAM, see the module docstring), for
     ``query-vm``'s ``disk`` member, the tests and the image check (:mod:`.diskcheck`)."""
@@ -316,14 +328,8 @@ class DiskProbe:
         status = self.status()
         if status is None:
             return None
-        try:
-            state = DiskState(status.state).name.lower()
-        except ValueError:
-            state = str(status.state)
         return {
-            "state": state,
-            "exit-code": status.exit_code,
-            "device-base": status.device_base,
+            **_device_guest_progress(DiskState, status),
             "blocks": status.blocks,
             "generation": status.generation,
             "writes-submitted": status.writes_submitted,
@@ -403,14 +409,8 @@ class NetProbe(Closeable):
         status = self.status()
         if status is None:
             return None
-        try:
-            state = NetState(status.state).name.lower()
-        except ValueError:
-            state = str(status.state)
         return {
-            "state": state,
-            "exit-code": status.exit_code,
-            "device-base": status.device_base,
+            **_device_guest_progress(NetState, status),
             "address": status.address,
             "mac": status.mac_address,
             "heartbeat": status.heartbeat,

@@ -8,11 +8,13 @@ module's names, and it is autouse.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from support import wait_until
 
 from intrahost.vmm.guests import build
 from intrahost.vmm.guests.build import build_guest
+from intrahost.vmm.guests.layout import ExitCode, ReportTag
 
 MiB = 1 << 20
 QEMU = shutil.which("qemu-system-x86_64")
@@ -55,6 +58,30 @@ def header_defines(header: str) -> dict[str, int]:
             assert key not in defines, f"{key} is defined in cguest.h and in {header}"
             defines[key] = int(value.rstrip("uUlL"), 0)
     return defines
+
+
+def check_status_abi(
+    h: dict[str, int],
+    fields: Sequence[str],
+    size: int,
+    states: type[enum.IntEnum],
+    state_prefix: str,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Check what every C guest's ABI header has against layout.py: the status page's u64
+    field offsets (``ST_<FIELD>``, in the order of ``fields``) and ``ST_SIZE``, its states
+    (``<state_prefix>_<NAME>``), and that its exit codes and report tags are layout's. The
+    exit codes and the tags (by name, without ``EXIT_``/``TAG_``), for the guest's own checks."""
+    offsets = {name: value for name, value in h.items() if name.startswith("ST_")}
+    assert offsets.pop("ST_SIZE") == size
+    assert offsets == {f"ST_{field.upper()}": 8 * i for i, field in enumerate(fields)}
+    assert 8 * len(fields) <= size
+    for state in states:
+        assert h[f"{state_prefix}_{state.name}"] == state.value
+    exits = {name[5:]: value for name, value in h.items() if name.startswith("EXIT_")}
+    assert exits == {name: ExitCode[name].value for name in exits}
+    tags = {name[4:]: value for name, value in h.items() if name.startswith("TAG_")}
+    assert tags == {name: ReportTag[name].value for name in tags}
+    return exits, tags
 
 
 def microvm_command(guest: str, append: str, serial: Path, *devices: str) -> list[str]:

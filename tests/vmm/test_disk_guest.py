@@ -15,7 +15,15 @@ from typing import Any
 
 import guestkit
 import pytest
-from guestkit import EXIT_DEVICE, GUEST_RAM, MICROVM_DEVICE, Qmp, header_defines, needs_qemu
+from guestkit import (
+    EXIT_DEVICE,
+    GUEST_RAM,
+    MICROVM_DEVICE,
+    Qmp,
+    check_status_abi,
+    header_defines,
+    needs_qemu,
+)
 from guestkit import isolated_guest_cache as isolated_guest_cache  # autouse
 
 from intrahost.cli import main as cli_main
@@ -28,7 +36,7 @@ from intrahost.vmm.guests.diskcheck import (
     expected_block,
     parse_block,
 )
-from intrahost.vmm.guests.layout import DiskState, ExitCode, ReportTag
+from intrahost.vmm.guests.layout import DiskState, ExitCode
 from intrahost.vmm.guests.probe import DiskProbe
 
 MiB = 1 << 20
@@ -75,19 +83,10 @@ def test_disk_h_matches_layout() -> None:
         "BENCH_RANDREAD": layout.DISK_BENCH_RANDREAD,
     }
     assert {name: h[name] for name in pairs} == pairs
-    offsets = {name: value for name, value in h.items() if name.startswith("ST_")}
-    offsets.pop("ST_SIZE")
-    assert offsets == {
-        f"ST_{field.upper()}": 8 * i for i, field in enumerate(layout.DISK_STATUS_FIELDS)
-    }
-    assert 8 * len(layout.DISK_STATUS_FIELDS) <= layout.DISK_STATUS_SIZE
-    for state in DiskState:
-        assert h[f"DISK_STATE_{state.name}"] == state.value
-    exits = {name[5:]: value for name, value in h.items() if name.startswith("EXIT_")}
-    assert exits == {name: ExitCode[name].value for name in exits}
+    exits, tags = check_status_abi(
+        h, layout.DISK_STATUS_FIELDS, layout.DISK_STATUS_SIZE, DiskState, "DISK_STATE"
+    )
     assert set(exits) >= {"NO_DEVICE", "DEVICE_ERROR", "IO_ERROR", "VERIFY_FAILED"}
-    tags = {name[4:]: value for name, value in h.items() if name.startswith("TAG_")}
-    assert tags == {name: ReportTag[name].value for name in tags}
     assert len(tags) == 5
 
 

@@ -30,6 +30,7 @@ from guestkit import (
     MICROVM_DEVICE,
     QEMU,
     Qmp,
+    check_status_abi,
     header_defines,
     microvm_command,
 )
@@ -74,18 +75,10 @@ def test_net_h_matches_layout() -> None:
         "DEFAULT_PROGRESS": layout.NET_DEFAULT_PROGRESS,
     }
     assert {name: h[name] for name in pairs} == pairs
-    offsets = {name: value for name, value in h.items() if name.startswith("ST_")}
-    offsets.pop("ST_SIZE")
-    assert offsets == {
-        f"ST_{field.upper()}": 8 * i for i, field in enumerate(layout.NET_STATUS_FIELDS)
-    }
-    assert 8 * len(layout.NET_STATUS_FIELDS) <= layout.NET_STATUS_SIZE
-    for state in NetState:
-        assert h[f"NET_STATE_{state.name}"] == state.value
-    exits = {name[5:]: value for name, value in h.items() if name.startswith("EXIT_")}
-    assert exits == {name: ExitCode[name].value for name in exits}
+    exits, tags = check_status_abi(
+        h, layout.NET_STATUS_FIELDS, layout.NET_STATUS_SIZE, NetState, "NET_STATE"
+    )
     assert set(exits) == {"BAD_CMDLINE", "NO_DEVICE", "DEVICE_ERROR"}
-    tags = {name[4:]: value for name, value in h.items() if name.startswith("TAG_")}
     assert tags == {"ERROR": ReportTag.ERROR.value}
     # The buffers and queues fit between the status page and the end of 6 MiB.
     assert layout.NET_TXQ_ADDR >= layout.NET_RXQ_ADDR + 0x3000

@@ -22,9 +22,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO, Self
+from types import FrameType
+from typing import IO
 
+from intrahost.closing import Closeable
 from intrahost.vmm.guests import layout
 
 SHM = Path("/dev/shm")
@@ -39,7 +40,7 @@ class BenchError(Exception):
 # --- processes and files -----------------------------------------------------------------------
 
 
-class Workspace:
+class Workspace(Closeable):
     """Everything one bench run creates — child processes, files under /dev/shm, a temporary
     directory for sockets and logs — and its removal in :meth:`close`.
 
@@ -142,17 +143,6 @@ class Workspace:
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def exit_on_sigterm() -> None:

@@ -39,7 +39,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from intrahost.errors import IntrahostError
 from intrahost.service.qmp_client import QmpClient
@@ -81,6 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _wait(
+    vmm: subprocess.Popen[Any], done: Callable[[], bool], failure: str, deadline: float
+) -> bool:
+    """Poll ``done()`` until it holds: True. False, after printing ``failure``, once ``vmm``
+    has exited or the time passed ``deadline`` (``time.monotonic()``)."""
+    while not done():
+        if vmm.poll() is not None or time.monotonic() > deadline:
+            print(failure, file=sys.stderr)
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def counter_demo() -> int:
     work = Path(tempfile.mkdtemp(prefix="intrahost-demo-"))
     ram = Path(f"/dev/shm/intrahost-demo-{uuid.uuid4().hex[:8]}")
@@ -97,12 +112,8 @@ def counter_demo() -> int:
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while not api.exists():
-            if vmm.poll() is not None or time.monotonic() > deadline:
-                print("the VMM did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.02)
+        if not _wait(vmm, api.exists, "the VMM did not start", time.monotonic() + 30):
+            return 1
         fd = os.open(ram, os.O_RDONLY)
         mem = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(fd)
@@ -192,11 +203,8 @@ def disk_demo() -> int:
     pid = vmm.pid
     try:
         deadline = time.monotonic() + 30
-        while not (api.exists() and ram.exists()):
-            if vmm.poll() is not None or time.monotonic() > deadline:
-                print("the VMM did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.02)
+        if not _wait(vmm, lambda: api.exists() and ram.exists(), "the VMM did not start", deadline):
+            return 1
         fd = os.open(ram, os.O_RDWR)
         mem = mmap.mmap(fd, 0, mmap.MAP_SHARED)
         os.close(fd)
@@ -207,11 +215,10 @@ def disk_demo() -> int:
             status = probe.status()
             return status.writes_completed if status is not None else 0
 
-        while writes() < 1000:
-            if vmm.poll() is not None or time.monotonic() > deadline:
-                print("the disk guest did not start writing", file=sys.stderr)
-                return 1
-            time.sleep(0.02)
+        if not _wait(
+            vmm, lambda: writes() >= 1000, "the disk guest did not start writing", deadline
+        ):
+            return 1
         print(f"== the disk guest writes 4 KiB blocks to {image} in VMM pid {pid}")
         rows = []
         for i in range(UPGRADES):
@@ -310,12 +317,8 @@ def net_demo() -> int:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while not api.exists():
-                if vmm.poll() is not None or time.monotonic() > deadline:
-                    print("the VMM did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.02)
+            if not _wait(vmm, api.exists, "the VMM did not start", time.monotonic() + 30):
+                return 1
             with EchoStream(netns, GUEST_IP, rate=STREAM_RATE) as stream:
                 stream.wait_replies(100)  # the guest answers (and ARP is resolved)
                 with Ping(netns, GUEST_IP, interval=0.002, count=PING_COUNT) as ping:

@@ -20,11 +20,13 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import pytest
 from support import wait_until
 
+from intrahost.closing import Closeable
 from intrahost.vmm.devices.virtio.tap import Tap
 from intrahost.vmm.guests.netcheck import NetNamespace
 
@@ -138,6 +140,18 @@ class NetNs(NetNamespace):
         return sum(int(q.get("packets", 0)) for q in out)
 
 
+@pytest.fixture(name="netns")
+def tap_netns() -> Iterator[NetNs]:
+    """The ``netns`` of the network device's tests: a :class:`NetNs`, deleted at teardown. A
+    test module takes it with ``from tapkit import tap_netns as tap_netns`` (pytest finds
+    fixtures among a module's names), which replaces conftest's ``netns`` there."""
+    ns = NetNs()
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
 _ETH_P_ALL = 0x0003
 _SO_TIMESTAMPNS = 35
 _SO_RCVBUFFORCE = 33
@@ -145,7 +159,7 @@ _SOL_PACKET = 263
 _PACKET_STATISTICS = 6
 
 
-class FrameClock:
+class FrameClock(Closeable):
     """When the guest's frames reach the host: a packet socket on the namespace's tap, read
     by a thread, records the kernel's time stamp (SO_TIMESTAMPNS, CLOCK_REALTIME ns: when
     the VMM wrote the frame, however late the thread reads it) of every frame from ``mac``.
@@ -199,12 +213,6 @@ class FrameClock:
         self._stop.set()
         self._thread.join()
         self.sock.close()
-
-    def __enter__(self) -> FrameClock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def mac_bytes(text: str) -> bytes:

@@ -1,8 +1,8 @@
 """Imports point down the layers only (see the package docstrings).
 
-errors, version and wire < kvm (bindings) < sev (interface, kernel platform) < sevmodel (the
-SEV model) < vmm < migration < service < cli, demo. A module may import its own layer and
-those below.
+errors, version, closing and wire < kvm (bindings) < sev (interface, kernel platform) <
+sevmodel (the SEV model) < vmm < migration < service < cli, demo. A module may import its own
+layer and those below.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import intrahost
 ORDER = [
     "errors",
     "version",
+    "closing",
     "wire",
     "kvm",
     "sev",

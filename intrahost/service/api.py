@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 from intrahost.version import version, version_numbers
 
@@ -307,7 +308,7 @@ class JsonStreamSplitter:
         return out
 
 
-class ApiServer:
+class ApiServer(Closeable):
     """A QMP-shaped control socket at ``path``. See the module docstring for threading.
 
     Use as a context manager, or call :meth:`start` and :meth:`close`.
@@ -468,9 +469,6 @@ class ApiServer:
     def __enter__(self) -> ApiServer:
         self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _wake(self) -> None:
         wake = self._wake_w

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class QmpTimeoutError(QmpConnectionError):
     """The server did not answer in time."""
 
 
-class QmpClient:
+class QmpClient(Closeable):
     """A blocking QMP session on the unix socket at ``path``; a context manager.
 
     Connects and negotiates capabilities on construction unless ``connect=False``.
@@ -181,12 +182,6 @@ class QmpClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> QmpClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- wire ----------------------------------------------------------------------------
 

@@ -95,16 +95,20 @@ def spawn_vmm(
     if adopt is None:
         adopt = Notifier().enabled
     stderr = output if stderr is None else stderr
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            list(argv),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=stderr,
+            pass_fds=tuple(pass_fds),
+        )
+
     if not adopt:
         try:
-            child = subprocess.Popen(
-                list(argv),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=stderr,
-                pass_fds=tuple(pass_fds),
-            )
+            child = start()
         except OSError as e:
             raise SpawnError(f"cannot start the new VMM {argv[0]}: {e.strerror or e}") from None
         return NewVmm(child.pid, child)
@@ -113,14 +117,7 @@ def spawn_vmm(
     if intermediate == 0:  # the intermediate: start the VMM, report its pid, exit
         try:
             os.close(read)
-            vmm = subprocess.Popen(
-                list(argv),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=stderr,
-                pass_fds=tuple(pass_fds),
-            )
+            vmm = start()
             os.write(write, str(vmm.pid).encode())
         except OSError as e:
             os.write(write, f"!{e.strerror or e}".encode(errors="replace"))

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self
+from typing import TYPE_CHECKING, NamedTuple
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 
 if TYPE_CHECKING:
@@ -321,7 +321,7 @@ class PlatformInfo:
 # the interface
 
 
-class SevVm(ABC):
+class SevVm(Closeable):
     """One VM of a platform, identified by a file descriptor.
 
     ``fd`` is what travels between processes with SCM_RIGHTS and what the destination names in
@@ -451,17 +451,6 @@ class SevVm(ABC):
     def close(self) -> None:
         """Close this process's identity fd (the VM goes away when every copy is closed)."""
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class Attachment(NamedTuple):
     """What :meth:`SevPlatform.attach` gives the VMM: the SEV VM, and the KVM VM object the
@@ -471,7 +460,7 @@ class Attachment(NamedTuple):
     kvm: Vm
 
 
-class SevPlatform(ABC):
+class SevPlatform(Closeable):
     """A place where SEV VMs can be created: the kernel, or the model."""
 
     @property
@@ -510,14 +499,3 @@ class SevPlatform(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the platform's own resources (not the VMs)."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

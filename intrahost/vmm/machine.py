@@ -61,7 +61,7 @@ from intrahost.vmm.devices.debugport import DebugPort
 from intrahost.vmm.devices.uart import COM1_BASE, Uart16550
 from intrahost.vmm.devices.virtio.block import DiskImage, VirtioBlock
 from intrahost.vmm.devices.virtio.layout import device_base, device_gsi
-from intrahost.vmm.devices.virtio.mmio import VirtioMmioDevice
+from intrahost.vmm.devices.virtio.mmio import VirtioBackend, VirtioMmioDevice
 from intrahost.vmm.devices.virtio.net import VirtioNet
 from intrahost.vmm.devices.virtio.tap import Tap, TapError
 from intrahost.vmm.kvm_state import VcpuComponent, VmComponent
@@ -263,16 +263,9 @@ class Machine:
                 self._pending_fds.pop(0)
             else:
                 image = self._pending_images.pop(0)
-            device = VirtioMmioDevice(
-                VirtioBlock(image, disk.id),
-                self.memory,
-                device_base(n),
-                device_gsi(n),
-                f"virtio-blk{n} ({disk.id})",
-                irq_fd=irq_fd,
-                notify_fds=notify_fds,
+            self._add_virtio(
+                n, VirtioBlock(image, disk.id), f"virtio-blk{n} ({disk.id})", irq_fd, notify_fds
             )
-            self._add_virtio(n, device)
         for n, net in enumerate(self.config.nets, start=len(disks)):
             irq_fd = notify_fds = None
             if self.incoming:
@@ -292,18 +285,29 @@ class Machine:
                 self._pending_fds.pop(0)
             else:
                 tap = self._pending_taps.pop(0)
-            device = VirtioMmioDevice(
-                VirtioNet(tap, net.id, net.mac),
-                self.memory,
-                device_base(n),
-                device_gsi(n),
-                f"virtio-net{n} ({net.id})",
-                irq_fd=irq_fd,
-                notify_fds=notify_fds,
+            self._add_virtio(
+                n, VirtioNet(tap, net.id, net.mac), f"virtio-net{n} ({net.id})", irq_fd, notify_fds
             )
-            self._add_virtio(n, device)
 
-    def _add_virtio(self, n: int, device: VirtioMmioDevice) -> None:
+    def _add_virtio(
+        self,
+        n: int,
+        backend: VirtioBackend,
+        name: str,
+        irq_fd: int | None,
+        notify_fds: list[int] | None,
+    ) -> None:
+        """Virtio device ``n`` (its MMIO base and GSI follow from ``n``) on ``backend``;
+        ``irq_fd`` and ``notify_fds``: the source VMM's eventfds, on a hand-off."""
+        device = VirtioMmioDevice(
+            backend,
+            self.memory,
+            device_base(n),
+            device_gsi(n),
+            name,
+            irq_fd=irq_fd,
+            notify_fds=notify_fds,
+        )
         self.virtio.append(device)
         device.attach(self.vm, interrupt=not self.incoming)
         self.mmio.register(device.base, device.length, device, device.name)

@@ -19,9 +19,8 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 from intrahost.kvm import Vm
 
@@ -86,7 +85,7 @@ def _host_capacity() -> int:
     return fields.get("MemTotal", 0) + fields.get("SwapTotal", 0)
 
 
-class GuestMemory:
+class GuestMemory(Closeable):
     """An fd-backed guest RAM mapping and its KVM slots."""
 
     def __init__(self, fd: int, size: int, path: str | None = None) -> None:
@@ -256,14 +255,3 @@ class GuestMemory:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

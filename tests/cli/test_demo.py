@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netsupport import needs_netns
@@ -45,16 +46,22 @@ def _gone(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "Z"
 
 
-@needs_ping
-@needs_tun
-def test_the_net_guest_loses_nothing_through_three_upgrades() -> None:
-    proc = subprocess.Popen(
+def _start_demo(**options: Any) -> subprocess.Popen[str]:
+    """``python -m intrahost.demo net``, its output piped (text); ``options`` go to Popen."""
+    return subprocess.Popen(
         [sys.executable, "-m", "intrahost.demo", "net"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        **options,
     )
+
+
+@needs_ping
+@needs_tun
+def test_the_net_guest_loses_nothing_through_three_upgrades() -> None:
+    proc = _start_demo()
     try:
         out, err = proc.communicate(timeout=10 * PATIENCE)
     finally:
@@ -84,12 +91,7 @@ def test_the_net_guest_loses_nothing_through_three_upgrades() -> None:
 @needs_ping
 @needs_tun
 def test_ctrl_c_removes_the_namespace_and_its_processes() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "intrahost.demo", "net"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+    proc = _start_demo(
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )

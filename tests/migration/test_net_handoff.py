@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from support import PATIENCE, VmmProcess, needs_kvm, wait_until
 from tapkit import GUEST_IP, GUEST_MAC, FrameClock, NetNs
+from tapkit import tap_netns as tap_netns  # the netns fixture
 
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.devices.virtio.tap import Tap, TapError
@@ -39,15 +40,6 @@ from intrahost.vmm.guests.netcheck import EchoReport, EchoStream
 from intrahost.vmm.guests.probe import NetProbe
 
 pytestmark = needs_kvm
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    ns = NetNs()
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 def test_the_tap_travels_to_the_new_vmm(netns: NetNs, tmp_path: Path) -> None:

@@ -5,10 +5,7 @@ when QEMU or /dev/kvm is not available)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
 import struct
 import subprocess
 import time
@@ -16,11 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guestkit
 import pytest
+from guestkit import (
+    EXIT_DEVICE,
+    GUEST_RAM,
+    MICROVM_DEVICE,
+    Qmp,
+    check_status_abi,
+    header_defines,
+    needs_qemu,
+)
+from guestkit import isolated_guest_cache as isolated_guest_cache  # autouse
 
 from intrahost.cli import main as cli_main
-from intrahost.vmm.guests import build, layout
-from intrahost.vmm.guests.build import build_guest
+from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.diskcheck import (
     BlockKind,
     GuestView,
@@ -29,7 +36,7 @@ from intrahost.vmm.guests.diskcheck import (
     expected_block,
     parse_block,
 )
-from intrahost.vmm.guests.layout import DiskState, ExitCode, ReportTag
+from intrahost.vmm.guests.layout import DiskState, ExitCode
 from intrahost.vmm.guests.probe import DiskProbe
 
 MiB = 1 << 20
@@ -37,27 +44,11 @@ GEN = 0x1234567
 BS = layout.DISK_BLOCK_SIZE
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "guest-cache"))
-
-
 # --- ABI -----------------------------------------------------------------------------------------
 
 
-def _disk_h() -> dict[str, int]:
-    text = (build.SOURCE_DIR / "disk.h").read_text()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return {
-        name: int(value.rstrip("uUlL"), 0)
-        for name, value in re.findall(r"^#define\s+(\w+)\s+(0x[0-9A-Fa-f]+\w*|\d+)\s*$", text, re.M)
-    }
-
-
 def test_disk_h_matches_layout() -> None:
-    h = _disk_h()
+    h = header_defines("disk.h")
     pairs = {
         "UART_DATA": layout.UART_BASE,
         "UART_LSR": layout.UART_LSR,
@@ -92,19 +83,10 @@ def test_disk_h_matches_layout() -> None:
         "BENCH_RANDREAD": layout.DISK_BENCH_RANDREAD,
     }
     assert {name: h[name] for name in pairs} == pairs
-    offsets = {name: value for name, value in h.items() if name.startswith("ST_")}
-    offsets.pop("ST_SIZE")
-    assert offsets == {
-        f"ST_{field.upper()}": 8 * i for i, field in enumerate(layout.DISK_STATUS_FIELDS)
-    }
-    assert 8 * len(layout.DISK_STATUS_FIELDS) <= layout.DISK_STATUS_SIZE
-    for state in DiskState:
-        assert h[f"DISK_STATE_{state.name}"] == state.value
-    exits = {name[5:]: value for name, value in h.items() if name.startswith("EXIT_")}
-    assert exits == {name: ExitCode[name].value for name in exits}
+    exits, tags = check_status_abi(
+        h, layout.DISK_STATUS_FIELDS, layout.DISK_STATUS_SIZE, DiskState, "DISK_STATE"
+    )
     assert set(exits) >= {"NO_DEVICE", "DEVICE_ERROR", "IO_ERROR", "VERIFY_FAILED"}
-    tags = {name[4:]: value for name, value in h.items() if name.startswith("TAG_")}
-    assert tags == {name: ReportTag[name].value for name in tags}
     assert len(tags) == 5
 
 
@@ -299,30 +281,16 @@ def test_guest_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 # --- the guest on QEMU microvm's virtio-blk ------------------------------------------------------
 
-QEMU = shutil.which("qemu-system-x86_64")
-needs_qemu = pytest.mark.skipif(
-    QEMU is None or not os.access("/dev/kvm", os.R_OK | os.W_OK),
-    reason="needs qemu-system-x86_64 (apt-get install qemu-system-x86) and access to /dev/kvm",
-)
 QEMU_TIMEOUT = 30.0
-#: microvm's first virtio-mmio transport; the guest gets it only from the command line.
-MICROVM_DEVICE = "virtio_mmio.device=512@0xfeb00e00:12"
-GUEST_RAM = 64 * MiB
 DONE_LINE = re.compile(r"disk: done writes=(\d+) reads=(\d+) verify_failures=(\d+) .* tsc=(\d+)")
 
 
 def microvm_command(tmp_path: Path, append: str, image: Path, *extra: str) -> list[str]:
-    assert QEMU is not None
-    disk = ["-drive", f"id=d0,file={image},format=raw,if=none",
-            "-device", "virtio-blk-device,drive=d0"]  # fmt: skip
-    return [
-        QEMU, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-        "-m", str(GUEST_RAM // MiB), "-nodefaults", "-no-user-config", "-display", "none",
-        "-global", "virtio-mmio.force-legacy=false",
-        "-serial", f"file:{tmp_path / 'serial.log'}",
-        "-kernel", str(build_guest("disk")), "-append", append, *disk,
-        "-device", "isa-debug-exit,iobase=0x50c,iosize=1", *extra,
-    ]  # fmt: skip
+    return guestkit.microvm_command(
+        "disk", append, tmp_path / "serial.log",
+        "-drive", f"id=d0,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
+        *EXIT_DEVICE, *extra,
+    )  # fmt: skip
 
 
 def run_microvm(tmp_path: Path, append: str, image: Path) -> tuple[int, str]:
@@ -402,34 +370,6 @@ def test_microvm_disk_errors(
     got, serial = run_microvm(tmp_path, append, disk_image)
     assert got == code, serial
     assert re.search(f"disk: error: {message}", serial), serial
-
-
-class Qmp:
-    """Just enough QMP to stop QEMU and dump guest memory."""
-
-    def __init__(self, path: Path) -> None:
-        deadline = time.monotonic() + QEMU_TIMEOUT
-        while not path.exists():
-            assert time.monotonic() < deadline, "QEMU's QMP socket did not appear"
-            time.sleep(0.02)
-        self.socket = socket.socket(socket.AF_UNIX)
-        self.socket.connect(str(path))
-        self.file = self.socket.makefile("rw")
-        json.loads(self.file.readline())
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            assert "error" not in reply, f"QMP {command}: {reply['error']}"
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.socket.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ networked happens in the namespace (192.0.2.0/24 only), removed at teardown.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -24,11 +23,22 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from guestkit import (
+    EXIT_DEVICE,
+    GUEST_RAM,
+    HAVE_KVM,
+    MICROVM_DEVICE,
+    QEMU,
+    Qmp,
+    check_status_abi,
+    header_defines,
+    microvm_command,
+)
+from guestkit import isolated_guest_cache as isolated_guest_cache  # autouse
 from support import PATIENCE, wait_until
 from tapkit import inside
 
-from intrahost.vmm.guests import build, layout
-from intrahost.vmm.guests.build import build_guest
+from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.layout import ExitCode, NetState, NetStatus, ReportTag
 from intrahost.vmm.guests.netcheck import NetNamespace
 from intrahost.vmm.guests.probe import NetProbe
@@ -40,27 +50,11 @@ GUEST_ARGS = f"ip={GUEST_IP}/24"
 QEMU_MAC = "52:54:00:12:34:56"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "guest-cache"))
-
-
 # --- ABI -----------------------------------------------------------------------------------------
 
 
-def _net_h() -> dict[str, int]:
-    text = (build.SOURCE_DIR / "net.h").read_text()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return {
-        name: int(value.rstrip("uUlL"), 0)
-        for name, value in re.findall(r"^#define\s+(\w+)\s+(0x[0-9A-Fa-f]+\w*|\d+)\s*$", text, re.M)
-    }
-
-
 def test_net_h_matches_layout() -> None:
-    h = _net_h()
+    h = header_defines("net.h")
     pairs = {
         "UART_DATA": layout.UART_BASE,
         "UART_LSR": layout.UART_LSR,
@@ -81,18 +75,10 @@ def test_net_h_matches_layout() -> None:
         "DEFAULT_PROGRESS": layout.NET_DEFAULT_PROGRESS,
     }
     assert {name: h[name] for name in pairs} == pairs
-    offsets = {name: value for name, value in h.items() if name.startswith("ST_")}
-    offsets.pop("ST_SIZE")
-    assert offsets == {
-        f"ST_{field.upper()}": 8 * i for i, field in enumerate(layout.NET_STATUS_FIELDS)
-    }
-    assert 8 * len(layout.NET_STATUS_FIELDS) <= layout.NET_STATUS_SIZE
-    for state in NetState:
-        assert h[f"NET_STATE_{state.name}"] == state.value
-    exits = {name[5:]: value for name, value in h.items() if name.startswith("EXIT_")}
-    assert exits == {name: ExitCode[name].value for name in exits}
+    exits, tags = check_status_abi(
+        h, layout.NET_STATUS_FIELDS, layout.NET_STATUS_SIZE, NetState, "NET_STATE"
+    )
     assert set(exits) == {"BAD_CMDLINE", "NO_DEVICE", "DEVICE_ERROR"}
-    tags = {name[4:]: value for name, value in h.items() if name.startswith("TAG_")}
     assert tags == {"ERROR": ReportTag.ERROR.value}
     # The buffers and queues fit between the status page and the end of 6 MiB.
     assert layout.NET_TXQ_ADDR >= layout.NET_RXQ_ADDR + 0x3000
@@ -180,12 +166,7 @@ def netns() -> Iterator[Netns]:
 
 # --- the VMMs ------------------------------------------------------------------------------------
 
-QEMU = shutil.which("qemu-system-x86_64")
-HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 HAVE_NET_DEVICE = importlib.util.find_spec("intrahost.vmm.devices.virtio.net") is not None
-#: microvm's first virtio-mmio transport; the guest gets it only from the command line.
-MICROVM_DEVICE = "virtio_mmio.device=512@0xfeb00e00:12"
-GUEST_RAM = 64 * MiB
 QEMU_NET_OPTIONS = ",".join(
     f"{option}=off"
     for option in (
@@ -219,56 +200,30 @@ class QemuNetGuest:
         exit_device: bool = True,
         entries: str = MICROVM_DEVICE,
     ) -> None:
-        assert QEMU is not None
         self.tmp = tmp
         self.qmp_path = tmp / "qmp.sock"
-        command = [
-            QEMU, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-            "-m", str(GUEST_RAM // MiB), "-nodefaults", "-no-user-config", "-display", "none",
-            "-global", "virtio-mmio.force-legacy=false",
-            "-serial", f"file:{tmp / 'serial.log'}",
-            "-kernel", str(build_guest("net")), "-append", f"{entries} {args}",
+        command = microvm_command(
+            "net", f"{entries} {args}", tmp / "serial.log",
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=n0,mac={QEMU_MAC},{QEMU_NET_OPTIONS}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-        ]  # fmt: skip
-        if exit_device:
-            command += ["-device", "isa-debug-exit,iobase=0x50c,iosize=1"]
+            *(EXIT_DEVICE if exit_device else ()),
+        )  # fmt: skip
         self.process = subprocess.Popen(
             ns.exec(*command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        self._qmp: Any = None
+        self._qmp: Qmp | None = None
 
     def serial(self) -> str:
         path = self.tmp / "serial.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def _qmp_file(self) -> Any:
-        if self._qmp is None:
-            wait_until(self.qmp_path.exists, "QEMU's QMP socket")
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(str(self.qmp_path))
-            self._qmp = sock.makefile("rw")
-            sock.close()  # the file keeps the connection
-            json.loads(self._qmp.readline())
-            self._execute("qmp_capabilities")
-        return self._qmp
-
-    def _execute(self, command: str, **arguments: Any) -> Any:
-        qmp = self._qmp
-        qmp.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        qmp.flush()
-        while True:
-            reply = json.loads(qmp.readline())
-            assert "error" not in reply, f"QMP {command}: {reply['error']}"
-            if "return" in reply:
-                return reply["return"]
-
     def status(self) -> NetStatus | None:
-        self._qmp_file()
+        if self._qmp is None:
+            self._qmp = Qmp(self.qmp_path)
         dump = self.tmp / "status.bin"
-        self._execute(
+        self._qmp.execute(
             "pmemsave", val=layout.NET_STATUS_ADDR, size=layout.NET_STATUS_SIZE, filename=str(dump)
         )
         # The probe wants guest-physical address A at index A: put the page where it belongs.

@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import PATIENCE, VmmProcess, needs_kvm, wait_until
 from tapkit import GUEST_IP, NetNs
+from tapkit import tap_netns as tap_netns  # the netns fixture
 
 from intrahost.service.qmp_client import QmpClient
 from intrahost.vmm.config import (
@@ -25,16 +25,6 @@ from intrahost.vmm.config import (
     parse_net,
 )
 from intrahost.vmm.devices.virtio.tap import IFF_NO_PI, IFF_TAP, Tap, TapError, describe_fd
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    ns = NetNs()
-    try:
-        yield ns
-    finally:
-        ns.delete()
-
 
 # --- Tap -------------------------------------------------------------------------------------
 

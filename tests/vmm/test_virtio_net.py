@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from support import PATIENCE, wait_until
 from tapkit import GUEST_IP, GUEST_MAC, NetNs, mac_bytes, udp_frame, udp_payload
+from tapkit import tap_netns as tap_netns  # the netns fixture
 from virtio_driver import Buf, Driver, start_queues
 
 from intrahost.vmm.devices.virtio.mmio import (
@@ -41,15 +42,6 @@ TX_RING = 0x20000
 RX_BUFS = 0x100000  # 256 buffers of 2 KiB
 TX_BUFS = 0x200000
 BUF = 2048
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    ns = NetNs()
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from intrahost.closing import Closeable
 from intrahost.vmm.devices.console import Console
 from intrahost.vmm.persist import JsonRecord, RecordState, StateFormatError
 
@@ -205,7 +206,7 @@ def _validate(state: UartState) -> None:
 # -- the device --------------------------------------------------------------------------
 
 
-class Uart16550:
+class Uart16550(Closeable):
     """A 16550A UART on the I/O bus. Thread-safe. Owns (and closes) its console."""
 
     def __init__(
@@ -594,12 +595,6 @@ class Uart16550:
             log.warning(
                 "UART %#x: closing console %s: %s", self.base, self.console.description, error
             )
-
-    def __enter__(self) -> Uart16550:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _writer_loop(self) -> None:
         with self._lock:

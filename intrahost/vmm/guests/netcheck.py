@@ -46,6 +46,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 
 #: The guest's echo port (RFC 862).
@@ -771,7 +772,7 @@ def run_flood(
         ep.close()
 
 
-class EchoStream:
+class EchoStream(Closeable):
     """An echo stream (or flood) run as a child process, in a namespace or (``netns`` None)
     in this process's own; a context manager that kills it if it is still running.
 
@@ -808,14 +809,6 @@ class EchoStream:
 
     def __enter__(self) -> EchoStream:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> EchoStream:
         options: dict[str, Any] = {

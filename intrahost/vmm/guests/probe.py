@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 from intrahost.vmm.guests import layout
 from intrahost.vmm.guests.layout import (
@@ -59,8 +60,6 @@ from intrahost.vmm.guests.layout import (
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from _typeshed import ReadableBuffer, WriteableBuffer
 
     from intrahost.vmm.guests.diskcheck import GuestView
@@ -102,7 +101,7 @@ class HandoffGap:
     end_ns: int
 
 
-class CounterProbe:
+class CounterProbe(Closeable):
     """The counter guest in ``memory``. ``tsc_khz``: the guest's TSC frequency, to turn gaps
     into microseconds (default: KVM's, asked of a new VM when first needed)."""
 
@@ -129,17 +128,6 @@ class CounterProbe:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    def __enter__(self) -> CounterProbe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def tsc_khz(self) -> int:
@@ -309,6 +297,18 @@ def host_tsc_khz() -> int:
         return vm.get_tsc_khz()
 
 
+def _device_guest_progress(
+    states: type[DiskState] | type[NetState], status: DiskStatus | NetStatus
+) -> dict[str, Any]:
+    """The members ``query-vm``'s entry for a C guest (disk, net) starts with: its state's
+    name (the number if it is none of ``states``), its exit code and its device's base."""
+    try:
+        state = states(status.state).name.lower()
+    except ValueError:
+        state = str(status.state)
+    return {"state": state, "exit-code": status.exit_code, "device-base": status.device_base}
+
+
 class DiskProbe:
     """The disk guest in ``memory`` (any view of guest RAM, see the module docstring), for
     ``query-vm``'s ``disk`` member, the tests and the image check (:mod:`.diskcheck`)."""
@@ -328,14 +328,8 @@ class DiskProbe:
         status = self.status()
         if status is None:
             return None
-        try:
-            state = DiskState(status.state).name.lower()
-        except ValueError:
-            state = str(status.state)
         return {
-            "state": state,
-            "exit-code": status.exit_code,
-            "device-base": status.device_base,
+            **_device_guest_progress(DiskState, status),
             "blocks": status.blocks,
             "generation": status.generation,
             "writes-submitted": status.writes_submitted,
@@ -374,7 +368,7 @@ class DiskProbe:
         return GuestView.from_memory(self.memory)
 
 
-class NetProbe:
+class NetProbe(Closeable):
     """The net guest in ``memory`` (any view of guest RAM, see the module docstring; a
     read-only one is enough), for ``query-vm``'s ``net`` member and the tests. It never writes
     to guest memory."""
@@ -403,17 +397,6 @@ class NetProbe:
             self._map.close()
             self._map = None
 
-    def __enter__(self) -> NetProbe:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def status(self) -> NetStatus | None:
         """The status page; None if memory holds none (not started yet, or another guest)."""
         try:
@@ -426,14 +409,8 @@ class NetProbe:
         status = self.status()
         if status is None:
             return None
-        try:
-            state = NetState(status.state).name.lower()
-        except ValueError:
-            state = str(status.state)
         return {
-            "state": state,
-            "exit-code": status.exit_code,
-            "device-base": status.device_base,
+            **_device_guest_progress(NetState, status),
             "address": status.address,
             "mac": status.mac_address,
             "heartbeat": status.heartbeat,

@@ -5,10 +5,12 @@
  * negotiating features and setting up a split virtqueue.
  *
  * Include it from exactly one .c file per guest, after the guest's ABI header (disk.h, net.h),
- * which defines UART_DATA, UART_LSR, UART_LSR_THRE, DEBUG_TAG, DEBUG_VALUE_LO and
- * DEBUG_VALUE_HI (those headers are checked against layout.py by the tests). Define
- * GUEST_PREFIX ("disk: ", "net: ") first: messages start with it. Everything here is static
- * inline (unused pieces cost nothing), except memset and memcpy, which gcc may call.
+ * which defines TAG_ERROR, EXIT_NO_DEVICE and the status page's ST_STATE, ST_EXIT_CODE and
+ * ST_DEVICE_BASE offsets (the tests check those headers, with this file's port numbers,
+ * against layout.py). Define first GUEST_PREFIX ("disk: ", "net: "), which messages start
+ * with, GUEST_STATUS_ADDR (the status page) and GUEST_STATE_FAILED (its state after a
+ * failure). Everything here is static inline (unused pieces cost nothing), except memset and
+ * memcpy, which gcc may call.
  */
 #ifndef CGUEST_H
 #define CGUEST_H
@@ -16,8 +18,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#if !defined(UART_DATA) || !defined(DEBUG_TAG) || !defined(GUEST_PREFIX)
-#error "include the guest's ABI header and define GUEST_PREFIX before cguest.h"
+#if !defined(TAG_ERROR) || !defined(GUEST_PREFIX) || !defined(GUEST_STATUS_ADDR) || \
+    !defined(GUEST_STATE_FAILED)
+#error "include the guest's ABI header and define GUEST_PREFIX, GUEST_STATUS_ADDR and GUEST_STATE_FAILED before cguest.h"
 #endif
 
 typedef uint8_t u8;
@@ -25,6 +28,14 @@ typedef uint16_t u16;
 typedef uint32_t u32;
 typedef uint64_t u64;
 typedef int64_t s64;
+
+/* Debug port and UART (as in common.inc). */
+#define UART_DATA           0x3F8
+#define UART_LSR            0x3FD
+#define UART_LSR_THRE       0x20
+#define DEBUG_TAG           0x500
+#define DEBUG_VALUE_LO      0x504
+#define DEBUG_VALUE_HI      0x508
 
 /* --- CPU, ports, output --------------------------------------------------------------- */
 
@@ -153,6 +164,30 @@ static inline void report(u32 tag, u64 value)
     outl(DEBUG_VALUE_HI, (u32)(value >> 32));
 }
 
+/* --- status page and failure ------------------------------------------------------------ */
+
+/* The u64 field at byte offset `field` of the status page. */
+#define STATUS(field) (*(volatile u64 *)(GUEST_STATUS_ADDR + (field)))
+
+/*
+ * Print GUEST_PREFIX "error: <message>" (unless the message was printed already: 0), then
+ * store the exit code and GUEST_STATE_FAILED on the status page (in that order: a host that
+ * sees the state sees the code) and report ERROR with the code; the code, for the guest's
+ * main function to return.
+ */
+static inline int fail(int code, const char *message)
+{
+    if (message) {
+        puts(GUEST_PREFIX "error: ");
+        puts(message);
+        putc('\n');
+    }
+    STATUS(ST_EXIT_CODE) = (u64)code;
+    STATUS(ST_STATE) = GUEST_STATE_FAILED;
+    report(TAG_ERROR, (u64)code);
+    return code;
+}
+
 /* --- command line --------------------------------------------------------------------- */
 
 #define MAX_DEVICES 16
@@ -239,6 +274,66 @@ static inline void put_word(const char *word)
     while (!is_end(*word))
         putc(*word++);
     putc('\n');
+}
+
+/* The value at `v` as a number (parse_number) that ends the word; 0 if it is not one. */
+static inline int parse_value(const char *v, u64 *value)
+{
+    return parse_number(&v, value) && is_end(*v);
+}
+
+/* What a guest's key handler says of one key=value word (see parse_cmdline). */
+enum { KEY_BAD = 0, KEY_OK = 1, KEY_UNKNOWN = 2 };
+
+/*
+ * Parse the command line's blank-separated key=value words in order; words without '=' are
+ * skipped (a loader passes the image path first). `virtio_mmio.device=` entries go to
+ * devices[*ndevices] on (at most MAX_DEVICES); `cpus=` must be a number and is otherwise
+ * ignored (the VMM passes its vCPU count; these guests use vCPU 0 only); every other word
+ * goes to handle(key, key length, value), which stores it and says KEY_OK, KEY_BAD or
+ * KEY_UNKNOWN. At the first bad or unknown word, print `bad` or `unknown` and the word and
+ * return 0; 1 when every word was good.
+ */
+static inline int parse_cmdline(const char *s, struct mmio_entry *devices, int *ndevices,
+                                int (*handle)(const char *key, u64 klen, const char *value),
+                                const char *unknown, const char *bad)
+{
+    while (*s) {
+        const char *word, *eq = 0;
+        while (is_end(*s) && *s)
+            s++;
+        word = s;
+        while (!is_end(*s)) {
+            if (*s == '=' && !eq)
+                eq = s;
+            s++;
+        }
+        if (!eq)
+            continue; /* no '=': e.g. the image path a loader passes first */
+        u64 klen = (u64)(eq - word);
+        const char *v = eq + 1;
+        u64 value;
+        int result;
+        if (key_is(word, klen, "virtio_mmio.device")) {
+            result = *ndevices < MAX_DEVICES && parse_mmio_entry(v, &devices[*ndevices]);
+            *ndevices += result;
+        } else if (key_is(word, klen, "cpus")) {
+            result = parse_value(v, &value);
+        } else {
+            result = handle(word, klen, v);
+        }
+        if (result == KEY_UNKNOWN) {
+            puts(unknown);
+            put_word(word);
+            return 0;
+        }
+        if (result == KEY_BAD) {
+            puts(bad);
+            put_word(word);
+            return 0;
+        }
+    }
+    return 1;
 }
 
 /* --- multiboot ------------------------------------------------------------------------ */
@@ -365,6 +460,32 @@ static inline u64 virtio_find(const struct mmio_entry *entries, int n, u32 devic
             return base;
     }
     return 0;
+}
+
+/*
+ * virtio_find for the guest's device: its base, also stored at ST_DEVICE_BASE; or, with no
+ * entries or no such device among them, 0 after a message that names `device` (what to give
+ * the VMM) or `type` (the device type) and fail(EXIT_NO_DEVICE).
+ */
+static inline u64 find_device(const struct mmio_entry *entries, int n, u32 device_id,
+                              const char *device, const char *type)
+{
+    u64 base = n ? virtio_find(entries, n, device_id) : 0;
+    if (!base) {
+        puts(GUEST_PREFIX "error: no ");
+        if (!n) {
+            puts("virtio_mmio.device= entry on the command line (give the VMM ");
+            puts(device);
+            puts(")\n");
+        } else {
+            puts(type);
+            puts(" device among the virtio_mmio.device= entries\n");
+        }
+        fail(EXIT_NO_DEVICE, 0);
+        return 0;
+    }
+    STATUS(ST_DEVICE_BASE) = base;
+    return base;
 }
 
 static inline u64 virtio_device_features(u64 dev)

@@ -58,18 +58,7 @@
 /* ------------------------------------------------------------------------------------ */
     .text
     .code32
-    .globl _start
-_start:
-    cli
-    cld
-    movl %eax, mb_magic
-    movl %ebx, mb_info
-    movl $(kstacks + (1 << KSTACK_SHIFT)), %esp
-
-    LM_BUILD_IDT
-
-    xorl %edi, %edi                     /* vCPU index 0 */
-    jmp cpu_enter_long_mode
+    LM_START32
 
     LM_CODE32
 
@@ -128,11 +117,7 @@ ap_trampoline_end:
     jnz ap_main
 
 bsp_main:
-    cmpl $MB_BOOT_MAGIC, mb_magic(%rip)
-    jne not_multiboot
-    movb $0xFF, %al                     /* mask both 8259 PICs: no interrupts wanted */
-    outb %al, $PIC_SLAVE_DATA
-    outb %al, $PIC_MASTER_DATA
+    LM_BSP_START
     call parse_cmdline
     call check_memory
     call init_status
@@ -145,11 +130,7 @@ bsp_main:
     xorl %edi, %edi
     jmp enter_user
 
-not_multiboot:
-    leaq msg_not_multiboot(%rip), %rsi
-    call puts
-    movl $EXIT_NOT_MULTIBOOT, %edi
-    jmp fatal
+    LM_NOT_MULTIBOOT
 
 ap_main:
     lock incl ap_ready(%rip)

@@ -31,6 +31,8 @@
  * data is whatever the buffers hold, and nothing is verified.
  */
 #define GUEST_PREFIX "disk: "
+#define GUEST_STATUS_ADDR DISK_STATUS_ADDR
+#define GUEST_STATE_FAILED DISK_STATE_FAILED
 #include "disk.h"
 #include "cguest.h"
 
@@ -64,19 +66,6 @@ static struct queue vq; /* queue 0, at DISK_QUEUE_ADDR */
     ((volatile struct request *)(DISK_REQUESTS_ADDR + (u64)(slot) * DISK_REQUEST_SIZE))
 #define BUFFER(slot) ((u64 *)(DISK_BUFFERS_ADDR + (u64)(slot) * BLOCK_SIZE))
 #define SEQ_TABLE ((volatile u64 *)DISK_SEQ_TABLE_ADDR)
-#define STATUS(field) (*(volatile u64 *)(DISK_STATUS_ADDR + (field)))
-
-/* Print "disk: error: <message>", report ERROR and return the exit code for disk_main. */
-static int fail(int code, const char *message)
-{
-    puts("disk: error: ");
-    puts(message);
-    putc('\n');
-    STATUS(ST_EXIT_CODE) = (u64)code;
-    STATUS(ST_STATE) = DISK_STATE_FAILED;
-    report(TAG_ERROR, (u64)code);
-    return code;
-}
 
 /* --- CRC-32 (zlib's: reflected polynomial 0xEDB88320), slicing by 8 --------------------- */
 
@@ -120,70 +109,45 @@ static struct {
 } cfg = {DEFAULT_INFLIGHT, DEFAULT_FLUSH, DEFAULT_VERIFY, 0, DEFAULT_PROGRESS, 0, 0, BENCH_NONE,
          {{0}}, 0};
 
-static int parse_cmdline(const char *s)
+/* parse_cmdline's handler for this guest's keys; every value is a number. */
+static int cmdline_key(const char *key, u64 klen, const char *v)
+{
+    u64 value;
+    if (!parse_value(v, &value))
+        return KEY_BAD;
+    if (key_is(key, klen, "inflight")) {
+        cfg.inflight = value;
+        return value >= 1 && value <= MAX_INFLIGHT ? KEY_OK : KEY_BAD;
+    } else if (key_is(key, klen, "flush")) {
+        cfg.flush = value;
+    } else if (key_is(key, klen, "verify")) {
+        cfg.verify = value;
+    } else if (key_is(key, klen, "limit")) {
+        cfg.limit = value;
+    } else if (key_is(key, klen, "progress")) {
+        cfg.progress = value;
+        return value >= 1 ? KEY_OK : KEY_BAD;
+    } else if (key_is(key, klen, "blocks")) {
+        cfg.blocks = value;
+    } else if (key_is(key, klen, "generation")) {
+        cfg.generation = value;
+    } else if (key_is(key, klen, "bench")) {
+        cfg.bench = value;
+        return value <= BENCH_RANDREAD ? KEY_OK : KEY_BAD;
+    } else {
+        return KEY_UNKNOWN;
+    }
+    return KEY_OK;
+}
+
+static int read_cmdline(const char *s)
 {
     static const char unknown[] = "disk: error: unknown command line key (use inflight, flush, "
                                   "verify, limit, progress, blocks, generation, bench, "
                                   "virtio_mmio.device): ";
     static const char bad[] = "disk: error: bad value (inflight 1-85, progress >= 1, bench 0-2, "
                               "virtio_mmio.device=SIZE@BASE:IRQ below 4 GiB, at most 16): ";
-    while (*s) {
-        const char *word = s, *eq = 0;
-        while (is_end(*s) && *s)
-            s++;
-        word = s;
-        while (!is_end(*s)) {
-            if (*s == '=' && !eq)
-                eq = s;
-            s++;
-        }
-        if (!eq)
-            continue; /* no '=': e.g. the image path a loader passes first */
-        u64 klen = (u64)(eq - word);
-        const char *v = eq + 1;
-        u64 value = 0;
-        int ok;
-        if (key_is(word, klen, "virtio_mmio.device")) {
-            ok = cfg.ndevices < MAX_DEVICES && parse_mmio_entry(v, &cfg.devices[cfg.ndevices]);
-            cfg.ndevices += ok;
-        } else {
-            ok = parse_number(&v, &value) && is_end(*v);
-            if (!ok) {
-                /* reported below */
-            } else if (key_is(word, klen, "cpus")) {
-                /* the VMM passes its vCPU count; this guest uses vCPU 0 only */
-            } else if (key_is(word, klen, "inflight")) {
-                ok = value >= 1 && value <= MAX_INFLIGHT;
-                cfg.inflight = value;
-            } else if (key_is(word, klen, "flush")) {
-                cfg.flush = value;
-            } else if (key_is(word, klen, "verify")) {
-                cfg.verify = value;
-            } else if (key_is(word, klen, "limit")) {
-                cfg.limit = value;
-            } else if (key_is(word, klen, "progress")) {
-                ok = value >= 1;
-                cfg.progress = value;
-            } else if (key_is(word, klen, "blocks")) {
-                cfg.blocks = value;
-            } else if (key_is(word, klen, "generation")) {
-                cfg.generation = value;
-            } else if (key_is(word, klen, "bench")) {
-                ok = value <= BENCH_RANDREAD;
-                cfg.bench = value;
-            } else {
-                puts(unknown);
-                put_word(word);
-                return 0;
-            }
-        }
-        if (!ok) {
-            puts(bad);
-            put_word(word);
-            return 0;
-        }
-    }
-    return 1;
+    return parse_cmdline(s, cfg.devices, &cfg.ndevices, cmdline_key, unknown, bad);
 }
 
 /* --- the device ----------------------------------------------------------------------- */
@@ -566,17 +530,10 @@ int disk_main(u32 mbi)
 {
     const u8 *info = (const u8 *)(u64)mbi;
     u32 flags = *(const u32 *)(info + MBI_FLAGS);
-    const char *cmdline = "";
-    if (flags & MBI_HAS_CMDLINE)
-        cmdline = (const char *)(u64)*(const u32 *)(info + MBI_CMDLINE);
 
     memset((void *)DISK_STATUS_ADDR, 0, ST_SIZE);
-    if (!parse_cmdline(cmdline)) {
-        STATUS(ST_EXIT_CODE) = EXIT_BAD_CMDLINE;
-        STATUS(ST_STATE) = DISK_STATE_FAILED;
-        report(TAG_ERROR, EXIT_BAD_CMDLINE);
-        return EXIT_BAD_CMDLINE;
-    }
+    if (!read_cmdline(mbi_cmdline(mbi)))
+        return fail(EXIT_BAD_CMDLINE, 0); /* read_cmdline named the word */
     if (!cfg.generation)
         cfg.generation = rdtsc() | 1;
     STATUS(ST_INFLIGHT) = cfg.inflight;
@@ -587,12 +544,8 @@ int disk_main(u32 mbi)
     STATUS(ST_BENCH) = cfg.bench;
     STATUS(ST_MAGIC) = STATUS_MAGIC;
 
-    if (!cfg.ndevices)
-        return fail(EXIT_NO_DEVICE, "no virtio_mmio.device= entry on the command line "
-                                    "(give the VMM a disk)");
-    if (!(dev = virtio_find(cfg.devices, cfg.ndevices, DEVICE_ID_BLOCK)))
-        return fail(EXIT_NO_DEVICE, "no virtio-blk device among the virtio_mmio.device= entries");
-    STATUS(ST_DEVICE_BASE) = dev;
+    if (!(dev = find_device(cfg.devices, cfg.ndevices, DEVICE_ID_BLOCK, "a disk", "virtio-blk")))
+        return EXIT_NO_DEVICE;
     int code = setup_device();
     if (code)
         return code;

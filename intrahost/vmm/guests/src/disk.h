@@ -6,14 +6,6 @@
 #ifndef DISK_H
 #define DISK_H
 
-/* Debug port and UART (as in common.inc). */
-#define UART_DATA           0x3F8
-#define UART_LSR            0x3FD
-#define UART_LSR_THRE       0x20
-#define DEBUG_TAG           0x500
-#define DEBUG_VALUE_LO      0x504
-#define DEBUG_VALUE_HI      0x508
-
 /* Exit codes (common.inc has the guests' shared ones; these are the disk guest's). */
 #define EXIT_OK             0
 #define EXIT_BAD_CMDLINE    1

@@ -23,6 +23,8 @@
  * Interrupts stay off.
  */
 #define GUEST_PREFIX "net: "
+#define GUEST_STATUS_ADDR NET_STATUS_ADDR
+#define GUEST_STATE_FAILED NET_STATE_FAILED
 #include "net.h"
 #include "cguest.h"
 
@@ -42,7 +44,6 @@ int net_main(u32 mbi);
 
 #define RX_BUFFER(i) ((u8 *)(NET_RX_BUFFERS_ADDR + (u64)(i) * NET_BUFFER_SIZE))
 #define TX_BUFFER(i) ((u8 *)(NET_TX_BUFFERS_ADDR + (u64)(i) * NET_BUFFER_SIZE))
-#define STATUS(field) (*(volatile u64 *)(NET_STATUS_ADDR + (field)))
 
 /* --- Ethernet, ARP, IPv4 -------------------------------------------------------------- */
 
@@ -151,21 +152,6 @@ static struct {
     int ndevices;
 } cfg = {0, DEFAULT_PREFIX, DEFAULT_PROGRESS, 0, {{0}}, 0};
 
-/* Print "net: error: <message>" (unless the message was printed already: 0), mark the status
- * page failed, report ERROR; the exit code. */
-static int fail(int code, const char *message)
-{
-    if (message) {
-        puts("net: error: ");
-        puts(message);
-        putc('\n');
-    }
-    STATUS(ST_EXIT_CODE) = (u64)code;
-    STATUS(ST_STATE) = NET_STATE_FAILED;
-    report(TAG_ERROR, (u64)code);
-    return code;
-}
-
 /* A.B.C.D[/PREFIX] up to the end of the word: a unicast address (not 0.x, 127.x or class D/E)
  * and a prefix 1-32 (default 24). */
 static int parse_ip(const char *s)
@@ -192,55 +178,28 @@ static int parse_ip(const char *s)
     return 1;
 }
 
-static int parse_cmdline(const char *s)
+/* parse_cmdline's handler for this guest's keys. */
+static int cmdline_key(const char *key, u64 klen, const char *v)
+{
+    u64 value;
+    if (key_is(key, klen, "ip"))
+        return parse_ip(v) ? KEY_OK : KEY_BAD;
+    if (!parse_value(v, &value))
+        return KEY_BAD;
+    if (!key_is(key, klen, "progress"))
+        return KEY_UNKNOWN;
+    cfg.progress = value;
+    return KEY_OK;
+}
+
+static int read_cmdline(const char *s)
 {
     static const char unknown[] = "net: error: unknown command line key (use ip, progress, "
                                   "virtio_mmio.device): ";
     static const char bad[] = "net: error: bad value (ip=A.B.C.D or A.B.C.D/PREFIX, a unicast "
                               "address and a prefix 1-32; progress a number; "
                               "virtio_mmio.device=SIZE@BASE:IRQ below 4 GiB, at most 16): ";
-    while (*s) {
-        const char *word, *eq = 0;
-        while (is_end(*s) && *s)
-            s++;
-        word = s;
-        while (!is_end(*s)) {
-            if (*s == '=' && !eq)
-                eq = s;
-            s++;
-        }
-        if (!eq)
-            continue; /* no '=': e.g. the image path a loader passes first */
-        u64 klen = (u64)(eq - word);
-        const char *v = eq + 1;
-        u64 value = 0;
-        int ok;
-        if (key_is(word, klen, "virtio_mmio.device")) {
-            ok = cfg.ndevices < MAX_DEVICES && parse_mmio_entry(v, &cfg.devices[cfg.ndevices]);
-            cfg.ndevices += ok;
-        } else if (key_is(word, klen, "ip")) {
-            ok = parse_ip(v);
-        } else {
-            ok = parse_number(&v, &value) && is_end(*v);
-            if (!ok) {
-                /* reported below */
-            } else if (key_is(word, klen, "cpus")) {
-                /* the VMM passes its vCPU count; this guest uses vCPU 0 only */
-            } else if (key_is(word, klen, "progress")) {
-                cfg.progress = value;
-            } else {
-                puts(unknown);
-                put_word(word);
-                return 0;
-            }
-        }
-        if (!ok) {
-            puts(bad);
-            put_word(word);
-            return 0;
-        }
-    }
-    return 1;
+    return parse_cmdline(s, cfg.devices, &cfg.ndevices, cmdline_key, unknown, bad);
 }
 
 /* --- the device ----------------------------------------------------------------------- */
@@ -603,8 +562,8 @@ int net_main(u32 mbi)
 {
     memset((void *)NET_STATUS_ADDR, 0, ST_SIZE);
     STATUS(ST_MAGIC) = STATUS_MAGIC; /* state STARTING: a failure below shows on the page */
-    if (!parse_cmdline(mbi_cmdline(mbi)))
-        return fail(EXIT_BAD_CMDLINE, 0); /* parse_cmdline named the word */
+    if (!read_cmdline(mbi_cmdline(mbi)))
+        return fail(EXIT_BAD_CMDLINE, 0); /* read_cmdline named the word */
     if (!cfg.has_ip)
         return fail(EXIT_BAD_CMDLINE, "no ip= on the command line: give the guest its address, "
                                       "e.g. --guest-args ip=192.0.2.2/24");
@@ -613,12 +572,9 @@ int net_main(u32 mbi)
     STATUS(ST_PREFIX) = cfg.prefix;
     STATUS(ST_PROGRESS) = cfg.progress;
 
-    if (!cfg.ndevices)
-        return fail(EXIT_NO_DEVICE, "no virtio_mmio.device= entry on the command line "
-                                    "(give the VMM a network device)");
-    if (!(dev = virtio_find(cfg.devices, cfg.ndevices, DEVICE_ID_NET)))
-        return fail(EXIT_NO_DEVICE, "no virtio-net device among the virtio_mmio.device= entries");
-    STATUS(ST_DEVICE_BASE) = dev;
+    if (!(dev = find_device(cfg.devices, cfg.ndevices, DEVICE_ID_NET, "a network device",
+                            "virtio-net")))
+        return EXIT_NO_DEVICE;
     int code = setup_device();
     if (code)
         return code;

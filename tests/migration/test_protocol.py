@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -21,7 +22,8 @@ from intrahost.migration.protocol import (
     Status,
 )
 from intrahost.migration.receiver import ReceiveOptions, Receiver, ReceiveState
-from intrahost.vmm.machine import MachineConfig
+from intrahost.migration.state import save_machine
+from intrahost.vmm.machine import Machine, MachineConfig
 from intrahost.vmm.memory import GuestMemory, MiB
 
 
@@ -187,6 +189,44 @@ def test_a_state_that_does_not_import_is_refused_and_nothing_runs() -> None:
     finally:
         s.finish()
         s.baton.close()
+        mem.close()
+
+
+@needs_kvm
+@pytest.mark.parametrize("state_vcpus", [1, 2])
+def test_the_states_configuration_must_be_the_configs(state_vcpus: int) -> None:
+    """READY precomputes the CONFIG's configuration as the state carries it; a state with
+    that configuration imports, one whose guest-visible fields differ is refused."""
+    s = Session(ReceiveOptions(overrides={"serial": "none"}, timeout=5))
+    mem = GuestMemory.create(16 * MiB)
+    config = MachineConfig(memory=16 * MiB, guest="hello", serial="none")
+    try:
+        start(s)
+        s.source.request(Command.MEMORY_FD, protocol.to_json({"size": 16 * MiB}), [mem.fd])
+        s.source.request(Command.CONFIG, protocol.to_json(config.to_dict()))
+        s.source.request(Command.READY)
+        saved = dataclasses.replace(config, vcpus=state_vcpus)
+        other = Machine(saved, GuestMemory(os.dup(mem.fd), 16 * MiB))
+        try:
+            other.uart.pause()
+            state = save_machine(other, running=False)
+        finally:
+            other.close()
+        if state_vcpus == 1:
+            s.source.request(Command.STATE, state)
+            s.source.request(Command.COMMIT, protocol.to_json({"running": False}))
+            s.thread.join(PATIENCE)
+            assert s.receiver.state is ReceiveState.COMMITTED
+        else:
+            with pytest.raises(PeerRefused, match="configuration differs from the CONFIG"):
+                s.source.request(Command.STATE, state)
+            s.thread.join(PATIENCE)
+            assert s.result is None and s.baton.read() == Baton.ABANDONED
+    finally:
+        s.finish()
+        s.baton.close()
+        if s.result is not None:
+            s.result.close()  # type: ignore[attr-defined]
         mem.close()
 
 

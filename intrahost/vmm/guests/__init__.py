@@ -64,12 +64,20 @@ _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+    home = _HOME_OF.get(name)
+    if home == "build":
+        from intrahost.vmm.guests import build
 
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        return getattr(build, name)
+    if home == "layout":
+        from intrahost.vmm.guests import layout
+
+        return getattr(layout, name)
+    if home == "loader":
+        from intrahost.vmm.guests import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -5,7 +5,8 @@ Pausing works in two steps, for every vCPU at once:
 1. set ``kvm_run.immediate_exit`` and send the vCPU thread a signal. A thread inside KVM_RUN
    returns with EINTR; a thread busy in userspace (handling an exit) will return from its next
    KVM_RUN at once, because of ``immediate_exit``.
-2. the thread sees the pause request and parks on a condition variable.
+2. the thread sees the pause request and parks: it blocks on a lock of its own (its gate),
+   and the last one to park wakes the pauser — one wake-up for the group.
 
 That next KVM_RUN matters: KVM completes a pending I/O or MMIO read (copies the data userspace
 put in kvm_run into the guest's register) only when KVM_RUN is entered again. Entering it with
@@ -226,7 +227,18 @@ class VcpuGroup:
         """A platform that must wrap KVM_RUN (the SEV model) does so in its own Vcpu class."""
         self.vcpus = vcpus
         self._handle_exit = handle_exit
-        self._cond = threading.Condition()
+        #: Guards the flags, the states and ``_waiters``; held only for short sections.
+        self._lock = threading.Lock()
+        #: One per vCPU, locked while it is closed: a parked thread blocks acquiring its own
+        #: gate, :meth:`_release` opens the gates of parked vCPUs (and only theirs, so each
+        #: release meets one park), and the thread that passes it holds it — closed for its
+        #: next park.
+        self._gates = [threading.Lock() for _ in vcpus]
+        for gate in self._gates:
+            gate.acquire()
+        #: Released (lock held) by whichever thread leaves no vCPU running: a pauser waits on
+        #: its own, one wake-up for the whole group.
+        self._waiters: list[threading.Lock] = []
         self._pause_requested = False
         self._stop_requested = False
         self._states = [RunState.PARKED] * len(vcpus)
@@ -252,7 +264,7 @@ class VcpuGroup:
         """
         install_kick_handler()
         self._first_run = first_run if paused else None
-        with self._cond:
+        with self._lock:
             self._pause_requested = paused
             for v in self.vcpus:
                 v.kvm_run.immediate_exit = 0 if paused and first_run else int(paused)
@@ -266,8 +278,7 @@ class VcpuGroup:
             self._threads.append(t)
             t.start()
         if paused:
-            with self._cond:
-                late = self._wait_parked()
+            late = self._wait_parked()
             if late:
                 raise PauseTimeout(f"vCPU threads {late} did not get going within 5 s")
 
@@ -279,23 +290,21 @@ class VcpuGroup:
         the timeout, so no vCPU parks after it: the request and ``immediate_exit`` are
         cleared and the vCPUs that parked are released, as :meth:`resume` does.
         """
-        with self._cond:
+        with self._lock:
             self._pause_requested = True
             for v in self.vcpus:
                 v.kvm_run.immediate_exit = 1
         self._kick()
-        with self._cond:
-            late = self._wait_parked(timeout)
-            if late:
-                self._release()
-                names = ("vCPU " if len(late) == 1 else "vCPUs ") + ", ".join(map(str, late))
-                raise PauseTimeout(
-                    f"{names} did not park within {timeout} s (busy handling an exit: a "
-                    "device or console that blocks?); the pause was undone"
-                )
+        late = self._wait_parked(timeout, undo=True)
+        if late:
+            names = ("vCPU " if len(late) == 1 else "vCPUs ") + ", ".join(map(str, late))
+            raise PauseTimeout(
+                f"{names} did not park within {timeout} s (busy handling an exit: a "
+                "device or console that blocks?); the pause was undone"
+            )
 
     def resume(self) -> None:
-        with self._cond:
+        with self._lock:
             self._release()
 
     def _release(self) -> None:
@@ -303,19 +312,25 @@ class VcpuGroup:
         for v in self.vcpus:
             v.kvm_run.immediate_exit = 0
         self._pause_requested = False
-        # Released threads count as running from now on, not from when they wake.
-        self._states = [RunState.RUNNING if st is RunState.PARKED else st for st in self._states]
-        self._cond.notify_all()
+        self._open_gates()
+
+    def _open_gates(self) -> None:
+        """Open the gate of every parked vCPU (lock held). Released threads count as running
+        from now on, not from when they wake."""
+        for i, st in enumerate(self._states):
+            if st is RunState.PARKED:
+                self._states[i] = RunState.RUNNING
+                self._gates[i].release()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End every vCPU thread (the VM stays intact; state can still be read)."""
-        with self._cond:
+        with self._lock:
             self._stop_requested = True
             self._pause_requested = True
             for v in self.vcpus:
                 if not v.closed:
                     v.kvm_run.immediate_exit = 1
-            self._cond.notify_all()
+            self._open_gates()
         self._kick()
         deadline = time.monotonic() + timeout
         for t in self._threads:
@@ -323,12 +338,12 @@ class VcpuGroup:
 
     @property
     def paused(self) -> bool:
-        with self._cond:
-            return all(s is not RunState.RUNNING for s in self._states)
+        with self._lock:
+            return RunState.RUNNING not in self._states
 
     @property
     def stopped(self) -> bool:
-        with self._cond:
+        with self._lock:
             return all(s is RunState.STOPPED for s in self._states)
 
     def _kick(self) -> None:
@@ -337,40 +352,62 @@ class VcpuGroup:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
 
-    def _wait_parked(self, timeout: float = 5.0) -> list[int]:
-        """Wait (lock held) until no vCPU runs; the ones still running after ``timeout``."""
+    def _wait_parked(self, timeout: float = 5.0, undo: bool = False) -> list[int]:
+        """Wait until no vCPU runs; the ones still running after ``timeout``. With ``undo``,
+        a timeout undoes the pause (:meth:`_release`) under the lock that saw it.
+
+        One wake-up for the group: the thread that leaves no vCPU running releases
+        ``_waiters``. Every 50 ms without it, the vCPUs are kicked again (a kick can land
+        between two KVM_RUNs).
+        """
         deadline = time.monotonic() + timeout
+        with self._lock:
+            if RunState.RUNNING not in self._states:
+                return []
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
         while True:
-            running = [i for i, s in enumerate(self._states) if s is RunState.RUNNING]
             left = deadline - time.monotonic()
-            if not running or left <= 0:
-                return running
-            self._cond.wait(min(left, 0.05))
-            if any(s is RunState.RUNNING for s in self._states):
-                self._cond.release()
-                try:
-                    self._kick()  # a kick can land between two KVM_RUNs; send another
-                finally:
-                    self._cond.acquire()
+            if left > 0 and waiter.acquire(timeout=min(left, 0.05)):
+                return []
+            with self._lock:
+                running = [i for i, s in enumerate(self._states) if s is RunState.RUNNING]
+                if not running:
+                    return []
+                if left <= 0:
+                    self._waiters.remove(waiter)
+                    if undo:
+                        self._release()
+                    return running
+            self._kick()
+
+    def _note_stopped_running(self) -> None:
+        """Wake the pauser if no vCPU runs any more (lock held)."""
+        if self._waiters and RunState.RUNNING not in self._states:
+            for waiter in self._waiters:
+                waiter.release()
+            self._waiters.clear()
 
     # --- the vCPU thread -----------------------------------------------------------------------
 
     def _park(self, i: int) -> bool:
-        """Park while a pause is requested; False when the thread must end."""
-        with self._cond:
-            if not self._pause_requested:
-                return not self._stop_requested
-            while self._pause_requested and not self._stop_requested:
-                # (Re-)mark parked: a resume() may have counted this thread as running and
-                # a new pause() come before it woke up.
-                if self._states[i] is not RunState.PARKED:
-                    self._states[i] = RunState.PARKED
-                    self._cond.notify_all()
-                self._cond.wait()
-            if self._stop_requested:
-                return False
-            self._states[i] = RunState.RUNNING
-            return True
+        """Park while a pause is requested; False when the thread must end.
+
+        Marked parked under the lock, then blocked on the vCPU's gate outside it: a release
+        between the two leaves the gate open, so the acquire passes at once. A thread that
+        passes its gate checks again: a new pause() may have come before it woke.
+        """
+        gate = self._gates[i]
+        while True:
+            with self._lock:
+                if self._stop_requested:
+                    return False
+                if not self._pause_requested:
+                    return True
+                self._states[i] = RunState.PARKED
+                self._note_stopped_running()
+            gate.acquire()
 
     def _loop(self, i: int) -> None:
         vcpu = self.vcpus[i]
@@ -405,8 +442,8 @@ class VcpuGroup:
             self.errors.append(e)
             stopped_by_guest = True
         finally:
-            with self._cond:
+            with self._lock:
                 self._states[i] = RunState.STOPPED
-                self._cond.notify_all()
+                self._note_stopped_running()
         if stopped_by_guest and self.on_stop is not None:
             self.on_stop()

@@ -224,6 +224,13 @@ def test_the_vcpu_meta_is_formatted_as_its_record_would_encode_it() -> None:
         assert vcpu_meta_json(state) == record.to_json()
 
 
+def test_the_vm_meta_is_formatted_as_its_record_would_encode_it() -> None:
+    from intrahost.vmm.kvm_state import VmMeta, vm_meta_json
+
+    for saved_at in (0, 123456789, (1 << 63) - 1):
+        assert vm_meta_json(saved_at) == VmMeta(saved_at).to_json()
+
+
 @needs_kvm
 def test_msrs_saved_in_this_hosts_order_are_written_back_raw_without_the_tsc() -> None:
     from intrahost.kvm.objects import MsrEntries

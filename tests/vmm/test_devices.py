@@ -1058,3 +1058,68 @@ def test_machine_routes_guest_mmio_to_registered_devices(tmp_path: Path) -> None
         ("w", 0xD000_0004, 4, 0x4101),
         ("w", 0xD000_0008, 4, 0xFFFF_FFFF),
     ]
+
+
+# -- the state records formatted directly (saved in a hand-off's pause) --------------------
+
+
+@st.composite
+def uart_states(draw: st.DrawFn) -> UartState:
+    fcr = draw(st.integers(0, 0xFF)) & u._FCR_KEPT
+    capacity = u.FIFO_SIZE if fcr & u.FCR_ENABLE else 1
+    return UartState(
+        divisor=draw(st.integers(0, 0xFFFF)),
+        ier=draw(st.integers(0, 0xFF)) & u.IER_MASK,
+        lcr=draw(st.integers(0, 0xFF)),
+        mcr=draw(st.integers(0, 0xFF)) & u.MCR_MASK,
+        scr=draw(st.integers(0, 0xFF)),
+        fcr=fcr,
+        lsr_errors=draw(st.integers(0, 0xFF)) & u.LSR_ERRORS,
+        msr=draw(st.integers(0, 0xFF)),
+        thr_ipending=draw(st.booleans()),
+        rx_fifo=draw(st.binary(max_size=capacity)),
+        tx_fifo=draw(st.binary(max_size=capacity)),
+        bytes_written=draw(st.integers(0, (1 << 64) - 1)),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(uart_states())
+def test_uart_state_json_is_the_records_bytes(state: UartState) -> None:
+    """What a hand-off saves is what the generic encoder (and intrahost 0.1) writes."""
+    uart, _, _ = make_uart()
+    uart.pause()
+    uart.restore(state)
+    assert uart.state_json() == uart.save().to_json() == state.to_json()
+    assert uart.persist().save_parts() == [("", state.to_json())]
+
+
+def test_uart_state_json_requires_pause() -> None:
+    uart, _, _ = make_uart()
+    with pytest.raises(UartStateError, match=r"call pause\(\) first"):
+        uart.state_json()
+
+
+_PORT_OPS = st.lists(
+    st.tuples(st.integers(0, 3), st.sampled_from([0x500, 0x504, 0x508]), st.integers(0, 0xFFFF)),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_PORT_OPS, st.none() | st.integers(0, 0xFF))
+def test_debug_port_state_json_is_the_records_bytes(
+    ops: list[tuple[int, int, int]], exit_code: int | None
+) -> None:
+    """What a hand-off saves is what the generic encoder (and intrahost 0.1) writes, for
+    reports, latest values and half-written latches of several vCPUs."""
+    current = threading.local()
+    port = DebugPort(current_vcpu=lambda: int(getattr(current, "index", 0)))
+    for vcpu, offset, value in ops:
+        current.index = vcpu
+        port.pio_write(offset, 4, make_tag(value & 7, vcpu) if offset == 0x500 else value << 16)
+    if exit_code is not None:
+        port.pio_write(0x50C, 1, exit_code)
+    assert port.state_json() == port.save().to_json()
+    assert DebugPortState.from_dict(json.loads(port.state_json())) == port.save()
+    assert port.persist().save_parts() == [("", port.save().to_json())]

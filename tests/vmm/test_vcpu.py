@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import needs_kvm
+from support import PATIENCE, needs_kvm, wait_until
 
 from intrahost.kvm import ExitReason, PortOut, Vcpu
 from intrahost.vmm.guests import layout
@@ -227,3 +227,38 @@ def test_the_run_stub_runs_each_vcpu_once_on_its_own_thread_before_start_returns
             _prerun_once(memory)
     finally:
         memory.close()
+
+
+@needs_kvm
+def test_two_pauses_at_once_both_return_when_the_last_vcpu_parks(
+    gated: tuple[Machine, Gate],
+) -> None:
+    """Each pauser waits on a lock of its own; the vCPU that parks last releases every one."""
+    machine, gate = gated
+    _wait_progress(machine, [0, 1])
+    gate.close()  # vCPU 0 cannot park until the gate opens
+    returned: list[float] = []
+    errors: list[BaseException] = []
+
+    def pause() -> None:
+        try:
+            machine.group.pause(timeout=PATIENCE)
+            returned.append(time.monotonic())
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    pausers = [threading.Thread(target=pause) for _ in range(2)]
+    for t in pausers:
+        t.start()
+    wait_until(lambda: machine.vcpus[1].kvm_run.immediate_exit == 1, "a pause request")
+    assert not returned and not machine.group.paused
+    opened = time.monotonic()
+    gate.open()
+    for t in pausers:
+        t.join(PATIENCE + 5)
+    assert not errors and len(returned) == 2
+    assert all(r >= opened for r in returned)
+    assert machine.group.paused
+    assert [v.kvm_run.immediate_exit for v in machine.vcpus] == [1, 1]
+    machine.group.resume()
+    _wait_progress(machine, [0, 1])

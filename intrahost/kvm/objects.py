@@ -26,9 +26,9 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from intrahost.closing import Closeable
 from intrahost.errors import IntrahostError
 from intrahost.kvm import constants as K
 from intrahost.kvm import uapi
@@ -64,8 +64,8 @@ class KvmUnavailableError(IntrahostError):
     """/dev/kvm cannot be opened or speaks an unexpected API version."""
 
 
-class _FdObject:
-    """An owned file descriptor with checked ioctls."""
+class _FdObject(Closeable):
+    """An owned file descriptor with checked ioctls (closed by ``with``)."""
 
     _kind = "fd"
 
@@ -114,17 +114,6 @@ class _FdObject:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Kvm(_FdObject):

@@ -4,6 +4,7 @@ summaries."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +29,23 @@ def pytest_configure(config: pytest.Config) -> None:
     """Tests start vCPUs on other threads (an in-process destination): install the kick
     signal's handler from the main thread, as the CLI does."""
     install_kick_handler()
+
+
+@pytest.fixture(autouse=True)
+def root_logging() -> Iterator[None]:
+    """Give the root logger back as the test found it: a test that runs the CLI in-process
+    configures logging onto that test's captured stderr, which is closed after the test (a
+    thread of a later test logging there would print "Logging error")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exec", dest="exec_command", help="the new VMM's command (default: this one)")
     p.add_argument(
+        "--no-prefault",
+        dest="prefault",
+        action="store_false",
+        help="don't start the new VMM with --prefault (by default it maps the guest's resident "
+        "pages before the pause, so the guest does not slow down after the hand-off)",
+    )
+    p.add_argument(
         "--output",
         default="text",
         metavar="text|json|FILE",
@@ -752,6 +759,8 @@ class UpgradeRequest:
     flags: list[str]
     exec_command: str | None = None
     output_file: str | None = None
+    #: Start the new VMM with ``--prefault`` (when it knows the flag).
+    prefault: bool = True
 
     @property
     def command(self) -> list[str]:
@@ -923,6 +932,10 @@ def _new_vmm_command(
 
     top: list[str] = []
     run = ["run", "--incoming", f"unix:{mig}", "--api-socket", api]
+    if request.prefault and "prefault" not in given and supports("--prefault"):
+        # Mapping the guest's resident pages costs time before the pause (about 65 ms per
+        # GiB here, while the guest runs) and saves the guest most of its page faults after.
+        run.append("--prefault")
     to_close: list[int] = []
     if settings is not None:
         if "log_level" not in given and settings.get("log-level"):
@@ -1097,7 +1110,7 @@ def _hand_over(
 
 def cmd_upgrade(args: argparse.Namespace, out: Output) -> int:
     output_file = None if args.output in FORMATS else args.output
-    request = UpgradeRequest(args.new_flags, args.exec_command, output_file)
+    request = UpgradeRequest(args.new_flags, args.exec_command, output_file, args.prefault)
     if args.all:
         if args.api_socket is not None or args.name is not None:
             raise UsageError(

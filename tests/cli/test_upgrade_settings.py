@@ -212,3 +212,19 @@ def test_a_pty_console_keeps_its_pty(vmm_factory: Any, sockdir: Path) -> None:
     finally:
         os.close(fd)
         cli("stop", "--api-socket", str(api))
+
+
+@pytest.mark.parametrize("prefault", [True, False], ids=["default", "no-prefault"])
+def test_upgrade_prefaults_the_new_vmm_unless_told_not_to(
+    source: tuple[Any, Path], sockdir: Path, prefault: bool
+) -> None:
+    """``upgrade`` starts the new VMM with ``--prefault`` (it maps the guest's resident pages
+    before the pause: a shorter brownout after the hand-off); ``--no-prefault`` leaves it
+    out."""
+    _proc, api = source
+    result = cli("upgrade", "--api-socket", str(api), *([] if prefault else ["--no-prefault"]))
+    assert result.returncode == 0, result.stderr
+    with QmpClient(api) as qmp:
+        incoming = qmp.execute("query-migrate")
+    assert incoming["direction"] == "incoming", incoming
+    assert ("prefault_us" in incoming["blackout"]) is prefault, incoming

@@ -208,31 +208,7 @@ def test_fault(side: str, point: str, kind: str, sockdir: Path, shm: Path) -> No
             interval=0.01,
         )
         fds_before = source.fds()
-        qmp = QmpClient(api_src, timeout=QMP_TIMEOUT)
-        try:
-            qmp.execute("migrate", uri=f"unix:{mig}")
-        except QmpConnectionError:
-            # The source may kill itself before its reply to `migrate` goes out.
-            assert side == "source" and kind == "kill", "the source dropped the control socket"
-        qmp.close()
-
-        # Settle: the source finishes (completed or failed) or dies; the destination runs or dies.
-        deadline = time.monotonic() + SETTLE
-        while time.monotonic() < deadline:
-            src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
-            dst_done = not dest.alive() or _dest_settled(api_dst)
-            if (
-                src_done
-                and dst_done
-                and not (dest.alive() and source.alive() and _both_undecided(api_src, api_dst))
-            ):
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)
-
-        src_runs = source.alive() and _status(api_src) == "running"
-        dst_runs = dest.alive() and _status(api_dst) == "running"
-        assert not (src_runs and dst_runs), "the guest runs on two VMMs"
+        src_runs, dst_runs = _hand_off(source, dest, api_src, api_dst, mig, side, kind)
         killed = kind == "kill"
         if src_runs or dst_runs:
             outcome = "source" if src_runs else "destination"
@@ -329,29 +305,7 @@ def test_fault_with_a_disk(
             assert time.monotonic() < deadline, "the disk guest does not write"
             time.sleep(0.01)
         fds_before = source.fds()
-        qmp = QmpClient(api_src, timeout=2)
-        try:
-            qmp.execute("migrate", uri=f"unix:{mig}")
-        except QmpConnectionError:
-            assert side == "source" and kind == "kill", "the source dropped the control socket"
-        qmp.close()
-
-        deadline = time.monotonic() + SETTLE
-        while time.monotonic() < deadline:
-            src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
-            dst_done = not dest.alive() or _dest_settled(api_dst)
-            if (
-                src_done
-                and dst_done
-                and not (dest.alive() and source.alive() and _both_undecided(api_src, api_dst))
-            ):
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)
-
-        src_runs = source.alive() and _status(api_src) == "running"
-        dst_runs = dest.alive() and _status(api_dst) == "running"
-        assert not (src_runs and dst_runs), "the guest runs on two VMMs"
+        src_runs, dst_runs = _hand_off(source, dest, api_src, api_dst, mig, side, kind)
         if src_runs or dst_runs:
             outcome = "source" if src_runs else "destination"
             survivor_api = api_src if src_runs else api_dst
@@ -473,17 +427,7 @@ def test_fault_with_a_net(
         stream.start()
         stream.wait_replies(200, timeout=PATIENCE)
         fds_before = source.fds()
-        qmp = QmpClient(api_src, timeout=QMP_TIMEOUT)
-        try:
-            qmp.execute("migrate", uri=f"unix:{mig}")
-        except QmpConnectionError:
-            assert side == "source" and kind == "kill", "the source dropped the control socket"
-        qmp.close()
-        _settle(source, dest, api_src, api_dst)
-
-        src_runs = source.alive() and _status(api_src) == "running"
-        dst_runs = dest.alive() and _status(api_dst) == "running"
-        assert not (src_runs and dst_runs), "the guest runs on two VMMs"
+        src_runs, dst_runs = _hand_off(source, dest, api_src, api_dst, mig, side, kind)
         if src_runs or dst_runs:
             outcome = "source" if src_runs else "destination"
             survivor, survivor_api = (source, api_src) if src_runs else (dest, api_dst)
@@ -627,9 +571,19 @@ def _check_stream(report: EchoReport, echoes: int, duplicates: int) -> None:
     assert duplicates == 0, f"the guest took {duplicates} used-ring entries twice"
 
 
-def _settle(source: Vmm, dest: Vmm, api_src: Path, api_dst: Path) -> None:
-    """Wait until the source finishes (completed or failed) or dies, and the destination runs,
-    waits again or dies."""
+def _hand_off(
+    source: Vmm, dest: Vmm, api_src: Path, api_dst: Path, mig: Path, side: str, kind: str
+) -> tuple[bool, bool]:
+    """Ask the source to migrate to ``mig``, wait until the source finishes (completed or
+    failed) or dies and the destination runs, waits again or dies; then whether each runs
+    the guest (never both)."""
+    qmp = QmpClient(api_src, timeout=QMP_TIMEOUT)
+    try:
+        qmp.execute("migrate", uri=f"unix:{mig}")
+    except QmpConnectionError:
+        # The source may kill itself before its reply to `migrate` goes out.
+        assert side == "source" and kind == "kill", "the source dropped the control socket"
+    qmp.close()
     deadline = time.monotonic() + SETTLE
     while time.monotonic() < deadline:
         src_done = not source.alive() or _migration_status(api_src) in ("completed", "failed")
@@ -642,6 +596,10 @@ def _settle(source: Vmm, dest: Vmm, api_src: Path, api_dst: Path) -> None:
             break
         time.sleep(0.05)
     time.sleep(0.3)
+    src_runs = source.alive() and _status(api_src) == "running"
+    dst_runs = dest.alive() and _status(api_dst) == "running"
+    assert not (src_runs and dst_runs), "the guest runs on two VMMs"
+    return src_runs, dst_runs
 
 
 def _disk_writes(mem: mmap.mmap) -> int:

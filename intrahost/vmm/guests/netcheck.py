@@ -626,6 +626,39 @@ def _linger(
                 on_reply(at)
 
 
+def _final_report(
+    ep: _Endpoint,
+    tally: _Tally,
+    prog: _Progress,
+    mode: str,
+    to: str,
+    port: int,
+    size: int,
+    rate: float | None,
+    window: int | None,
+    start_ns: int,
+    stop_ns: int,
+    sent: int,
+) -> EchoReport:
+    """The run's report (with the endpoint's send errors and socket drops), its progress
+    written a last time."""
+    report = tally.report(
+        mode=mode,
+        to=to,
+        port=port,
+        size=size,
+        rate=rate,
+        window=window,
+        start_ns=start_ns,
+        stop_ns=stop_ns,
+        sent=sent,
+        send_errors=ep.send_errors,
+        socket_drops=ep.drops,
+    )
+    prog.write(time.monotonic_ns(), start_ns, sent, tally, final=True)
+    return report
+
+
 def run_stream(
     to: str,
     *,
@@ -680,21 +713,10 @@ def run_stream(
             prog.write(now, start_ns, sent, tally)
             ep.wait(min(start_ns + int(sent * period) - time.monotonic_ns(), _STOP_CHECK_EVERY_NS))
         _linger(ep, tally, sent, grace)
-        report = tally.report(
-            mode="stream",
-            to=to,
-            port=port,
-            size=size,
-            rate=rate,
-            window=None,
-            start_ns=start_ns,
-            stop_ns=last_send,
-            sent=sent,
-            send_errors=ep.send_errors,
-            socket_drops=ep.drops,
+        report = _final_report(
+            ep, tally, prog, "stream", to, port, size, rate, None, start_ns, last_send, sent
         )
         report.send_lag_ms = lag / 1e6
-        prog.write(time.monotonic_ns(), start_ns, sent, tally, final=True)
         return report
     finally:
         ep.close()
@@ -753,21 +775,9 @@ def run_flood(
                     outstanding.pop(answered, None)
             prog.write(now, start_ns, sent, tally)
         _linger(ep, tally, sent, grace, tally.arrivals.append)
-        report = tally.report(
-            mode="flood",
-            to=to,
-            port=port,
-            size=size,
-            rate=None,
-            window=window,
-            start_ns=start_ns,
-            stop_ns=last_send,
-            sent=sent,
-            send_errors=ep.send_errors,
-            socket_drops=ep.drops,
+        return _final_report(
+            ep, tally, prog, "flood", to, port, size, None, window, start_ns, last_send, sent
         )
-        prog.write(time.monotonic_ns(), start_ns, sent, tally, final=True)
-        return report
     finally:
         ep.close()
 

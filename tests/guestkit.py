@@ -8,13 +8,15 @@ module's names, and it is autouse.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import re
 import shutil
 import socket
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,21 @@ class Qmp:
 
     def close(self) -> None:
         self.file.close()
+
+
+@contextlib.contextmanager
+def running_qemu(command: Sequence[str], qmp_path: Path) -> Iterator[Qmp]:
+    """QEMU started with ``command`` (which serves QMP at ``qmp_path``), connected; killed
+    at the end."""
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        qmp = Qmp(qmp_path)
+        try:
+            yield qmp
+        finally:
+            qmp.close()
+    finally:
+        process.kill()
+        process.wait()

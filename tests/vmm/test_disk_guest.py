@@ -23,6 +23,7 @@ from guestkit import (
     check_status_abi,
     header_defines,
     needs_qemu,
+    running_qemu,
 )
 from guestkit import isolated_guest_cache as isolated_guest_cache  # autouse
 
@@ -379,16 +380,8 @@ def running_disk_guest(tmp_path: Path, disk_image: Path) -> Iterator[tuple[Qmp, 
         tmp_path, f"{MICROVM_DEVICE} inflight=16 flush=32 verify=2 progress=4096", disk_image,
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     )  # fmt: skip
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    qmp = Qmp(qmp_path)
-    try:
+    with running_qemu(command, qmp_path) as qmp:
         yield qmp, tmp_path
-    finally:
-        qmp.close()
-        process.kill()
-        process.wait()
 
 
 @needs_qemu

@@ -3,19 +3,17 @@ themselves booted by QEMU (skipped when QEMU or /dev/kvm is not available)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from guestkit import Qmp, running_qemu
 from support import PATIENCE
 
 from intrahost.vmm.guests import build, layout
@@ -665,36 +663,6 @@ def test_qemu_counter_errors(
     assert re.search(f"counter: error: {message}", serial), serial
 
 
-class Qmp:
-    """Just enough QMP for the test below."""
-
-    def __init__(self, path: Path) -> None:
-        deadline = time.monotonic() + QEMU_TIMEOUT
-        while not path.exists():
-            if time.monotonic() > deadline:
-                pytest.fail("QEMU's QMP socket did not appear")
-            time.sleep(0.02)
-        self.socket = socket.socket(socket.AF_UNIX)
-        self.socket.connect(str(path))
-        self.file = self.socket.makefile("rw")
-        json.loads(self.file.readline())  # greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "error" in reply:
-                pytest.fail(f"QMP {command}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.socket.close()
-
-
 @pytest.fixture
 def qemu_counter(tmp_path: Path) -> Iterator[tuple[Qmp, Path]]:
     """A running 2-vCPU counter guest under QEMU with a QMP socket."""
@@ -703,16 +671,8 @@ def qemu_counter(tmp_path: Path) -> Iterator[tuple[Qmp, Path]]:
         tmp_path, "counter", "cpus=2 progress=0x2000000 sweep=4", 2,
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
     )  # fmt: skip
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    qmp = Qmp(qmp_path)
-    try:
+    with running_qemu(command, qmp_path) as qmp:
         yield qmp, tmp_path
-    finally:
-        qmp.close()
-        process.kill()
-        process.wait()
 
 
 @needs_qemu

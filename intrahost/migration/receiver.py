@@ -593,11 +593,9 @@ class Receiver:
         self._commit({})
 
     def _commit(self, reply: dict[str, Any]) -> None:
-        """The commit point, then SEV's MOVE, then the devices' irqfds assigned (after the
-        import restored the interrupt controllers, and after the swap: the source let go of
-        them), then the vCPUs released (each device looks at every queue once); answers
-        with ``reply`` and the time of the release. A receiver told to stop refuses before
-        the swap, so the source keeps the guest."""
+        """The commit point, then the guest started here (:meth:`_run_here`); answers with
+        ``reply`` and the time of the release. A receiver told to stop refuses before the
+        swap, so the source keeps the guest."""
         assert self.machine is not None and self.baton is not None
         if self._aborted:
             self._refuse("the destination VMM is stopping")
@@ -607,11 +605,8 @@ class Receiver:
             self._refuse("the source abandoned the hand-off before the commit")
         self.state = ReceiveState.COMMITTED
         self.faults.hit("destination", "at-commit", self.channel.close)
-        if not self._move_context():
+        if not self._run_here():
             return
-        self.machine.attach_interrupts()
-        if self.running_after_commit:
-            self.machine.resume()
         resumed = time.monotonic_ns()
         self.timings["resume_us"] = (resumed - self._imported_ns) // 1000
         try:
@@ -619,6 +614,20 @@ class Receiver:
         except ProtocolError:
             log.warning("committed, but the source did not take the acknowledgement")
         self.faults.hit("destination", "after-commit", self.channel.close)
+
+    def _run_here(self) -> bool:
+        """After the commit point, in this order: SEV's MOVE; the devices' irqfds assigned
+        (after the import restored the interrupt controllers, which would overwrite an
+        interrupt injected before, and after the swap: the source let go of them); the vCPUs
+        released if the guest was running (each device looks at every queue once). False if
+        the MOVE failed and the guest went back to the source."""
+        assert self.machine is not None
+        if not self._move_context():
+            return False
+        self.machine.attach_interrupts()
+        if self.running_after_commit:
+            self.machine.resume()
+        return True
 
     def _move_context(self) -> bool:
         """SEV: move the encryption context in (after the commit point). False if it could
@@ -660,11 +669,7 @@ class Receiver:
             return
         log.warning("the source went away after the import (%s): this VMM took the guest", reason)
         self.state = ReceiveState.COMMITTED
-        if not self._move_context():
-            return
-        self.machine.attach_interrupts()
-        if self.running_after_commit:
-            self.machine.resume()
+        self._run_here()
 
     # --- failure -------------------------------------------------------------------------------
 
